@@ -1,0 +1,1 @@
+//! Shared helpers for runv's criterion benchmarks (see `benches/benches/`).
