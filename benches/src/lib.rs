@@ -1,1 +1,120 @@
 //! Shared helpers for runv's criterion benchmarks (see `benches/benches/`).
+//!
+//! Every bench times each iteration itself (criterion `iter_custom`), keeps the per-iteration
+//! samples in a [`Recorder`] and writes them for `perf-ci` as raw metrics, so the gated medians and
+//! percentiles come from real per-iteration numbers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use perf_ci::{RawMetric, Stat};
+
+/// Whether `perf-ci/run --quick` asked for a short run.
+pub fn quick() -> bool {
+    std::env::var("RUNV_PERF_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// Criterion settings for end-to-end benches: few samples, each one a real operation.
+pub fn criterion() -> criterion::Criterion {
+    let c = criterion::Criterion::default().without_plots();
+    if quick() {
+        c.sample_size(10)
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_secs(1))
+    } else {
+        c.sample_size(30)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3))
+    }
+}
+
+/// The workspace's cargo target directory.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+}
+
+/// A binary of the workspace built by `perf-ci/run` (`cargo build --release`).
+pub fn release_bin(name: &str) -> PathBuf {
+    let path = target_dir().join("release").join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build it with `cargo build --release --bins` (perf-ci/run does)",
+        path.display()
+    );
+    path
+}
+
+/// Per-iteration samples of one metric.
+pub struct Recorder {
+    name: String,
+    unit: &'static str,
+    stat: Stat,
+    samples: Vec<f64>,
+}
+
+impl Recorder {
+    /// A metric reported as the median of its samples.
+    pub fn median(name: &str, unit: &'static str) -> Self {
+        Self {
+            name: name.into(),
+            unit,
+            stat: Stat::Median,
+            samples: Vec::new(),
+        }
+    }
+
+    /// A metric reported as the 99th percentile of its samples.
+    pub fn p99(name: &str, unit: &'static str) -> Self {
+        Self {
+            stat: Stat::P99,
+            ..Self::median(name, unit)
+        }
+    }
+
+    /// Adds one sample, in the metric's unit.
+    pub fn push(&mut self, v: f64) {
+        self.samples.push(v);
+    }
+
+    /// Adds one duration sample, converted to the metric's unit (`ms` or `us`).
+    pub fn push_duration(&mut self, d: Duration) {
+        let v = match self.unit {
+            "us" => d.as_secs_f64() * 1e6,
+            _ => d.as_secs_f64() * 1e3,
+        };
+        self.push(v);
+    }
+
+    /// The samples so far.
+    pub fn samples(&self) -> &[f64] {
+        &self.samples
+    }
+
+    /// Writes the metric for perf-ci; panics (failing the bench) if nothing was measured.
+    pub fn write(&self) {
+        assert!(!self.samples.is_empty(), "{}: no samples", self.name);
+        let raw = RawMetric {
+            unit: self.unit.into(),
+            stat: self.stat,
+            samples: self.samples.clone(),
+        };
+        let path = raw
+            .write(&target_dir(), &self.name)
+            .unwrap_or_else(|e| panic!("writing metric {}: {e}", self.name));
+        eprintln!("perf-ci: wrote {}", path.display());
+    }
+}
+
+/// Resident set size of a process in MiB (`VmRSS` of /proc/PID/status).
+pub fn rss_mib(pid: u32) -> std::io::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .ok_or_else(|| std::io::Error::other(format!("no VmRSS in /proc/{pid}/status")))
+}
