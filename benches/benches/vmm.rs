@@ -56,7 +56,10 @@ impl Guest {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().expect("waiting for runv-vmm");
-        assert!(status.success(), "runv-vmm exited with {status} after SIGTERM");
+        assert!(
+            status.success(),
+            "runv-vmm exited with {status} after SIGTERM"
+        );
     }
 }
 

@@ -114,7 +114,12 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// Summarizes one raw metric.
 pub fn summarize(name: &str, raw: &RawMetric) -> Result<Summary, Error> {
-    let mut s: Vec<f64> = raw.samples.iter().copied().filter(|v| v.is_finite()).collect();
+    let mut s: Vec<f64> = raw
+        .samples
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
     if s.is_empty() {
         return Err(Error::Empty(name.to_string()));
     }
@@ -202,11 +207,10 @@ pub fn collect(target_dir: &Path, gates: &GateFile) -> Result<SummaryFile, Error
             continue;
         };
         let text = fs::read(&path).map_err(io("read", &path))?;
-        let raw: RawMetric =
-            serde_json::from_slice(&text).map_err(|source| Error::Parse {
-                path: path.clone(),
-                source,
-            })?;
+        let raw: RawMetric = serde_json::from_slice(&text).map_err(|source| Error::Parse {
+            path: path.clone(),
+            source,
+        })?;
         metrics.insert(name.to_string(), summarize(name, &raw)?);
     }
     for d in &gates.derived {
@@ -282,7 +286,11 @@ pub fn markdown(summary: &SummaryFile, results: &[GateResult]) -> String {
         s += "\n| gate | value | result |\n|---|---:|---|\n";
         for r in results {
             let v = r.value.map_or("missing".to_string(), |v| format!("{v:.3}"));
-            s += &format!("| {} | {v} | {} |\n", r.gate, if r.ok { "pass" } else { "FAIL" });
+            s += &format!(
+                "| {} | {v} | {} |\n",
+                r.gate,
+                if r.ok { "pass" } else { "FAIL" }
+            );
         }
     }
     s

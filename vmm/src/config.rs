@@ -1,0 +1,204 @@
+//! VM configuration: a JSON file and/or command-line flags, validated before anything is built.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest guest RAM accepted.
+pub const MIN_MEM_MIB: u64 = 16;
+/// Largest guest RAM accepted.
+pub const MAX_MEM_MIB: u64 = 64 << 10;
+/// Most vCPUs per VM.
+pub const MAX_VCPUS: u8 = 8;
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum SerialOutput {
+    /// The VMM's stdout.
+    #[default]
+    Stdout,
+    /// Discarded.
+    None,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+impl TryFrom<String> for SerialOutput {
+    type Error = ConfigError;
+    fn try_from(s: String) -> Result<Self, ConfigError> {
+        s.parse()
+    }
+}
+
+impl From<SerialOutput> for String {
+    fn from(s: SerialOutput) -> String {
+        match s {
+            SerialOutput::Stdout => "stdout".into(),
+            SerialOutput::None => "none".into(),
+            SerialOutput::File(p) => format!("file:{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "stdout" => Ok(Self::Stdout),
+            "none" => Ok(Self::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(Self::File(p.into())),
+                _ => Err(ConfigError::Serial(s.into())),
+            },
+        }
+    }
+}
+
+/// A VM's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel: ELF vmlinux (64-bit entry) or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (the VMM appends its device announcements).
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    /// Number of vCPUs, 1..=8.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Serial console destination.
+    #[serde(default)]
+    pub serial: SerialOutput,
+    /// Control socket path.
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+    /// Enables the debug report port; reports go to this file (`-` = stdout).
+    #[serde(default)]
+    pub debug_log: Option<String>,
+}
+
+fn default_mem() -> u64 {
+    128
+}
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// An invalid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unparseable config file.
+    #[error("config file {path}: {detail}")]
+    File {
+        /// File.
+        path: String,
+        /// Cause.
+        detail: String,
+    },
+    /// No kernel given.
+    #[error("no kernel given: pass --kernel PATH or \"kernel\" in the config file")]
+    NoKernel,
+    /// Kernel missing or not a regular file.
+    #[error("kernel {path} is not a readable file: {detail}")]
+    Kernel {
+        /// Path.
+        path: String,
+        /// Cause.
+        detail: String,
+    },
+    /// Memory out of range.
+    #[error("memory of {0} MiB is out of range: use {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB")]
+    Memory(u64),
+    /// vCPU count out of range.
+    #[error("{0} vCPUs requested: use 1..={MAX_VCPUS}")]
+    Vcpus(u64),
+    /// Bad serial spec.
+    #[error("serial output {0:?} not understood: use stdout, none or file:PATH")]
+    Serial(String),
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: default_mem(),
+            vcpus: default_vcpus(),
+            serial: SerialOutput::default(),
+            control: None,
+            debug_log: None,
+        }
+    }
+
+    /// Reads a JSON config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let err = |detail: String| ConfigError::File {
+            path: path.display().to_string(),
+            detail,
+        };
+        let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        serde_json::from_slice(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Checks everything that can be checked without building the VM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::NoKernel);
+        }
+        let kernel_err = |detail: String| ConfigError::Kernel {
+            path: self.kernel.display().to_string(),
+            detail,
+        };
+        let meta = std::fs::metadata(&self.kernel).map_err(|e| kernel_err(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(kernel_err("not a regular file".into()));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::Memory(self.mem_mib));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(ConfigError::Vcpus(self.vcpus.into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        std::fs::write(&k, b"x").unwrap();
+        let cfg: VmConfig = serde_json::from_str(&format!(
+            r#"{{"kernel":"{}","mem_mib":64,"vcpus":2,"serial":"file:/tmp/s"}}"#,
+            k.display()
+        ))
+        .unwrap();
+        assert_eq!(cfg.serial, SerialOutput::File("/tmp/s".into()));
+        cfg.validate().unwrap();
+        let bad = |f: fn(&mut VmConfig)| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.vcpus = 9).contains("9 vCPUs"));
+        assert!(bad(|c| c.vcpus = 0).contains("0 vCPUs"));
+        assert!(bad(|c| c.mem_mib = 8).contains("8 MiB"));
+        assert!(bad(|c| c.kernel = "/nonexistent".into()).contains("/nonexistent"));
+        assert!(bad(|c| c.kernel = "/".into()).contains("not a regular file"));
+        assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"k","serial":"tty"}"#).is_err());
+        assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"k","bogus":1}"#).is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! Building a VM from its configuration and running its device loop.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde_json::json;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError, BootInfo};
+use crate::config::{SerialOutput, VmConfig};
+use crate::control::{self, Connection, ControlError, Request, SocketFile};
+use crate::cpu::{self, CpuError};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{DebugPort, EventFdTrigger, Serial, Sink, I8042};
+use crate::layout::*;
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::{self, RunControl, VcpuThread};
+use crate::{ExitReason, ExitSignal};
+
+/// Error building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// /dev/kvm unusable.
+    #[error("opening /dev/kvm failed: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{op} failed: {source}")]
+    VmIoctl {
+        /// The ioctl.
+        op: &'static str,
+        /// Cause.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot state.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU configuration.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// Control socket.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// Opening an output file, an eventfd, a thread, epoll.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+    let what = what.into();
+    move |source| VmmError::Io { what, source }
+}
+
+fn vm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::VmIoctl { op, source }
+}
+
+fn open_sink(spec: &str) -> Result<Sink, VmmError> {
+    if spec == "-" {
+        return Ok(Box::new(std::io::stdout()));
+    }
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec)
+        .map_err(io_err(format!("opening {spec}")))?;
+    Ok(Box::new(f))
+}
+
+/// A built VM, ready to [`run`](Vmm::run).
+pub struct Vmm {
+    config: VmConfig,
+    ram: GuestRam,
+    // Keeps the VM fd (and so the irqchip, PIT and memslots) alive for the vCPUs' lifetime.
+    _vm: VmFd,
+    vcpu_fds: Vec<VcpuFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    control: Option<(UnixListener, SocketFile)>,
+    reports: Option<Receiver<String>>,
+    // irqfds must outlive the VM's use of them.
+    _irq_fds: Vec<EventFd>,
+}
+
+impl Vmm {
+    /// Builds the VM: memory, KVM VM and vCPUs, boot state and devices. Nothing runs yet.
+    pub fn build(config: VmConfig) -> Result<Self, VmmError> {
+        config.validate()?;
+        let t0 = Instant::now();
+        let control = match &config.control {
+            Some(p) => Some((control::bind_unix(p)?, SocketFile(p.clone()))),
+            None => None,
+        };
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let ram = GuestRam::new(config.mem_mib << 20)?;
+        let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(vm_err("KVM_CREATE_PIT2"))?;
+        for (slot, (host, guest, size)) in ram.regions().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: guest,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which the Vmm keeps alive for
+            // as long as the VM fd exists (fields drop in declaration order, `_vm` after use).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        tracing::debug!(elapsed = ?t0.elapsed(), "VM shell created");
+
+        let (entry, setup_header) = boot::load_kernel(&ram.mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(boot::load_initrd(&ram.mem, p, ram.size, entry.kernel_end)?),
+            None => None,
+        };
+        boot::write_boot_params(
+            &ram.mem,
+            &BootInfo {
+                mem_size: ram.size,
+                cmdline: &config.cmdline,
+                initrd,
+                setup_header,
+            },
+        )?;
+        boot::write_cpu_tables(&ram.mem)?;
+        boot::write_mptable(&ram.mem, config.vcpus)?;
+        boot::write_identity(&ram.mem, 0, "")?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpu_fds = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(vm_err("KVM_CREATE_VCPU"))?;
+            let kvm_err = |op| {
+                move |source| CpuError::Kvm {
+                    op,
+                    cpu: id,
+                    source,
+                }
+            };
+            fd.set_cpuid2(&cpu::vcpu_cpuid(&supported, id, config.vcpus))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            cpu::set_boot_msrs(&fd, id)?;
+            cpu::set_lint(&fd, id)?;
+            if id == 0 {
+                fd.set_regs(&boot::boot_regs(entry.entry))
+                    .map_err(kvm_err("KVM_SET_REGS"))?;
+                let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                fd.set_sregs(&boot::boot_sregs(sregs))
+                    .map_err(kvm_err("KVM_SET_SREGS"))?;
+                fd.set_fpu(&boot::boot_fpu())
+                    .map_err(kvm_err("KVM_SET_FPU"))?;
+            }
+            vcpu_fds.push(fd);
+        }
+
+        let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(vm_err("KVM_IRQFD (serial)"))?;
+        let serial_out: Sink = match &config.serial {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::None => Box::new(std::io::sink()),
+            SerialOutput::File(p) => open_sink(&p.to_string_lossy())?,
+        };
+        let serial_trigger = serial_irq
+            .try_clone()
+            .map_err(io_err("cloning an eventfd"))?;
+        let serial = Serial(vm_superio::Serial::new(
+            EventFdTrigger(serial_trigger),
+            serial_out,
+        ));
+        let insert_err = |e: crate::devices::bus::BusError| VmmError::Io {
+            what: "placing a device".into(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        pio.insert(Arc::new(Mutex::new(serial)), SERIAL_PORT_BASE.into(), 8)
+            .map_err(insert_err)?;
+        let i8042 = I8042::new(exit.clone()).map_err(io_err("creating the i8042 eventfd"))?;
+        pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT_BASE.into(), 5)
+            .map_err(insert_err)?;
+        let reports = match &config.debug_log {
+            Some(spec) => {
+                let (tx, rx): (Sender<String>, Receiver<String>) = crossbeam_channel::unbounded();
+                let port = DebugPort::new(ram.mem.clone(), open_sink(spec)?, vec![tx]);
+                pio.insert(Arc::new(Mutex::new(port)), DEBUG_REPORT_PORT.into(), 4)
+                    .map_err(insert_err)?;
+                Some(rx)
+            }
+            None => None,
+        };
+        tracing::debug!(elapsed = ?t0.elapsed(), "VM built");
+        Ok(Self {
+            config,
+            ram,
+            _vm: vm,
+            vcpu_fds,
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            exit,
+            control,
+            reports,
+            _irq_fds: vec![serial_irq],
+        })
+    }
+
+    /// Debug reports of the guest (only with `debug_log` set); readable while the VM runs.
+    pub fn reports(&self) -> Option<Receiver<String>> {
+        self.reports.clone()
+    }
+
+    /// A handle that ends the VM from another thread.
+    pub fn exit_handle(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// Runs the VM until it ends; `term_fd` (a signalfd for SIGTERM/SIGINT) also ends it.
+    ///
+    /// Every vCPU thread is joined and every fd and socket file is released before returning.
+    pub fn run(self, term_fd: Option<RawFd>) -> Result<ExitReason, VmmError> {
+        vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+        let ctl = Arc::new(RunControl::default());
+        let mut threads: Vec<VcpuThread> = Vec::new();
+        let Vmm {
+            config,
+            ram,
+            _vm,
+            vcpu_fds,
+            pio,
+            mmio,
+            exit,
+            control,
+            reports: _,
+            _irq_fds,
+        } = self;
+        for (id, fd) in vcpu_fds.into_iter().enumerate() {
+            match vcpu::spawn(
+                id as u8,
+                fd,
+                pio.clone(),
+                mmio.clone(),
+                exit.clone(),
+                ctl.clone(),
+            ) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    vcpu::stop(&ctl, &mut threads);
+                    return Err(io_err("spawning a vCPU thread")(e));
+                }
+            }
+        }
+        let result = device_loop(
+            &config,
+            &ram,
+            &exit,
+            control.as_ref().map(|c| &c.0),
+            term_fd,
+            &ctl,
+            &threads,
+        );
+        vcpu::stop(&ctl, &mut threads);
+        result?;
+        Ok(exit.reason().unwrap_or(ExitReason::Shutdown))
+    }
+}
+
+const TOKEN_EXIT: u64 = u64::MAX;
+const TOKEN_TERM: u64 = u64::MAX - 1;
+const TOKEN_LISTENER: u64 = u64::MAX - 2;
+
+/// The device loop: waits for the exit event, termination signals and control requests.
+fn device_loop(
+    config: &VmConfig,
+    ram: &GuestRam,
+    exit: &ExitSignal,
+    listener: Option<&UnixListener>,
+    term_fd: Option<RawFd>,
+    ctl: &RunControl,
+    threads: &[VcpuThread],
+) -> Result<(), VmmError> {
+    let epoll = Epoll::new().map_err(io_err("creating epoll"))?;
+    let add = |fd: RawFd, token: u64| {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(io_err("registering an fd with epoll"))
+    };
+    add(exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
+    if let Some(fd) = term_fd {
+        add(fd, TOKEN_TERM)?;
+    }
+    if let Some(l) = listener {
+        add(l.as_raw_fd(), TOKEN_LISTENER)?;
+    }
+    let mut conns: HashMap<u64, Connection> = HashMap::new();
+    let mut events = vec![EpollEvent::default(); 16];
+    while exit.reason().is_none() {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("waiting on epoll")(e)),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_EXIT => {}
+                TOKEN_TERM => exit.exit(ExitReason::Signal),
+                TOKEN_LISTENER => {
+                    if let Some(l) = listener {
+                        while let Ok((stream, _)) = l.accept() {
+                            if stream.set_nonblocking(true).is_err() {
+                                continue;
+                            }
+                            let token = stream.as_raw_fd() as u64;
+                            add(stream.as_raw_fd(), token)?;
+                            conns.insert(
+                                token,
+                                Connection {
+                                    stream,
+                                    buf: Vec::new(),
+                                },
+                            );
+                        }
+                    }
+                }
+                token => {
+                    let keep = match conns.get_mut(&token) {
+                        Some(c) => serve_connection(c, config, ram, exit, ctl, threads),
+                        None => true,
+                    };
+                    if !keep {
+                        if let Some(c) = conns.remove(&token) {
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                c.stream.as_raw_fd(),
+                                EpollEvent::default(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads what is available on a control connection and answers each complete line; returns
+/// false when the connection should be closed.
+fn serve_connection(
+    c: &mut Connection,
+    config: &VmConfig,
+    ram: &GuestRam,
+    exit: &ExitSignal,
+    ctl: &RunControl,
+    threads: &[VcpuThread],
+) -> bool {
+    let mut chunk = [0u8; 4096];
+    let open = loop {
+        match c.stream.read(&mut chunk) {
+            Ok(0) => break false,
+            Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => break false,
+        }
+    };
+    while let Some(pos) = c.buf.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = c.buf.drain(..=pos).collect();
+        let reply = match control::parse(&line[..pos]) {
+            Err(e) => e,
+            Ok(req) => handle(req, config, ram, exit, ctl, threads),
+        };
+        let mut out = reply.to_string().into_bytes();
+        out.push(b'\n');
+        // Replies are small; a client that does not read them loses its connection.
+        let _ = c.stream.set_nonblocking(false);
+        let ok = c.stream.write_all(&out).is_ok();
+        let _ = c.stream.set_nonblocking(true);
+        if !ok {
+            return false;
+        }
+    }
+    if c.buf.len() > control::MAX_REQUEST {
+        let _ = c
+            .stream
+            .write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n");
+        return false;
+    }
+    open
+}
+
+fn handle(
+    req: Request,
+    config: &VmConfig,
+    ram: &GuestRam,
+    exit: &ExitSignal,
+    ctl: &RunControl,
+    threads: &[VcpuThread],
+) -> serde_json::Value {
+    match req {
+        Request::Status => json!({
+            "ok": true,
+            "state": if ctl.is_paused() { "paused" } else { "running" },
+            "vcpus": config.vcpus,
+            "mem_mib": ram.size >> 20,
+        }),
+        Request::Pause => {
+            vcpu::pause(ctl, threads);
+            json!({"ok": true, "state": "paused"})
+        }
+        Request::Resume => {
+            vcpu::resume(ctl);
+            json!({"ok": true, "state": "running"})
+        }
+        Request::Shutdown => {
+            exit.exit(ExitReason::Shutdown);
+            json!({"ok": true, "state": "stopping"})
+        }
+    }
+}
