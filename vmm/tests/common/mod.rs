@@ -1,0 +1,59 @@
+//! Helpers shared by the KVM integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use vmm::config::{SerialOutput, VmConfig};
+
+/// Generous: every guest instruction is emulated (~1 µs) on our development hosts.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Returns false (after a loud SKIPPED line) when /dev/kvm is missing.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    println!("SKIPPED: {test}: /dev/kvm missing");
+    false
+}
+
+/// A config booting the test guest with `cmdline` and the debug port enabled.
+pub fn guest_config(cmdline: &str, dir: &Path) -> VmConfig {
+    let mut cfg = VmConfig::new(test_guests::guest_path());
+    cfg.cmdline = cmdline.into();
+    cfg.serial = SerialOutput::None;
+    cfg.debug_log = Some(dir.join("debug.log").display().to_string());
+    cfg
+}
+
+/// FNV-1a 32, as the test guest computes it.
+pub fn fnv1a(data: &[u8]) -> u32 {
+    data.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Builds and runs `cfg` on a thread; returns the reports and the exit reason.
+pub fn run_vm(cfg: VmConfig) -> (Vec<String>, vmm::ExitReason) {
+    let vm = vmm::Vmm::build(cfg).expect("building the VM");
+    let reports = vm.reports().expect("debug port enabled");
+    let exit = vm.exit_handle();
+    let t = std::thread::spawn(move || vm.run(None));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !t.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !t.is_finished() {
+        exit.exit(vmm::ExitReason::Error("test timeout".into()));
+    }
+    let reason = t.join().unwrap().expect("running the VM");
+    (reports.try_iter().collect(), reason)
+}
+
+/// The `k=v` value of `key` in a report.
+pub fn field<'a>(report: &'a str, key: &str) -> Option<&'a str> {
+    report
+        .split(' ')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}

@@ -1,0 +1,159 @@
+//! The `runv-vmm` binary: clean exits (guest reset, control `shutdown`, SIGTERM), the control
+//! socket protocol, and refusal of a socket path in use.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn spawn(args: &[&str], dir: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_runv-vmm"))
+        .arg("--kernel")
+        .arg(test_guests::guest_path())
+        .args(["--serial", "none", "--mem-mib", "32"])
+        .arg("--debug-log")
+        .arg(dir.join("debug.log"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "runv-vmm did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_for_report(dir: &Path, report: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !std::fs::read_to_string(dir.join("debug.log"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == format!("REPORT {report}"))
+    {
+        assert!(Instant::now() < deadline, "no {report} report");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn connect(path: &Path) -> (UnixStream, BufReader<UnixStream>) {
+    let deadline = Instant::now() + TIMEOUT;
+    let s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("control socket: {e}"),
+        }
+    };
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+fn request(s: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &str) -> serde_json::Value {
+    writeln!(s, "{line}").unwrap();
+    let mut reply = String::new();
+    r.read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{reply:?}: {e}"))
+}
+
+#[test]
+fn kvm_exit_on_guest_reset() {
+    if !kvm_available("kvm_exit_on_guest_reset") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = spawn(&["--cmdline", "rt.exit=reset"], dir.path());
+    assert!(wait_exit(&mut c).success());
+    wait_for_report(dir.path(), "READY");
+}
+
+#[test]
+fn kvm_control_socket_status_pause_resume_shutdown() {
+    if !kvm_available("kvm_control_socket_status_pause_resume_shutdown") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let mut c = spawn(
+        &[
+            "--cmdline",
+            "rt.exit=halt",
+            "--control",
+            sock.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    wait_for_report(dir.path(), "READY");
+    let (mut s, mut r) = connect(&sock);
+    let st = request(&mut s, &mut r, r#"{"cmd":"status"}"#);
+    assert_eq!(
+        (st["ok"].as_bool(), st["state"].as_str()),
+        (Some(true), Some("running"))
+    );
+    assert_eq!(st["mem_mib"], 32);
+    let bad = request(&mut s, &mut r, r#"{"cmd":"explode"}"#);
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("bad request"));
+    let bad = request(&mut s, &mut r, "not json");
+    assert_eq!(bad["ok"], false);
+    assert_eq!(
+        request(&mut s, &mut r, r#"{"cmd":"pause"}"#)["state"],
+        "paused"
+    );
+    assert_eq!(
+        request(&mut s, &mut r, r#"{"cmd":"status"}"#)["state"],
+        "paused"
+    );
+    assert_eq!(
+        request(&mut s, &mut r, r#"{"cmd":"resume"}"#)["state"],
+        "running"
+    );
+    // A second path user is refused while this VMM lives.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut c2 = spawn(&["--control", sock.to_str().unwrap()], dir2.path());
+    let status = wait_exit(&mut c2);
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut c2.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("in use"), "{err}");
+    assert_eq!(request(&mut s, &mut r, r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert!(wait_exit(&mut c).success());
+    assert!(!sock.exists(), "control socket file left behind");
+}
+
+#[test]
+fn kvm_sigterm_exits_cleanly() {
+    if !kvm_available("kvm_sigterm_exits_cleanly") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let mut c = spawn(
+        &[
+            "--cmdline",
+            "rt.exit=halt",
+            "--control",
+            sock.to_str().unwrap(),
+            "--vcpus",
+            "2",
+        ],
+        dir.path(),
+    );
+    wait_for_report(dir.path(), "READY");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut c).success());
+    assert!(!sock.exists());
+}
