@@ -56,9 +56,9 @@ static const char *cmdline;
 
 static int prefix(const char *s, const char *p) { while (*p) if (*s++ != *p++) return 0; return 1; }
 
-/* Finds token `key` (exactly, or followed by '='); returns a pointer past the key or 0. */
-static const char *find_token(const char *key) {
-    const char *s = cmdline;
+/* Finds token `key` (exactly, or followed by '=') at or after `s`; returns a pointer past the
+ * key or 0. */
+static const char *find_token_from(const char *s, const char *key) {
     while (s && *s) {
         while (*s == ' ') s++;
         if (prefix(s, key)) {
@@ -70,6 +70,8 @@ static const char *find_token(const char *key) {
     }
     return 0;
 }
+
+static const char *find_token(const char *key) { return find_token_from(cmdline, key); }
 
 static u32 fnv1a(const u8 *p, u64 n) {
     u32 h = 0x811c9dc5;
@@ -151,12 +153,144 @@ static void task_serial(const char *arg) {
     r_str("PASS serial bytes="); r_dec(n); r_send();
 }
 
+/* ---- virtio-mmio (modern) polling driver ---------------------------------------------- */
+#define VQ_SIZE 8
+#define VRING_NEXT 1
+#define VRING_WRITE 2
+
+struct vq_desc { u64 addr; u32 len; u16 flags; u16 next; };
+static struct vq_desc vq_desc[VQ_SIZE] __attribute__((aligned(4096)));
+static struct { u16 flags, idx, ring[VQ_SIZE], used_event; } vq_avail __attribute__((aligned(4096)));
+static struct { u16 flags, idx; struct { u32 id, len; } ring[VQ_SIZE]; } vq_used __attribute__((aligned(4096)));
+static u64 vio_base;
+static u16 vq_last_used;
+
+static u32 vio_rd(u32 off) { return *(volatile u32 *)(vio_base + off); }
+static void vio_wr(u32 off, u32 v) { *(volatile u32 *)(vio_base + off) = v; }
+static void barrier(void) { __asm__ volatile("mfence" ::: "memory"); }
+
+static u64 parse_hex(const char *s) {
+    u64 v = 0;
+    if (s[0] == '0' && s[1] == 'x') s += 2;
+    for (;; s++) {
+        u8 c = *s;
+        if (c >= '0' && c <= '9') v = v * 16 + (c - '0');
+        else if (c >= 'a' && c <= 'f') v = v * 16 + (c - 'a' + 10);
+        else return v;
+    }
+}
+
+/* The boot identity map covers the first GiB; map 3..4 GiB (MMIO gap) uncached with 2 MiB pages. */
+static u64 mmio_pd[512] __attribute__((aligned(4096)));
+static void map_mmio_gap(void) {
+    static int done;
+    if (done) return;
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    u64 *pml4 = (u64 *)(cr3 & ~0xfffUL);
+    u64 *pdpt = (u64 *)(pml4[0] & ~0xfffUL);
+    for (u64 i = 0; i < 512; i++) mmio_pd[i] = (0xc0000000UL + (i << 21)) | 0x9b; /* P RW PWT PCD PS */
+    pdpt[3] = (u64)mmio_pd | 3;
+    __asm__ volatile("mov %0, %%cr3" ::"r"(cr3) : "memory");
+    done = 1;
+}
+
+/* Finds the n-th announced virtio-mmio device of type `id`; sets vio_base. */
+static int vio_find(u32 id) {
+    const char *s = cmdline;
+    map_mmio_gap();
+    while ((s = find_token_from(s, "virtio_mmio.device"))) {
+        const char *at = s;
+        while (*at && *at != '@' && *at != ' ') at++;
+        if (*at != '@') continue;
+        vio_base = parse_hex(at + 1);
+        if (vio_rd(0) == 0x74726976 && vio_rd(4) == 2 && vio_rd(8) == id) return 1;
+    }
+    return 0;
+}
+
+/* Reset, negotiate VERSION_1 only, set up queue 0, DRIVER_OK. Returns 0 or a failure reason. */
+static const char *vio_init(void) {
+    vio_wr(0x70, 0);
+    vio_wr(0x70, 1 | 2);                  /* ACKNOWLEDGE | DRIVER */
+    vio_wr(0x14, 1);
+    if (!(vio_rd(0x10) & 1)) return "device lacks VERSION_1";
+    vio_wr(0x24, 0); vio_wr(0x20, 0);
+    vio_wr(0x24, 1); vio_wr(0x20, 1);     /* VIRTIO_F_VERSION_1 */
+    vio_wr(0x70, 1 | 2 | 8);
+    if (!(vio_rd(0x70) & 8)) return "FEATURES_OK refused";
+    vio_wr(0x30, 0);
+    if (vio_rd(0x34) < VQ_SIZE) return "queue too small";
+    vio_wr(0x38, VQ_SIZE);
+    vio_wr(0x80, (u32)(u64)vq_desc);  vio_wr(0x84, 0);
+    vio_wr(0x90, (u32)(u64)&vq_avail); vio_wr(0x94, 0);
+    vio_wr(0xa0, (u32)(u64)&vq_used);  vio_wr(0xa4, 0);
+    vio_wr(0x44, 1);
+    vio_wr(0x70, 1 | 2 | 8 | 4);          /* DRIVER_OK */
+    if (vio_rd(0x70) & 0x40) return "device needs reset";
+    vq_last_used = vq_used.idx;
+    return 0;
+}
+
+/* Publishes descriptor chain `head`, notifies queue 0 and polls the used ring. */
+static int vq_submit(u16 head) {
+    vq_avail.ring[vq_avail.idx % VQ_SIZE] = head;
+    barrier();
+    vq_avail.idx++;
+    barrier();
+    vio_wr(0x50, 0);
+    for (u32 spin = 0; spin < 2000000; spin++) {
+        barrier();
+        if (*(volatile u16 *)&vq_used.idx != vq_last_used) {
+            vq_last_used++;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static struct { u32 type, reserved; u64 sector; } blk_hdr;
+static u8 blk_status;
+static u8 blk_buf[512] __attribute__((aligned(512)));
+
+/* One block request; data may be empty. Returns the status byte, or 0xfe on timeout. */
+static u8 blk_request(u32 type, u64 sector, u32 len, int device_writes) {
+    blk_hdr.type = type;
+    blk_hdr.sector = sector;
+    blk_status = 0xff;
+    vq_desc[0] = (struct vq_desc){(u64)&blk_hdr, 16, VRING_NEXT, len ? 1 : 2};
+    vq_desc[1] = (struct vq_desc){(u64)blk_buf, len, VRING_NEXT | (device_writes ? VRING_WRITE : 0), 2};
+    vq_desc[2] = (struct vq_desc){(u64)&blk_status, 1, VRING_WRITE, 0};
+    return vq_submit(0) ? blk_status : 0xfe;
+}
+
+static void task_blk(void) {
+    const char *why;
+    if (!vio_find(2)) { fail("blk", "no virtio-blk device announced"); return; }
+    if ((why = vio_init())) { fail("blk", why); return; }
+    u8 st = blk_request(0, 0, 512, 1);
+    if (st) { r_str("FAIL blk: read status "); r_dec(st); r_send(); return; }
+    u32 sum0 = fnv1a(blk_buf, 512);
+    for (u32 i = 0; i < 512; i++) blk_buf[i] = (u8)(i & 0xff) ^ 0x5a;
+    u8 wst = blk_request(1, 1, 512, 0);
+    u8 fst = blk_request(4, 0, 0, 0);
+    for (u32 i = 0; i < 21; i++) blk_buf[i] = 0;
+    u8 ist = blk_request(8, 0, 20, 1);
+    if (ist) { r_str("FAIL blk: get-id status "); r_dec(ist); r_send(); return; }
+    r_str("PASS blk sum0="); r_hex(sum0);
+    r_str(" id="); r_str((const char *)blk_buf);
+    r_str(" write="); r_dec(wst);
+    r_str(" flush="); r_dec(fst);
+    r_send();
+}
+
 void guest_main(const u8 *zp) {
     cmdline = (const char *)(u64)*(const u32 *)(zp + ZP_CMD_LINE_PTR);
     report("READY");
     const char *a;
     if (find_token("rt.boot")) task_boot(zp);
     if ((a = find_token("rt.serial")) && *a == '=') task_serial(a + 1);
+    if (find_token("rt.blk")) task_blk();
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);
     /* rt.exit=halt or nothing: halt forever with interrupts off (start.S). */

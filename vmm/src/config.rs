@@ -55,6 +55,44 @@ impl std::str::FromStr for SerialOutput {
     }
 }
 
+/// A virtio-blk device backed by a raw file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    /// Backing file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Device id returned by GET_ID (at most 20 bytes; default: the file name).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for BlockConfig {
+    type Err = ConfigError;
+    /// Parses `path=P[,ro][,id=ID]`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let mut cfg = BlockConfig {
+            path: PathBuf::new(),
+            read_only: false,
+            id: None,
+        };
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => cfg.path = p.into(),
+                Some(("id", id)) => cfg.id = Some(id.into()),
+                None if part == "ro" => cfg.read_only = true,
+                _ => return Err(ConfigError::Block(s.into())),
+            }
+        }
+        if cfg.path.as_os_str().is_empty() {
+            return Err(ConfigError::Block(s.into()));
+        }
+        Ok(cfg)
+    }
+}
+
 /// A VM's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +120,9 @@ pub struct VmConfig {
     /// Enables the debug report port; reports go to this file (`-` = stdout).
     #[serde(default)]
     pub debug_log: Option<String>,
+    /// virtio-blk devices, in MMIO slot order.
+    #[serde(default)]
+    pub block: Vec<BlockConfig>,
 }
 
 fn default_mem() -> u64 {
@@ -119,6 +160,12 @@ pub enum ConfigError {
     /// vCPU count out of range.
     #[error("{0} vCPUs requested: use 1..={MAX_VCPUS}")]
     Vcpus(u64),
+    /// Bad block device spec.
+    #[error("block device {0:?} not understood: use path=PATH[,ro][,id=ID]")]
+    Block(String),
+    /// More devices than MMIO slots with an interrupt.
+    #[error("{0} virtio devices requested: at most {1} fit")]
+    TooManyDevices(usize, usize),
     /// Bad serial spec.
     #[error("serial output {0:?} not understood: use stdout, none or file:PATH")]
     Serial(String),
@@ -136,6 +183,7 @@ impl VmConfig {
             serial: SerialOutput::default(),
             control: None,
             debug_log: None,
+            block: Vec::new(),
         }
     }
 
@@ -168,6 +216,10 @@ impl VmConfig {
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(ConfigError::Vcpus(self.vcpus.into()));
         }
+        let slots = (crate::layout::VIRTIO_IRQ_MAX - crate::layout::VIRTIO_IRQ_BASE + 1) as usize;
+        if self.block.len() > slots {
+            return Err(ConfigError::TooManyDevices(self.block.len(), slots));
+        }
         Ok(())
     }
 }
@@ -199,6 +251,14 @@ mod tests {
         assert!(bad(|c| c.kernel = "/nonexistent".into()).contains("/nonexistent"));
         assert!(bad(|c| c.kernel = "/".into()).contains("not a regular file"));
         assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"k","serial":"tty"}"#).is_err());
+        let b: BlockConfig = "path=/d.img,ro,id=x".parse().unwrap();
+        assert_eq!(
+            (b.path.to_str(), b.read_only, b.id.as_deref()),
+            (Some("/d.img"), true, Some("x"))
+        );
+        for bad in ["", "ro", "path=", "path=/x,rw", "file=/x"] {
+            assert!(bad.parse::<BlockConfig>().is_err(), "{bad}");
+        }
         assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"k","bogus":1}"#).is_err());
     }
 }

@@ -36,6 +36,9 @@ struct Args {
     /// Enable the debug report port; write reports to PATH (`-` = stdout).
     #[arg(long)]
     debug_log: Option<String>,
+    /// virtio-blk device: path=PATH[,ro][,id=ID] (repeatable).
+    #[arg(long)]
+    block: Vec<vmm::config::BlockConfig>,
 }
 
 fn config(args: Args) -> Result<VmConfig> {
@@ -70,6 +73,7 @@ fn config(args: Args) -> Result<VmConfig> {
     if args.debug_log.is_some() {
         cfg.debug_log = args.debug_log;
     }
+    cfg.block.extend(args.block);
     Ok(cfg)
 }
 

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde_json::json;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -23,6 +23,8 @@ use crate::control::{self, Connection, ControlError, Request, SocketFile};
 use crate::cpu::{self, CpuError};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{DebugPort, EventFdTrigger, Serial, Sink, I8042};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::layout::*;
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{self, RunControl, VcpuThread};
@@ -54,6 +56,9 @@ pub enum VmmError {
     /// vCPU configuration.
     #[error(transparent)]
     Cpu(#[from] CpuError),
+    /// A block device's backing file.
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
     /// Control socket.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -100,6 +105,7 @@ pub struct Vmm {
     exit: Arc<ExitSignal>,
     control: Option<(UnixListener, SocketFile)>,
     reports: Option<Receiver<String>>,
+    queue_events: Vec<QueueEvent>,
     // irqfds must outlive the VM's use of them.
     _irq_fds: Vec<EventFd>,
 }
@@ -139,6 +145,46 @@ impl Vmm {
         }
         tracing::debug!(elapsed = ?t0.elapsed(), "VM shell created");
 
+        let mut mmio = Bus::new();
+        let mut irq_fds = Vec::new();
+        let mut queue_events = Vec::new();
+        let mut cmdline = config.cmdline.clone();
+        for (i, b) in config.block.iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let gsi = VIRTIO_IRQ_BASE + i as u32;
+            let dev = Block::new(&b.path, b.read_only, b.id.as_deref())?;
+            let transport = MmioTransport::new(ram.mem.clone(), Box::new(dev))
+                .map_err(io_err("creating virtio-mmio eventfds"))?;
+            for (q, evt) in transport.queue_events().iter().enumerate() {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                    .map_err(vm_err("KVM_IOEVENTFD"))?;
+            }
+            vm.register_irqfd(transport.irq(), gsi)
+                .map_err(vm_err("KVM_IRQFD (virtio)"))?;
+            let events: Vec<EventFd> = transport
+                .queue_events()
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<_, _>>()
+                .map_err(io_err("cloning a queue eventfd"))?;
+            let transport = Arc::new(Mutex::new(transport));
+            for (q, evt) in events.into_iter().enumerate() {
+                queue_events.push(QueueEvent {
+                    evt,
+                    transport: transport.clone(),
+                    queue: q,
+                });
+            }
+            mmio.insert(transport, base, VIRTIO_MMIO_SIZE)
+                .map_err(|e| {
+                    io_err("placing a virtio device")(std::io::Error::other(e.to_string()))
+                })?;
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline += &format!("virtio_mmio.device=4K@{base:#x}:{gsi}");
+        }
+
         let (entry, setup_header) = boot::load_kernel(&ram.mem, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(p) => Some(boot::load_initrd(&ram.mem, p, ram.size, entry.kernel_end)?),
@@ -148,7 +194,7 @@ impl Vmm {
             &ram.mem,
             &BootInfo {
                 mem_size: ram.size,
-                cmdline: &config.cmdline,
+                cmdline: &cmdline,
                 initrd,
                 setup_header,
             },
@@ -231,11 +277,15 @@ impl Vmm {
             _vm: vm,
             vcpu_fds,
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             exit,
             control,
             reports,
-            _irq_fds: vec![serial_irq],
+            queue_events,
+            _irq_fds: {
+                irq_fds.push(serial_irq);
+                irq_fds
+            },
         })
     }
 
@@ -266,6 +316,7 @@ impl Vmm {
             exit,
             control,
             reports: _,
+            queue_events,
             _irq_fds,
         } = self;
         for (id, fd) in vcpu_fds.into_iter().enumerate() {
@@ -290,6 +341,7 @@ impl Vmm {
             &exit,
             control.as_ref().map(|c| &c.0),
             term_fd,
+            &queue_events,
             &ctl,
             &threads,
         );
@@ -299,6 +351,15 @@ impl Vmm {
     }
 }
 
+/// A queue's notification eventfd and the transport to poke when it fires.
+struct QueueEvent {
+    evt: EventFd,
+    transport: Arc<Mutex<MmioTransport>>,
+    queue: usize,
+}
+
+/// Queue event `i` uses token `TOKEN_QUEUE_BASE + i` (connections use their fd, below 2^31).
+const TOKEN_QUEUE_BASE: u64 = 1 << 32;
 const TOKEN_EXIT: u64 = u64::MAX;
 const TOKEN_TERM: u64 = u64::MAX - 1;
 const TOKEN_LISTENER: u64 = u64::MAX - 2;
@@ -310,6 +371,7 @@ fn device_loop(
     exit: &ExitSignal,
     listener: Option<&UnixListener>,
     term_fd: Option<RawFd>,
+    queue_events: &[QueueEvent],
     ctl: &RunControl,
     threads: &[VcpuThread],
 ) -> Result<(), VmmError> {
@@ -329,6 +391,9 @@ fn device_loop(
     }
     if let Some(l) = listener {
         add(l.as_raw_fd(), TOKEN_LISTENER)?;
+    }
+    for (i, q) in queue_events.iter().enumerate() {
+        add(q.evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
     }
     let mut conns: HashMap<u64, Connection> = HashMap::new();
     let mut events = vec![EpollEvent::default(); 16];
@@ -358,6 +423,15 @@ fn device_loop(
                                 },
                             );
                         }
+                    }
+                }
+                token if token >= TOKEN_QUEUE_BASE => {
+                    if let Some(q) = queue_events.get((token - TOKEN_QUEUE_BASE) as usize) {
+                        let _ = q.evt.read();
+                        q.transport
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .notify(q.queue);
                     }
                 }
                 token => {

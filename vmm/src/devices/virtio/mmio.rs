@@ -1,0 +1,244 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2.2).
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::bus::BusDevice;
+use crate::memory::GuestMemory;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VENDOR: u32 = 0x5255_4e56; // "RUNV"
+/// Offset of `QueueNotify`, where the VMM registers one ioeventfd per queue.
+pub const QUEUE_NOTIFY: u64 = 0x50;
+const INT_VRING: u32 = 1;
+
+/// Device status bits.
+mod status {
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// A virtio device as seen through its MMIO window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    irq: Arc<EventFd>,
+    interrupt_status: u32,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; its queue eventfds and irqfd are created here for the VMM to register.
+    pub fn new(mem: GuestMemory, device: Box<dyn VirtioDevice>) -> std::io::Result<Self> {
+        let mut queues = Vec::new();
+        let mut queue_evts = Vec::new();
+        for &max in device.queue_max_sizes() {
+            queues.push(Queue::new(max).map_err(|e| std::io::Error::other(e.to_string()))?);
+            queue_evts.push(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
+        }
+        Ok(Self {
+            device,
+            mem,
+            queues,
+            queue_evts,
+            irq: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
+            interrupt_status: 0,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+        })
+    }
+
+    /// The notification eventfd of each queue (register as ioeventfds on `QUEUE_NOTIFY`).
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The interrupt eventfd (register as an irqfd on the device's GSI).
+    pub fn irq(&self) -> &EventFd {
+        &self.irq
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queue configuration is only writable before DRIVER_OK.
+        if self.status & status::DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.interrupt_status = 0;
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        if v & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
+            // Features the driver accepted must be a subset of ours and include VERSION_1.
+            let f = self.driver_features;
+            if f & !self.device_features() != 0 || f & VIRTIO_F_VERSION_1 == 0 {
+                self.status = v & !status::FEATURES_OK;
+                return;
+            }
+        }
+        if v & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0 {
+            let event_idx = self.driver_features
+                & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+                != 0;
+            for q in &mut self.queues {
+                q.set_event_idx(event_idx);
+                if q.ready() && !q.is_valid(&self.mem) {
+                    tracing::warn!("virtio: guest configured an invalid queue; device needs reset");
+                    self.status = v | status::NEEDS_RESET;
+                    return;
+                }
+            }
+        }
+        self.status = v;
+    }
+
+    /// Processes queue `index` after a notification (from the ioeventfd or a trapped write).
+    pub fn notify(&mut self, index: usize) {
+        if self.status & status::DRIVER_OK == 0
+            || self.status & (status::NEEDS_RESET | status::FAILED) != 0
+        {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        if self.device.process_queue(index, queue, &self.mem) {
+            let needs = queue.needs_notification(&self.mem).unwrap_or(true);
+            if needs {
+                self.interrupt_status |= INT_VRING;
+                if let Err(e) = self.irq.write(1) {
+                    tracing::warn!("virtio: raising the interrupt failed: {e}");
+                }
+            }
+        }
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        let q = self.queues.get(self.queue_sel as usize);
+        match offset {
+            0x00 => MAGIC,
+            0x04 => 2,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => match self.device_features_sel {
+                0 => self.device_features() as u32,
+                1 => (self.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => q.map_or(0, |q| u32::from(q.max_size())),
+            0x44 => q.map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt_status,
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 => {
+                if self.status & status::FEATURES_OK == 0 {
+                    match self.driver_features_sel {
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(v)
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            QUEUE_NOTIFY => self.notify(v as usize),
+            0x64 => self.interrupt_status &= !v,
+            0x70 => self.set_status(v),
+            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
+                let (lo, hi) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
+                if let Some(q) = self.selected_queue() {
+                    match offset & !4 {
+                        0x80 => q.set_desc_table_address(lo, hi),
+                        0x90 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+        } else if let Ok(out) = <&mut [u8; 4]>::try_from(&mut *data) {
+            *out = self.read_reg(offset).to_le_bytes();
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        // Our devices have read-only configuration; registers are 32-bit only.
+        if let (true, Ok(bytes)) = (offset < 0x100, <[u8; 4]>::try_from(data)) {
+            self.write_reg(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}

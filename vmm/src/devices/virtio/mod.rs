@@ -1,0 +1,49 @@
+//! Virtio devices behind the virtio-mmio transport.
+//!
+//! The transport ([`mmio::MmioTransport`]) owns feature negotiation, the queues and the status
+//! state machine; it is driven by vCPU MMIO exits for its registers and by the device loop for
+//! queue notifications (KVM ioeventfds on `QueueNotify`), and interrupts the guest through an
+//! irqfd. Back-ends implement [`VirtioDevice`]. Every descriptor the guest hands over is untrusted:
+//! a bad address, loop, over-long chain or wrong direction fails that request, never the VMM.
+
+use virtio_queue::Queue;
+
+use crate::memory::GuestMemory;
+
+pub mod block;
+pub mod mmio;
+
+/// Virtio device type ids (virtio 1.2, section 5).
+pub mod device_type {
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+}
+
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// A virtio device back-end.
+pub trait VirtioDevice: Send {
+    /// Virtio device type id.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver (the transport adds `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// Reads the device configuration space; bytes beyond it read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Processes the available buffers of queue `index`; returns whether any buffer was used.
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
+}
+
+/// Copies `src[offset..]` into `data`, zero-filling beyond the end.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| src.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
