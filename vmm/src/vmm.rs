@@ -335,16 +335,16 @@ impl Vmm {
                 }
             }
         }
-        let result = device_loop(
-            &config,
-            &ram,
-            &exit,
-            control.as_ref().map(|c| &c.0),
-            term_fd,
-            &queue_events,
-            &ctl,
-            &threads,
-        );
+        let result = DeviceLoop {
+            config: &config,
+            ram: &ram,
+            exit: &exit,
+            listener: control.as_ref().map(|c| &c.0),
+            queue_events: &queue_events,
+            ctl: &ctl,
+            threads: &threads,
+        }
+        .run(term_fd);
         vcpu::stop(&ctl, &mut threads);
         result?;
         Ok(exit.reason().unwrap_or(ExitReason::Shutdown))
@@ -364,168 +364,172 @@ const TOKEN_EXIT: u64 = u64::MAX;
 const TOKEN_TERM: u64 = u64::MAX - 1;
 const TOKEN_LISTENER: u64 = u64::MAX - 2;
 
-/// The device loop: waits for the exit event, termination signals and control requests.
-fn device_loop(
-    config: &VmConfig,
-    ram: &GuestRam,
-    exit: &ExitSignal,
-    listener: Option<&UnixListener>,
-    term_fd: Option<RawFd>,
-    queue_events: &[QueueEvent],
-    ctl: &RunControl,
-    threads: &[VcpuThread],
-) -> Result<(), VmmError> {
-    let epoll = Epoll::new().map_err(io_err("creating epoll"))?;
-    let add = |fd: RawFd, token: u64| {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(io_err("registering an fd with epoll"))
-    };
-    add(exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
-    if let Some(fd) = term_fd {
-        add(fd, TOKEN_TERM)?;
-    }
-    if let Some(l) = listener {
-        add(l.as_raw_fd(), TOKEN_LISTENER)?;
-    }
-    for (i, q) in queue_events.iter().enumerate() {
-        add(q.evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
-    }
-    let mut conns: HashMap<u64, Connection> = HashMap::new();
-    let mut events = vec![EpollEvent::default(); 16];
-    while exit.reason().is_none() {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("waiting on epoll")(e)),
+/// What the device loop serves.
+struct DeviceLoop<'a> {
+    config: &'a VmConfig,
+    ram: &'a GuestRam,
+    exit: &'a ExitSignal,
+    listener: Option<&'a UnixListener>,
+    queue_events: &'a [QueueEvent],
+    ctl: &'a RunControl,
+    threads: &'a [VcpuThread],
+}
+
+impl DeviceLoop<'_> {
+    /// Waits for the exit event, termination signals, queue notifications and control requests.
+    fn run(&self, term_fd: Option<RawFd>) -> Result<(), VmmError> {
+        let DeviceLoop {
+            exit,
+            listener,
+            queue_events,
+            ..
+        } = *self;
+        let epoll = Epoll::new().map_err(io_err("creating epoll"))?;
+        let add = |fd: RawFd, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(io_err("registering an fd with epoll"))
         };
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_EXIT => {}
-                TOKEN_TERM => exit.exit(ExitReason::Signal),
-                TOKEN_LISTENER => {
-                    if let Some(l) = listener {
-                        while let Ok((stream, _)) = l.accept() {
-                            if stream.set_nonblocking(true).is_err() {
-                                continue;
+        add(exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
+        if let Some(fd) = term_fd {
+            add(fd, TOKEN_TERM)?;
+        }
+        if let Some(l) = listener {
+            add(l.as_raw_fd(), TOKEN_LISTENER)?;
+        }
+        for (i, q) in queue_events.iter().enumerate() {
+            add(q.evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
+        }
+        let mut conns: HashMap<u64, Connection> = HashMap::new();
+        let mut events = vec![EpollEvent::default(); 16];
+        while exit.reason().is_none() {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err("waiting on epoll")(e)),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => {}
+                    TOKEN_TERM => exit.exit(ExitReason::Signal),
+                    TOKEN_LISTENER => {
+                        if let Some(l) = listener {
+                            while let Ok((stream, _)) = l.accept() {
+                                if stream.set_nonblocking(true).is_err() {
+                                    continue;
+                                }
+                                let token = stream.as_raw_fd() as u64;
+                                add(stream.as_raw_fd(), token)?;
+                                conns.insert(
+                                    token,
+                                    Connection {
+                                        stream,
+                                        buf: Vec::new(),
+                                    },
+                                );
                             }
-                            let token = stream.as_raw_fd() as u64;
-                            add(stream.as_raw_fd(), token)?;
-                            conns.insert(
-                                token,
-                                Connection {
-                                    stream,
-                                    buf: Vec::new(),
-                                },
-                            );
                         }
                     }
-                }
-                token if token >= TOKEN_QUEUE_BASE => {
-                    if let Some(q) = queue_events.get((token - TOKEN_QUEUE_BASE) as usize) {
-                        let _ = q.evt.read();
-                        q.transport
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .notify(q.queue);
+                    token if token >= TOKEN_QUEUE_BASE => {
+                        if let Some(q) = queue_events.get((token - TOKEN_QUEUE_BASE) as usize) {
+                            let _ = q.evt.read();
+                            q.transport
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .notify(q.queue);
+                        }
                     }
-                }
-                token => {
-                    let keep = match conns.get_mut(&token) {
-                        Some(c) => serve_connection(c, config, ram, exit, ctl, threads),
-                        None => true,
-                    };
-                    if !keep {
-                        if let Some(c) = conns.remove(&token) {
-                            let _ = epoll.ctl(
-                                ControlOperation::Delete,
-                                c.stream.as_raw_fd(),
-                                EpollEvent::default(),
-                            );
+                    token => {
+                        let keep = match conns.get_mut(&token) {
+                            Some(c) => self.serve_connection(c),
+                            None => true,
+                        };
+                        if !keep {
+                            if let Some(c) = conns.remove(&token) {
+                                let _ = epoll.ctl(
+                                    ControlOperation::Delete,
+                                    c.stream.as_raw_fd(),
+                                    EpollEvent::default(),
+                                );
+                            }
                         }
                     }
                 }
             }
         }
+        Ok(())
     }
-    Ok(())
-}
 
-/// Reads what is available on a control connection and answers each complete line; returns
-/// false when the connection should be closed.
-fn serve_connection(
-    c: &mut Connection,
-    config: &VmConfig,
-    ram: &GuestRam,
-    exit: &ExitSignal,
-    ctl: &RunControl,
-    threads: &[VcpuThread],
-) -> bool {
-    let mut chunk = [0u8; 4096];
-    let open = loop {
-        match c.stream.read(&mut chunk) {
-            Ok(0) => break false,
-            Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => break false,
-        }
-    };
-    while let Some(pos) = c.buf.iter().position(|&b| b == b'\n') {
-        let line: Vec<u8> = c.buf.drain(..=pos).collect();
-        let reply = match control::parse(&line[..pos]) {
-            Err(e) => e,
-            Ok(req) => handle(req, config, ram, exit, ctl, threads),
+    /// Reads what is available on a control connection and answers each complete line; returns
+    /// false when the connection should be closed.
+    fn serve_connection(&self, c: &mut Connection) -> bool {
+        let mut chunk = [0u8; 4096];
+        let open = loop {
+            match c.stream.read(&mut chunk) {
+                Ok(0) => break false,
+                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break false,
+            }
         };
-        let mut out = reply.to_string().into_bytes();
-        out.push(b'\n');
-        // Replies are small; a client that does not read them loses its connection.
-        let _ = c.stream.set_nonblocking(false);
-        let ok = c.stream.write_all(&out).is_ok();
-        let _ = c.stream.set_nonblocking(true);
-        if !ok {
+        while let Some(pos) = c.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = c.buf.drain(..=pos).collect();
+            let reply = match control::parse(&line[..pos]) {
+                Err(e) => e,
+                Ok(req) => self.handle(req),
+            };
+            let mut out = reply.to_string().into_bytes();
+            out.push(b'\n');
+            // Replies are small; a client that does not read them loses its connection.
+            let _ = c.stream.set_nonblocking(false);
+            let ok = c.stream.write_all(&out).is_ok();
+            let _ = c.stream.set_nonblocking(true);
+            if !ok {
+                return false;
+            }
+        }
+        if c.buf.len() > control::MAX_REQUEST {
+            let _ = c
+                .stream
+                .write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n");
             return false;
         }
+        open
     }
-    if c.buf.len() > control::MAX_REQUEST {
-        let _ = c
-            .stream
-            .write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n");
-        return false;
-    }
-    open
-}
 
-fn handle(
-    req: Request,
-    config: &VmConfig,
-    ram: &GuestRam,
-    exit: &ExitSignal,
-    ctl: &RunControl,
-    threads: &[VcpuThread],
-) -> serde_json::Value {
-    match req {
-        Request::Status => json!({
-            "ok": true,
-            "state": if ctl.is_paused() { "paused" } else { "running" },
-            "vcpus": config.vcpus,
-            "mem_mib": ram.size >> 20,
-        }),
-        Request::Pause => {
-            vcpu::pause(ctl, threads);
-            json!({"ok": true, "state": "paused"})
-        }
-        Request::Resume => {
-            vcpu::resume(ctl);
-            json!({"ok": true, "state": "running"})
-        }
-        Request::Shutdown => {
-            exit.exit(ExitReason::Shutdown);
-            json!({"ok": true, "state": "stopping"})
+    fn handle(&self, req: Request) -> serde_json::Value {
+        let DeviceLoop {
+            config,
+            ram,
+            exit,
+            ctl,
+            threads,
+            ..
+        } = *self;
+        match req {
+            Request::Status => json!({
+                "ok": true,
+                "state": if ctl.is_paused() { "paused" } else { "running" },
+                "vcpus": config.vcpus,
+                "mem_mib": ram.size >> 20,
+            }),
+            Request::Pause => {
+                vcpu::pause(ctl, threads);
+                json!({"ok": true, "state": "paused"})
+            }
+            Request::Resume => {
+                vcpu::resume(ctl);
+                json!({"ok": true, "state": "running"})
+            }
+            Request::Shutdown => {
+                exit.exit(ExitReason::Shutdown);
+                json!({"ok": true, "state": "stopping"})
+            }
         }
     }
 }

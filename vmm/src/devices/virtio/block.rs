@@ -127,7 +127,7 @@ impl Block {
         let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
         match req.kind {
             T_IN | T_OUT => {
-                if total > MAX_REQUEST_BYTES || total % SECTOR != 0 {
+                if total > MAX_REQUEST_BYTES || !total.is_multiple_of(SECTOR) {
                     return (S_IOERR, 0);
                 }
                 let end = req.sector.checked_add(total / SECTOR);

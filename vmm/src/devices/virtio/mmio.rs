@@ -175,21 +175,14 @@ impl MmioTransport {
     fn write_reg(&mut self, offset: u64, v: u32) {
         match offset {
             0x14 => self.device_features_sel = v,
-            0x20 => {
-                if self.status & status::FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => {
-                            self.driver_features =
-                                (self.driver_features & !0xffff_ffff) | u64::from(v)
-                        }
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
-                    }
+            0x20 if self.status & status::FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
                 }
-            }
+                _ => {}
+            },
             0x24 => self.driver_features_sel = v,
             0x30 => self.queue_sel = v,
             0x38 => {
