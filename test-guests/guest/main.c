@@ -284,12 +284,50 @@ static void task_blk(void) {
     r_send();
 }
 
+/* ---- SMP: INIT-SIPI-SIPI every AP of the MP table ------------------------------------- */
+extern const u8 ap_tramp_start[], ap_tramp_end[];
+#define AP_TRAMPOLINE 0x6000UL
+#define LAPIC 0xfee00000UL
+
+static void lapic_wr(u32 off, u32 v) { *(volatile u32 *)(LAPIC + off) = v; }
+
+static void task_smp(void) {
+    u32 cpus = count_mp_cpus();
+    if (!cpus) { fail("smp", "no MP table"); return; }
+    map_mmio_gap();
+    volatile u16 *count = (volatile u16 *)(AP_TRAMPOLINE + 0xff0);
+    volatile u32 *mask = (volatile u32 *)(AP_TRAMPOLINE + 0xff4);
+    *count = 0;
+    *mask = 1; /* the BSP, APIC id 0 */
+    u8 *dst = (u8 *)AP_TRAMPOLINE;
+    for (const u8 *p = ap_tramp_start; p < ap_tramp_end; p++) *dst++ = *p;
+    lapic_wr(0xf0, 0x1ff); /* spurious vector register: APIC software-enabled */
+    for (u32 id = 1; id < cpus; id++) {
+        lapic_wr(0x310, id << 24);
+        lapic_wr(0x300, 0x4500);                          /* INIT, assert */
+        for (int sipi = 0; sipi < 2; sipi++) {
+            lapic_wr(0x310, id << 24);
+            lapic_wr(0x300, 0x4600 | (AP_TRAMPOLINE >> 12)); /* STARTUP */
+        }
+    }
+    for (u32 spin = 0; spin < 2000000 && *count < cpus - 1; spin++) barrier();
+    if (*count != cpus - 1) {
+        r_str("FAIL smp: "); r_dec(*count); r_str(" of "); r_dec(cpus - 1); r_str(" APs started");
+        r_send();
+        return;
+    }
+    r_str("PASS smp cpus="); r_dec(1 + *count);
+    r_str(" apic_mask="); r_hex(*mask);
+    r_send();
+}
+
 void guest_main(const u8 *zp) {
     cmdline = (const char *)(u64)*(const u32 *)(zp + ZP_CMD_LINE_PTR);
     report("READY");
     const char *a;
     if (find_token("rt.boot")) task_boot(zp);
     if ((a = find_token("rt.serial")) && *a == '=') task_serial(a + 1);
+    if (find_token("rt.smp")) task_smp();
     if (find_token("rt.blk")) task_blk();
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);

@@ -122,3 +122,24 @@ fn kvm_bad_sizes_are_refused() {
     let err = vmm::Vmm::build(cfg).err().unwrap().to_string();
     assert!(err.contains("command line"), "{err}");
 }
+
+#[test]
+fn kvm_smp_bring_up() {
+    if !kvm_available("kvm_smp_bring_up") {
+        return;
+    }
+    for (vcpus, mask) in [(2u8, "3"), (4, "f"), (8, "ff")] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = guest_config("rt.smp rt.exit=reset", dir.path());
+        cfg.vcpus = vcpus;
+        let (reports, reason) = run_vm(cfg);
+        assert_eq!(reason, vmm::ExitReason::GuestReset, "{reports:?}");
+        let smp = reports
+            .iter()
+            .find(|r| r.starts_with("PASS smp"))
+            .unwrap_or_else(|| panic!("{vcpus} vCPUs: {reports:?}"));
+        assert_eq!(field(smp, "cpus"), Some(vcpus.to_string().as_str()));
+        // Every AP saw its own APIC id in CPUID leaf 1.
+        assert_eq!(field(smp, "apic_mask"), Some(mask));
+    }
+}
