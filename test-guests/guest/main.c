@@ -159,11 +159,16 @@ static void task_serial(const char *arg) {
 #define VRING_WRITE 2
 
 struct vq_desc { u64 addr; u32 len; u16 flags; u16 next; };
-static struct vq_desc vq_desc[VQ_SIZE] __attribute__((aligned(4096)));
-static struct { u16 flags, idx, ring[VQ_SIZE], used_event; } vq_avail __attribute__((aligned(4096)));
-static struct { u16 flags, idx; struct { u32 id, len; } ring[VQ_SIZE]; } vq_used __attribute__((aligned(4096)));
+/* One split virtqueue: descriptor table, driver and device areas on their own pages. */
+struct vq {
+    struct vq_desc desc[VQ_SIZE] __attribute__((aligned(4096)));
+    struct { u16 flags, idx, ring[VQ_SIZE], used_event; } avail __attribute__((aligned(4096)));
+    struct { u16 flags, idx; struct { u32 id, len; } ring[VQ_SIZE]; } used __attribute__((aligned(4096)));
+    u16 last_used;
+    u16 index;
+};
+static struct vq vqs[3] __attribute__((aligned(4096)));
 static u64 vio_base;
-static u16 vq_last_used;
 
 static u32 vio_rd(u32 off) { return *(volatile u32 *)(vio_base + off); }
 static void vio_wr(u32 off, u32 v) { *(volatile u32 *)(vio_base + off) = v; }
@@ -178,6 +183,12 @@ static u64 parse_hex(const char *s) {
         else if (c >= 'a' && c <= 'f') v = v * 16 + (c - 'a' + 10);
         else return v;
     }
+}
+
+static u64 parse_dec(const char *s) {
+    u64 v = 0;
+    while (*s >= '0' && *s <= '9') v = v * 10 + (u64)(*s++ - '0');
+    return v;
 }
 
 /* The boot identity map covers the first GiB; map 3..4 GiB (MMIO gap) uncached with 2 MiB pages. */
@@ -209,8 +220,8 @@ static int vio_find(u32 id) {
     return 0;
 }
 
-/* Reset, negotiate VERSION_1 only, set up queue 0, DRIVER_OK. Returns 0 or a failure reason. */
-static const char *vio_init(void) {
+/* Reset, negotiate VERSION_1 only, set up `nqueues` queues, DRIVER_OK. Returns 0 or a failure. */
+static const char *vio_init(u32 nqueues) {
     vio_wr(0x70, 0);
     vio_wr(0x70, 1 | 2);                  /* ACKNOWLEDGE | DRIVER */
     vio_wr(0x14, 1);
@@ -219,34 +230,45 @@ static const char *vio_init(void) {
     vio_wr(0x24, 1); vio_wr(0x20, 1);     /* VIRTIO_F_VERSION_1 */
     vio_wr(0x70, 1 | 2 | 8);
     if (!(vio_rd(0x70) & 8)) return "FEATURES_OK refused";
-    vio_wr(0x30, 0);
-    if (vio_rd(0x34) < VQ_SIZE) return "queue too small";
-    vio_wr(0x38, VQ_SIZE);
-    vio_wr(0x80, (u32)(u64)vq_desc);  vio_wr(0x84, 0);
-    vio_wr(0x90, (u32)(u64)&vq_avail); vio_wr(0x94, 0);
-    vio_wr(0xa0, (u32)(u64)&vq_used);  vio_wr(0xa4, 0);
-    vio_wr(0x44, 1);
+    for (u32 i = 0; i < nqueues; i++) {
+        struct vq *q = &vqs[i];
+        q->index = i;
+        vio_wr(0x30, i);
+        if (vio_rd(0x34) < VQ_SIZE) return "queue too small";
+        vio_wr(0x38, VQ_SIZE);
+        vio_wr(0x80, (u32)(u64)q->desc);   vio_wr(0x84, 0);
+        vio_wr(0x90, (u32)(u64)&q->avail); vio_wr(0x94, 0);
+        vio_wr(0xa0, (u32)(u64)&q->used);  vio_wr(0xa4, 0);
+        vio_wr(0x44, 1);
+        q->last_used = q->used.idx;
+    }
     vio_wr(0x70, 1 | 2 | 8 | 4);          /* DRIVER_OK */
     if (vio_rd(0x70) & 0x40) return "device needs reset";
-    vq_last_used = vq_used.idx;
     return 0;
 }
 
-/* Publishes descriptor chain `head`, notifies queue 0 and polls the used ring. */
-static int vq_submit(u16 head) {
-    vq_avail.ring[vq_avail.idx % VQ_SIZE] = head;
+/* Makes chain `head` available and notifies the device. */
+static void vq_publish(struct vq *q, u16 head) {
+    q->avail.ring[q->avail.idx % VQ_SIZE] = head;
     barrier();
-    vq_avail.idx++;
+    q->avail.idx++;
     barrier();
-    vio_wr(0x50, 0);
-    for (u32 spin = 0; spin < 2000000; spin++) {
+    vio_wr(0x50, q->index);
+}
+
+/* Polls for the next used element (bounded); returns its index in the used ring or -1. */
+static int vq_poll(struct vq *q, u32 spins) {
+    for (u32 spin = 0; spin < spins; spin++) {
         barrier();
-        if (*(volatile u16 *)&vq_used.idx != vq_last_used) {
-            vq_last_used++;
-            return 1;
-        }
+        if (*(volatile u16 *)&q->used.idx != q->last_used)
+            return q->last_used++ % VQ_SIZE;
     }
-    return 0;
+    return -1;
+}
+
+static int vq_submit(struct vq *q, u16 head) {
+    vq_publish(q, head);
+    return vq_poll(q, 2000000) >= 0;
 }
 
 static struct { u32 type, reserved; u64 sector; } blk_hdr;
@@ -258,16 +280,17 @@ static u8 blk_request(u32 type, u64 sector, u32 len, int device_writes) {
     blk_hdr.type = type;
     blk_hdr.sector = sector;
     blk_status = 0xff;
-    vq_desc[0] = (struct vq_desc){(u64)&blk_hdr, 16, VRING_NEXT, len ? 1 : 2};
-    vq_desc[1] = (struct vq_desc){(u64)blk_buf, len, VRING_NEXT | (device_writes ? VRING_WRITE : 0), 2};
-    vq_desc[2] = (struct vq_desc){(u64)&blk_status, 1, VRING_WRITE, 0};
-    return vq_submit(0) ? blk_status : 0xfe;
+    struct vq *q = &vqs[0];
+    q->desc[0] = (struct vq_desc){(u64)&blk_hdr, 16, VRING_NEXT, len ? 1 : 2};
+    q->desc[1] = (struct vq_desc){(u64)blk_buf, len, VRING_NEXT | (device_writes ? VRING_WRITE : 0), 2};
+    q->desc[2] = (struct vq_desc){(u64)&blk_status, 1, VRING_WRITE, 0};
+    return vq_submit(q, 0) ? blk_status : 0xfe;
 }
 
 static void task_blk(void) {
     const char *why;
     if (!vio_find(2)) { fail("blk", "no virtio-blk device announced"); return; }
-    if ((why = vio_init())) { fail("blk", why); return; }
+    if ((why = vio_init(1))) { fail("blk", why); return; }
     u8 st = blk_request(0, 0, 512, 1);
     if (st) { r_str("FAIL blk: read status "); r_dec(st); r_send(); return; }
     u32 sum0 = fnv1a(blk_buf, 512);
@@ -321,6 +344,113 @@ static void task_smp(void) {
     r_send();
 }
 
+/* ---- virtio-vsock: rx queue 0 (buffers always posted), tx queue 1, event queue 2 --------- */
+struct vsock_hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+enum { OP_REQUEST = 1, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE };
+#define RXBUF 4096
+static u8 vs_rx[VQ_SIZE][RXBUF] __attribute__((aligned(4096)));
+static struct vsock_hdr vs_txh;
+static u64 vs_cid;
+static u32 vs_fwd_cnt;
+
+static void vs_post_rx(u16 i) {
+    vqs[0].desc[i] = (struct vq_desc){(u64)vs_rx[i], RXBUF, VRING_WRITE, 0};
+    vq_publish(&vqs[0], i);
+}
+
+static const char *vs_init(void) {
+    const char *why;
+    if (!vio_find(19)) return "no virtio-vsock device announced";
+    if ((why = vio_init(3))) return why;
+    vs_cid = vio_rd(0x100) | ((u64)vio_rd(0x104) << 32);
+    for (u16 i = 0; i < VQ_SIZE; i++) vs_post_rx(i);
+    return 0;
+}
+
+/* Sends one packet; header and payload in separate descriptors, as a driver may. */
+static int vs_send(u32 sport, u32 dport, u16 op, u32 flags, const u8 *data, u32 len) {
+    struct vq *q = &vqs[1];
+    vs_txh = (struct vsock_hdr){vs_cid, 2, sport, dport, len, 1, op, flags, 65536, vs_fwd_cnt};
+    q->desc[0] = (struct vq_desc){(u64)&vs_txh, sizeof vs_txh, len ? VRING_NEXT : 0, 1};
+    q->desc[1] = (struct vq_desc){(u64)data, len, 0, 0};
+    return vq_submit(q, 0);
+}
+
+/* Waits for the next rx packet; returns its buffer index or -1 on timeout. */
+static int vs_recv(void) {
+    int slot = vq_poll(&vqs[0], 20000000);
+    return slot < 0 ? -1 : (int)vqs[0].used.ring[slot].id;
+}
+
+static void task_vsock_listen(u32 port) {
+    const char *why;
+    if ((why = vs_init())) { fail("vsock_listen", why); return; }
+    u64 bytes = 0;
+    u32 peer = 0;
+    for (;;) {
+        int b = vs_recv();
+        if (b < 0) { fail("vsock_listen", "timed out waiting for the host"); return; }
+        struct vsock_hdr *h = (struct vsock_hdr *)vs_rx[b];
+        if (h->op == OP_REQUEST && h->dst_port == port) {
+            peer = h->src_port;
+            vs_send(port, peer, OP_RESPONSE, 0, 0, 0);
+        } else if (h->op == OP_RW && h->src_port == peer) {
+            vs_fwd_cnt += h->len;
+            bytes += h->len;
+            vs_send(port, peer, OP_RW, 0, vs_rx[b] + sizeof *h, h->len);
+        } else if (h->op == OP_SHUTDOWN || h->op == OP_RST) {
+            if (h->op == OP_SHUTDOWN) vs_send(port, peer, OP_RST, 0, 0, 0);
+            vs_post_rx(b);
+            break;
+        }
+        vs_post_rx(b);
+    }
+    r_str("PASS vsock_listen bytes="); r_dec(bytes); r_send();
+}
+
+static u8 vs_pattern[4096];
+
+static void task_vsock_connect(u32 port) {
+    const char *why;
+    if ((why = vs_init())) { fail("vsock_connect", why); return; }
+    const u32 me = 1234;
+    vs_send(me, port, OP_REQUEST, 0, 0, 0);
+    int b = vs_recv();
+    if (b < 0 || ((struct vsock_hdr *)vs_rx[b])->op != OP_RESPONSE) {
+        fail("vsock_connect", "no RESPONSE from the host");
+        return;
+    }
+    vs_post_rx(b);
+    for (u32 i = 0; i < sizeof vs_pattern; i++) vs_pattern[i] = (u8)(i * 7 + 1);
+    vs_send(me, port, OP_RW, 0, vs_pattern, sizeof vs_pattern);
+    u32 got = 0;
+    while (got < sizeof vs_pattern) {
+        b = vs_recv();
+        if (b < 0) { fail("vsock_connect", "echo timed out"); return; }
+        struct vsock_hdr *h = (struct vsock_hdr *)vs_rx[b];
+        if (h->op == OP_RW) {
+            for (u32 i = 0; i < h->len; i++)
+                if (got + i >= sizeof vs_pattern || vs_rx[b][sizeof *h + i] != vs_pattern[got + i]) {
+                    fail("vsock_connect", "echo mismatch");
+                    return;
+                }
+            got += h->len;
+            vs_fwd_cnt += h->len;
+        } else if (h->op == OP_RST || h->op == OP_SHUTDOWN) {
+            fail("vsock_connect", "host closed early");
+            return;
+        }
+        vs_post_rx(b);
+    }
+    vs_send(me, port, OP_SHUTDOWN, 3, 0, 0);
+    r_str("PASS vsock_connect bytes="); r_dec(got); r_send();
+}
+
 void guest_main(const u8 *zp) {
     cmdline = (const char *)(u64)*(const u32 *)(zp + ZP_CMD_LINE_PTR);
     report("READY");
@@ -329,6 +459,8 @@ void guest_main(const u8 *zp) {
     if ((a = find_token("rt.serial")) && *a == '=') task_serial(a + 1);
     if (find_token("rt.smp")) task_smp();
     if (find_token("rt.blk")) task_blk();
+    if ((a = find_token("rt.vsock_listen")) && *a == '=') task_vsock_listen((u32)parse_dec(a + 1));
+    if ((a = find_token("rt.vsock_connect")) && *a == '=') task_vsock_connect((u32)parse_dec(a + 1));
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);
     /* rt.exit=halt or nothing: halt forever with interrupts off (start.S). */

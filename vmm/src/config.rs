@@ -93,6 +93,35 @@ impl std::str::FromStr for BlockConfig {
     }
 }
 
+/// A virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest CID (3 or higher).
+    pub cid: u64,
+    /// Host-side Unix socket; guest-initiated connections go to `<uds>_<port>`.
+    pub uds: PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = ConfigError;
+    /// Parses `cid=N,uds=PATH`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let (mut cid, mut uds) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", c)) => cid = c.parse().ok(),
+                Some(("uds", p)) if !p.is_empty() => uds = Some(PathBuf::from(p)),
+                _ => return Err(ConfigError::Vsock(s.into())),
+            }
+        }
+        match (cid, uds) {
+            (Some(cid), Some(uds)) => Ok(Self { cid, uds }),
+            _ => Err(ConfigError::Vsock(s.into())),
+        }
+    }
+}
+
 /// A VM's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +152,9 @@ pub struct VmConfig {
     /// virtio-blk devices, in MMIO slot order.
     #[serde(default)]
     pub block: Vec<BlockConfig>,
+    /// The virtio-vsock device (after the block devices).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_mem() -> u64 {
@@ -163,6 +195,9 @@ pub enum ConfigError {
     /// Bad block device spec.
     #[error("block device {0:?} not understood: use path=PATH[,ro][,id=ID]")]
     Block(String),
+    /// Bad vsock spec.
+    #[error("vsock {0:?} not understood: use cid=N,uds=PATH")]
+    Vsock(String),
     /// More devices than MMIO slots with an interrupt.
     #[error("{0} virtio devices requested: at most {1} fit")]
     TooManyDevices(usize, usize),
@@ -184,6 +219,7 @@ impl VmConfig {
             control: None,
             debug_log: None,
             block: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -217,8 +253,9 @@ impl VmConfig {
             return Err(ConfigError::Vcpus(self.vcpus.into()));
         }
         let slots = (crate::layout::VIRTIO_IRQ_MAX - crate::layout::VIRTIO_IRQ_BASE + 1) as usize;
-        if self.block.len() > slots {
-            return Err(ConfigError::TooManyDevices(self.block.len(), slots));
+        let devices = self.block.len() + usize::from(self.vsock.is_some());
+        if devices > slots {
+            return Err(ConfigError::TooManyDevices(devices, slots));
         }
         Ok(())
     }
@@ -256,6 +293,11 @@ mod tests {
             (b.path.to_str(), b.read_only, b.id.as_deref()),
             (Some("/d.img"), true, Some("x"))
         );
+        let v: VsockConfig = "cid=3,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!((v.cid, v.uds.to_str()), (3, Some("/tmp/v.sock")));
+        for bad in ["", "cid=3", "uds=/x", "cid=x,uds=/x", "cid=3,uds=/x,z=1"] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
         for bad in ["", "ro", "path=", "path=/x,rw", "file=/x"] {
             assert!(bad.parse::<BlockConfig>().is_err(), "{bad}");
         }

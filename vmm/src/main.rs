@@ -39,6 +39,9 @@ struct Args {
     /// virtio-blk device: path=PATH[,ro][,id=ID] (repeatable).
     #[arg(long)]
     block: Vec<vmm::config::BlockConfig>,
+    /// virtio-vsock device: cid=N,uds=PATH.
+    #[arg(long)]
+    vsock: Option<vmm::config::VsockConfig>,
 }
 
 fn config(args: Args) -> Result<VmConfig> {
@@ -74,6 +77,9 @@ fn config(args: Args) -> Result<VmConfig> {
         cfg.debug_log = args.debug_log;
     }
     cfg.block.extend(args.block);
+    if args.vsock.is_some() {
+        cfg.vsock = args.vsock;
+    }
     Ok(cfg)
 }
 

@@ -25,6 +25,8 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::{DebugPort, EventFdTrigger, Serial, Sink, I8042};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
 use crate::layout::*;
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{self, RunControl, VcpuThread};
@@ -59,6 +61,9 @@ pub enum VmmError {
     /// A block device's backing file.
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::BlockError),
+    /// The vsock device.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     /// Control socket.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -106,6 +111,7 @@ pub struct Vmm {
     control: Option<(UnixListener, SocketFile)>,
     reports: Option<Receiver<String>>,
     queue_events: Vec<QueueEvent>,
+    backends: Vec<Backend>,
     // irqfds must outlive the VM's use of them.
     _irq_fds: Vec<EventFd>,
 }
@@ -149,11 +155,18 @@ impl Vmm {
         let mut irq_fds = Vec::new();
         let mut queue_events = Vec::new();
         let mut cmdline = config.cmdline.clone();
-        for (i, b) in config.block.iter().enumerate() {
+        let mut backends = Vec::new();
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for b in &config.block {
+            devices.push(Box::new(Block::new(&b.path, b.read_only, b.id.as_deref())?));
+        }
+        if let Some(v) = &config.vsock {
+            devices.push(Box::new(Vsock::new(v.cid, &v.uds)?));
+        }
+        for (i, dev) in devices.into_iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
             let gsi = VIRTIO_IRQ_BASE + i as u32;
-            let dev = Block::new(&b.path, b.read_only, b.id.as_deref())?;
-            let transport = MmioTransport::new(ram.mem.clone(), Box::new(dev))
+            let transport = MmioTransport::new(ram.mem.clone(), dev)
                 .map_err(io_err("creating virtio-mmio eventfds"))?;
             for (q, evt) in transport.queue_events().iter().enumerate() {
                 vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
@@ -167,7 +180,14 @@ impl Vmm {
                 .map(EventFd::try_clone)
                 .collect::<Result<_, _>>()
                 .map_err(io_err("cloning a queue eventfd"))?;
+            let backend_fd = transport.backend_fd();
             let transport = Arc::new(Mutex::new(transport));
+            if let Some(fd) = backend_fd {
+                backends.push(Backend {
+                    fd,
+                    transport: transport.clone(),
+                });
+            }
             for (q, evt) in events.into_iter().enumerate() {
                 queue_events.push(QueueEvent {
                     evt,
@@ -282,6 +302,7 @@ impl Vmm {
             control,
             reports,
             queue_events,
+            backends,
             _irq_fds: {
                 irq_fds.push(serial_irq);
                 irq_fds
@@ -317,6 +338,7 @@ impl Vmm {
             control,
             reports: _,
             queue_events,
+            backends,
             _irq_fds,
         } = self;
         for (id, fd) in vcpu_fds.into_iter().enumerate() {
@@ -341,6 +363,7 @@ impl Vmm {
             exit: &exit,
             listener: control.as_ref().map(|c| &c.0),
             queue_events: &queue_events,
+            backends: &backends,
             ctl: &ctl,
             threads: &threads,
         }
@@ -358,6 +381,14 @@ struct QueueEvent {
     queue: usize,
 }
 
+/// A device back-end's fd (its own epoll) and its transport.
+struct Backend {
+    fd: RawFd,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Back-end `i` uses token `TOKEN_BACKEND_BASE + i`.
+const TOKEN_BACKEND_BASE: u64 = 1 << 40;
 /// Queue event `i` uses token `TOKEN_QUEUE_BASE + i` (connections use their fd, below 2^31).
 const TOKEN_QUEUE_BASE: u64 = 1 << 32;
 const TOKEN_EXIT: u64 = u64::MAX;
@@ -371,6 +402,7 @@ struct DeviceLoop<'a> {
     exit: &'a ExitSignal,
     listener: Option<&'a UnixListener>,
     queue_events: &'a [QueueEvent],
+    backends: &'a [Backend],
     ctl: &'a RunControl,
     threads: &'a [VcpuThread],
 }
@@ -382,6 +414,7 @@ impl DeviceLoop<'_> {
             exit,
             listener,
             queue_events,
+            backends,
             ..
         } = *self;
         let epoll = Epoll::new().map_err(io_err("creating epoll"))?;
@@ -403,6 +436,9 @@ impl DeviceLoop<'_> {
         }
         for (i, q) in queue_events.iter().enumerate() {
             add(q.evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
+        }
+        for (i, b) in backends.iter().enumerate() {
+            add(b.fd, TOKEN_BACKEND_BASE + i as u64)?;
         }
         let mut conns: HashMap<u64, Connection> = HashMap::new();
         let mut events = vec![EpollEvent::default(); 16];
@@ -432,6 +468,14 @@ impl DeviceLoop<'_> {
                                     },
                                 );
                             }
+                        }
+                    }
+                    token if token >= TOKEN_BACKEND_BASE => {
+                        if let Some(b) = backends.get((token - TOKEN_BACKEND_BASE) as usize) {
+                            b.transport
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .backend_event();
                         }
                     }
                     token if token >= TOKEN_QUEUE_BASE => {

@@ -195,7 +195,28 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+    ) -> Vec<usize> {
+        match queues.get_mut(index) {
+            Some(q) => {
+                if self.process(q, mem) {
+                    vec![index]
+                } else {
+                    Vec::new()
+                }
+            }
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Block {
+    /// Serves every available request of `queue`; returns whether any buffer was used.
+    fn process(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used = false;
         loop {
             // With EVENT_IDX, re-check after re-enabling notifications to not miss a request.
@@ -234,50 +255,27 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::testing::{memory, TestQueue, NEXT, WRITE};
     use vm_memory::GuestAddress as GA;
-
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
 
     struct Rig {
         mem: GuestMemory,
-        queue: Queue,
-        avail_idx: u16,
+        q: TestQueue,
     }
 
     impl Rig {
         fn new() -> Self {
-            let mem = GuestMemory::from_ranges(&[(GA(0), 0x10_0000)]).unwrap();
-            let mut queue = Queue::new(16).unwrap();
-            queue.set_size(16);
-            queue.set_desc_table_address(Some(DESC as u32), Some(0));
-            queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-            queue.set_used_ring_address(Some(USED as u32), Some(0));
-            queue.set_ready(true);
-            assert!(queue.is_valid(&mem));
-            Self {
-                mem,
-                queue,
-                avail_idx: 0,
-            }
+            let mem = memory();
+            let q = TestQueue::new(&mem, 0x1000);
+            Self { mem, q }
         }
 
         fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            let d = DESC + u64::from(i) * 16;
-            self.mem.write_obj(addr, GA(d)).unwrap();
-            self.mem.write_obj(len, GA(d + 8)).unwrap();
-            self.mem.write_obj(flags, GA(d + 12)).unwrap();
-            self.mem.write_obj(next, GA(d + 14)).unwrap();
+            self.q.desc(&self.mem, i, addr, len, flags, next);
         }
 
         fn submit(&mut self, head: u16) {
-            let slot = AVAIL + 4 + u64::from(self.avail_idx % 16) * 2;
-            self.mem.write_obj(head, GA(slot)).unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            self.mem.write_obj(self.avail_idx, GA(AVAIL + 2)).unwrap();
+            self.q.submit(&self.mem, head);
         }
 
         fn header(&self, addr: u64, kind: u32, sector: u64) {
@@ -300,7 +298,7 @@ mod tests {
         }
 
         fn used_idx(&self) -> u16 {
-            self.mem.read_obj(GA(USED + 2)).unwrap()
+            self.q.used_idx(&self.mem)
         }
     }
 
@@ -321,7 +319,7 @@ mod tests {
         assert_eq!(u64::from_le_bytes(cap), 8);
 
         rig.request(T_IN, 2, 1024, true);
-        assert!(blk.process_queue(0, &mut rig.queue, &rig.mem));
+        assert!(blk.process(&mut rig.q.queue, &rig.mem));
         assert_eq!(rig.status(), S_OK);
         let mut got = vec![0u8; 1024];
         rig.mem.read_slice(&mut got, GA(0x5000)).unwrap();
@@ -329,24 +327,24 @@ mod tests {
 
         rig.mem.write_slice(&[0xab; 512], GA(0x5000)).unwrap();
         rig.request(T_OUT, 7, 512, false);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(rig.status(), S_OK);
         assert_eq!(std::fs::read(f.path()).unwrap()[7 * 512..], [0xab; 512]);
 
         rig.request(T_FLUSH, 0, 0, false);
         // A flush with an empty data descriptor still parses (data list has one 0-length entry).
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(rig.status(), S_OK);
 
         rig.request(T_GET_ID, 0, 20, true);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(rig.status(), S_OK);
         let mut id = [0u8; 6];
         rig.mem.read_slice(&mut id, GA(0x5000)).unwrap();
         assert_eq!(&id, b"disk-7");
 
         rig.request(99, 0, 512, true);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(rig.status(), S_UNSUPP);
         assert_eq!(rig.used_idx(), 5);
         assert_eq!(blk.malformed, 0);
@@ -359,7 +357,7 @@ mod tests {
         assert_ne!(blk.features() & F_RO, 0);
         let mut rig = Rig::new();
         rig.request(T_OUT, 0, 512, false);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(rig.status(), S_IOERR);
         assert_eq!(
             std::fs::read(f.path()).unwrap(),
@@ -368,7 +366,7 @@ mod tests {
         );
         for (sector, len) in [(4, 512), (3, 1024), (u64::MAX / 2, 512), (0, 100)] {
             rig.request(T_IN, sector, len, true);
-            blk.process_queue(0, &mut rig.queue, &rig.mem);
+            blk.process(&mut rig.q.queue, &rig.mem);
             assert_eq!(rig.status(), S_IOERR, "sector {sector} len {len}");
         }
     }
@@ -380,7 +378,7 @@ mod tests {
         let mut rig = Rig::new();
         // Wrong direction: data of a read is device-readable.
         rig.request(T_IN, 0, 512, false);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(blk.malformed, 1);
         // Data address outside guest memory.
         rig.header(0x4000, T_IN, 0);
@@ -389,29 +387,29 @@ mod tests {
         rig.desc(2, 0x6000, 1, WRITE, 0);
         rig.mem.write_obj(0xffu8, GA(0x6000)).unwrap();
         rig.submit(0);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(rig.status(), S_IOERR);
         // A descriptor loop: 0 -> 1 -> 0 ...; the chain iterator's TTL ends it.
         rig.desc(0, 0x4000, 16, NEXT, 1);
         rig.desc(1, 0x5000, 512, NEXT | WRITE, 0);
         rig.submit(0);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         // A chain longer than the queue (next index out of range).
         rig.desc(0, 0x4000, 16, NEXT, 15);
         rig.desc(15, 0x5000, 512, NEXT | WRITE, 200);
         rig.submit(0);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         // Header that is device-writable.
         rig.desc(0, 0x4000, 16, NEXT | WRITE, 2);
         rig.submit(0);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(blk.malformed, 4);
         // Head index outside the queue.
         rig.submit(300);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         // The device still serves a good request afterwards.
         rig.request(T_IN, 1, 512, true);
-        blk.process_queue(0, &mut rig.queue, &rig.mem);
+        blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(rig.status(), S_OK);
     }
 

@@ -127,26 +127,47 @@ impl MmioTransport {
         self.status = v;
     }
 
+    fn active(&self) -> bool {
+        self.status & status::DRIVER_OK != 0
+            && self.status & (status::NEEDS_RESET | status::FAILED) == 0
+    }
+
     /// Processes queue `index` after a notification (from the ioeventfd or a trapped write).
     pub fn notify(&mut self, index: usize) {
-        if self.status & status::DRIVER_OK == 0
-            || self.status & (status::NEEDS_RESET | status::FAILED) != 0
-        {
+        if !self.active() || !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
+        let used = self
+            .device
+            .process_queue(index, &mut self.queues, &self.mem);
+        self.interrupt(&used);
+    }
+
+    /// The back-end's fd for the device loop, if it has one.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.backend_fd()
+    }
+
+    /// Runs the back-end after its fd became readable.
+    pub fn backend_event(&mut self) {
+        // Always let the back-end consume its events (accepting clients, say); it touches only
+        // queues the driver made ready.
+        let used = self.device.process_backend(&mut self.queues, &self.mem);
+        if self.active() {
+            self.interrupt(&used);
         }
-        if self.device.process_queue(index, queue, &self.mem) {
-            let needs = queue.needs_notification(&self.mem).unwrap_or(true);
-            if needs {
-                self.interrupt_status |= INT_VRING;
-                if let Err(e) = self.irq.write(1) {
-                    tracing::warn!("virtio: raising the interrupt failed: {e}");
-                }
+    }
+
+    fn interrupt(&mut self, used: &[usize]) {
+        let needed = used.iter().any(|&i| {
+            self.queues
+                .get_mut(i)
+                .is_some_and(|q| q.needs_notification(&self.mem).unwrap_or(true))
+        });
+        if needed {
+            self.interrupt_status |= INT_VRING;
+            if let Err(e) = self.irq.write(1) {
+                tracing::warn!("virtio: raising the interrupt failed: {e}");
             }
         }
     }

@@ -12,11 +12,16 @@ use crate::memory::GuestMemory;
 
 pub mod block;
 pub mod mmio;
+#[cfg(test)]
+pub mod testing;
+pub mod vsock;
 
 /// Virtio device type ids (virtio 1.2, section 5).
 pub mod device_type {
     /// Block device.
     pub const BLOCK: u32 = 2;
+    /// Socket device.
+    pub const VSOCK: u32 = 19;
 }
 
 /// `VIRTIO_F_VERSION_1`.
@@ -32,8 +37,23 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Reads the device configuration space; bytes beyond it read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Processes the available buffers of queue `index`; returns whether any buffer was used.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
+    /// Processes a notification of queue `index`; `queues` are all of the device's queues.
+    /// Returns the indices of queues whose used rings changed (to interrupt the guest).
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+    ) -> Vec<usize>;
+    /// An fd (typically an epoll fd of the back-end's own sockets) the device loop watches for
+    /// readability; when it fires, [`VirtioDevice::process_backend`] runs.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Handles back-end events; returns the queues whose used rings changed.
+    fn process_backend(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
+        Vec::new()
+    }
 }
 
 /// Copies `src[offset..]` into `data`, zero-filling beyond the end.
