@@ -1,7 +1,9 @@
-//! VMM benchmarks: `vmm_boot_to_guest` (process start → the test guest's first report) and the
-//! VMM's resident memory with a 128 MiB guest booted.
+//! VMM benchmarks: `vmm_boot_to_guest` (process start → the test guest's first report),
+//! `vsock_roundtrip` (64-byte echo through virtio-vsock) and the VMM's resident memory.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -95,9 +97,67 @@ fn vmm_rss(_: &mut criterion::Criterion) {
     rec.write();
 }
 
+fn connect_vsock(uds: &Path, port: u32) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("connecting to {}: {e}", uds.display()),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        s.read_exact(&mut b).expect("reading CONNECT reply");
+        line.push(b[0]);
+    }
+    assert!(line.starts_with(b"OK "), "CONNECT refused: {line:?}");
+    s
+}
+
+fn vsock_roundtrip(c: &mut criterion::Criterion) {
+    let dir = std::env::temp_dir().join(format!("runv-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("vsock.sock");
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let mut g = Guest::spawn(
+        "rt.vsock_listen=5000 rt.exit=reset",
+        &["--vsock", vsock.as_str()],
+    );
+    g.wait_report("READY");
+    let mut s = connect_vsock(&uds, 5000);
+    let mut rec = Recorder::median("vsock_roundtrip_us", "us");
+    let msg = [0x5au8; 64];
+    let mut back = [0u8; 64];
+    c.bench_function("vsock_roundtrip", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                s.write_all(&msg).unwrap();
+                s.read_exact(&mut back).unwrap();
+                let d = start.elapsed();
+                assert_eq!(back, msg);
+                rec.push_duration(d);
+                total += d;
+            }
+            total
+        })
+    });
+    rec.write();
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    g.wait_report("PASS vsock_listen");
+    g.wait_clean_exit();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     let mut c = criterion();
     boot_to_guest(&mut c);
+    vsock_roundtrip(&mut c);
     vmm_rss(&mut c);
     c.final_summary();
 }
