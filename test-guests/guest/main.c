@@ -104,7 +104,40 @@ static u32 count_mp_cpus(void) {
     return 0;
 }
 
-static void task_boot(const u8 *zp) {
+/* What either boot protocol handed us. */
+struct boot_info {
+    int pvh;
+    u64 ram;
+    u32 e820;
+    u64 initrd, initrd_size;
+};
+
+static void read_boot_info(const u8 *p, int pvh, struct boot_info *bi) {
+    bi->pvh = pvh;
+    bi->ram = 0;
+    if (pvh) {
+        /* struct hvm_start_info: modlist_paddr 16, memmap_paddr 40, memmap_entries 48. */
+        u32 n = *(const u32 *)(p + 48);
+        const u8 *map = (const u8 *)*(const u64 *)(p + 40);
+        for (u32 i = 0; i < n && i < 128; i++)
+            if (*(const u32 *)(map + 24 * i + 16) == 1) bi->ram += *(const u64 *)(map + 24 * i + 8);
+        bi->e820 = n;
+        const u8 *mod = (const u8 *)*(const u64 *)(p + 16);
+        bi->initrd = *(const u32 *)(p + 12) ? *(const u64 *)mod : 0;
+        bi->initrd_size = bi->initrd ? *(const u64 *)(mod + 8) : 0;
+    } else {
+        u8 n = p[ZP_E820_ENTRIES];
+        for (u8 i = 0; i < n && i < 128; i++) {
+            const u8 *e = p + ZP_E820_TABLE + 20 * i;
+            if (*(const u32 *)(e + 16) == 1) bi->ram += *(const u64 *)(e + 8);
+        }
+        bi->e820 = n;
+        bi->initrd = *(const u32 *)(p + ZP_RAMDISK_IMAGE);
+        bi->initrd_size = *(const u32 *)(p + ZP_RAMDISK_SIZE);
+    }
+}
+
+static void task_boot(const struct boot_info *bi) {
     u64 cr0, cr4;
     u16 cs;
     __asm__ volatile("mov %%cr0, %0" : "=r"(cr0));
@@ -118,23 +151,18 @@ static void task_boot(const u8 *zp) {
     /* The identity map covers the first GiB: the top of it must read back what we write. */
     volatile u64 *probe = (volatile u64 *)(0x3ffffff8UL);
     (void)probe;
-    u8 n = zp[ZP_E820_ENTRIES];
-    if (n == 0 || n > 128) { fail("boot", "bad e820 entry count"); return; }
-    u64 ram = 0;
-    for (u8 i = 0; i < n; i++) {
-        const u8 *e = zp + ZP_E820_TABLE + 20 * i;
-        if (*(const u32 *)(e + 16) == 1) ram += *(const u64 *)(e + 8);
-    }
+    if (bi->e820 == 0 || bi->e820 > 128) { fail("boot", "bad e820 entry count"); return; }
     u64 cl = 0;
     while (cmdline[cl]) cl++;
-    u32 rd = *(const u32 *)(zp + ZP_RAMDISK_IMAGE), rs = *(const u32 *)(zp + ZP_RAMDISK_SIZE);
+    u64 rd = bi->initrd, rs = bi->initrd_size;
     const u32 *id = (const u32 *)IDENTITY_PAGE;
     if (id[0] != 0x564e5552) { fail("boot", "identity page magic missing"); return; }
-    r_str("PASS boot ram="); r_dec(ram);
-    r_str(" e820="); r_dec(n);
+    r_str("PASS boot proto="); r_str(bi->pvh ? "pvh" : "linux64");
+    r_str(" ram="); r_dec(bi->ram);
+    r_str(" e820="); r_dec(bi->e820);
     r_str(" cmdline_len="); r_dec(cl);
     r_str(" initrd_size="); r_dec(rs);
-    r_str(" initrd_sum="); r_hex(rs ? fnv1a((const u8 *)(u64)rd, rs) : 0);
+    r_str(" initrd_sum="); r_hex(rs ? fnv1a((const u8 *)rd, rs) : 0);
     r_str(" cpus="); r_dec(count_mp_cpus());
     r_str(" gen="); r_dec(*(const u64 *)(IDENTITY_PAGE + 8));
     r_send();
@@ -451,11 +479,15 @@ static void task_vsock_connect(u32 port) {
     r_str("PASS vsock_connect bytes="); r_dec(got); r_send();
 }
 
-void guest_main(const u8 *zp) {
-    cmdline = (const char *)(u64)*(const u32 *)(zp + ZP_CMD_LINE_PTR);
+void guest_main(const u8 *info, int pvh) {
+    struct boot_info bi;
+    /* hvm_start_info.cmdline_paddr is at offset 24. */
+    cmdline = pvh ? (const char *)*(const u64 *)(info + 24)
+                  : (const char *)(u64)*(const u32 *)(info + ZP_CMD_LINE_PTR);
+    read_boot_info(info, pvh, &bi);
     report("READY");
     const char *a;
-    if (find_token("rt.boot")) task_boot(zp);
+    if (find_token("rt.boot")) task_boot(&bi);
     if ((a = find_token("rt.serial")) && *a == '=') task_serial(a + 1);
     if (find_token("rt.smp")) task_smp();
     if (find_token("rt.blk")) task_blk();

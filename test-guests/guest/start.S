@@ -6,6 +6,7 @@ _start:
     cli
     lea stack_top(%rip), %rsp
     mov %rsi, %rdi          /* boot_params -> first C argument */
+    xor %esi, %esi          /* not PVH */
     call guest_main
 1:  cli
     hlt
@@ -38,3 +39,75 @@ ap_tramp_start:
     jmp 1b
 ap_tramp_end:
     .code64
+
+/*
+ * PVH entry (XEN_ELFNOTE_PHYS32_ENTRY): 32-bit protected mode, paging off, EBX = hvm_start_info.
+ * Builds an identity map of the first GiB, enters long mode with our own GDT, then joins the
+ * 64-bit path with guest_main(start_info, 1).
+ */
+    .section .text.pvh, "ax"
+    .globl pvh_start
+    .code32
+pvh_start:
+    cli
+    mov %ebx, %esi
+    mov $pvh_pd, %edi
+    xor %ecx, %ecx
+1:  mov %ecx, %eax
+    shl $21, %eax
+    or $0x83, %eax
+    mov %eax, (%edi,%ecx,8)
+    movl $0, 4(%edi,%ecx,8)
+    inc %ecx
+    cmp $512, %ecx
+    jne 1b
+    movl $pvh_pd + 3, pvh_pdpt
+    movl $pvh_pdpt + 3, pvh_pml4
+    mov $pvh_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax                  /* PAE */
+    mov %eax, %cr4
+    mov $0xc0000080, %ecx
+    rdmsr
+    or $0x100, %eax                 /* EFER.LME */
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax            /* PG | PE */
+    mov %eax, %cr0
+    lgdt pvh_gdt_desc
+    ljmp $0x10, $pvh_long
+
+    .code64
+pvh_long:
+    mov $0x18, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    lea stack_top(%rip), %rsp
+    mov %esi, %edi                  /* hvm_start_info */
+    mov $1, %esi                    /* PVH */
+    call guest_main
+2:  cli
+    hlt
+    jmp 2b
+
+    .section .rodata
+    .balign 8
+pvh_gdt:
+    .quad 0, 0, 0x00af9b000000ffff, 0x00cf93000000ffff
+pvh_gdt_desc:
+    .word pvh_gdt_desc - pvh_gdt - 1
+    .long pvh_gdt
+
+    .section .bss
+    .balign 4096
+pvh_pml4: .skip 4096
+pvh_pdpt: .skip 4096
+pvh_pd:   .skip 4096
+
+    .section .note.Xen, "a"
+    .balign 4
+    .long 4, 4, 18                  /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .long pvh_start

@@ -51,6 +51,9 @@ pub enum BootError {
         /// End of the loaded kernel.
         kernel_end: u64,
     },
+    /// PVH was asked for but the kernel has no PVH entry note.
+    #[error("--boot-protocol pvh: the kernel ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); use auto or linux64")]
+    NoPvhEntry,
     /// The command line is invalid or too long.
     #[error("kernel command line rejected: {0}")]
     Cmdline(String),
@@ -76,6 +79,8 @@ fn gw<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BootError {
 pub struct KernelEntry {
     /// 64-bit entry point.
     pub entry: u64,
+    /// PVH (32-bit) entry point, when the ELF announces one.
+    pub pvh_entry: Option<u64>,
     /// First byte after the kernel image.
     pub kernel_end: u64,
 }
@@ -109,9 +114,14 @@ pub fn load_kernel(
     } else {
         res.kernel_load.0
     };
+    let pvh_entry = match res.pvh_boot_cap {
+        linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(a) => Some(a.0),
+        _ => None,
+    };
     Ok((
         KernelEntry {
             entry,
+            pvh_entry,
             kernel_end: res.kernel_end,
         },
         res.setup_header,
@@ -172,19 +182,23 @@ pub struct BootInfo<'a> {
     pub setup_header: Option<linux_loader::bootparam::setup_header>,
 }
 
-/// Writes the command line and the zero page.
-pub fn write_boot_params(mem: &GuestMemory, info: &BootInfo) -> Result<(), BootError> {
-    if info.cmdline.len() + 1 > CMDLINE_MAX_SIZE || info.cmdline.as_bytes().contains(&0) {
+fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
+    if cmdline.len() + 1 > CMDLINE_MAX_SIZE || cmdline.as_bytes().contains(&0) {
         return Err(BootError::Cmdline(format!(
             "{} bytes, at most {} without NUL bytes",
-            info.cmdline.len(),
+            cmdline.len(),
             CMDLINE_MAX_SIZE - 1
         )));
     }
-    let mut bytes = info.cmdline.as_bytes().to_vec();
+    let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
-        .map_err(gw("command line"))?;
+        .map_err(gw("command line"))
+}
+
+/// Writes the command line and the zero page.
+pub fn write_boot_params(mem: &GuestMemory, info: &BootInfo) -> Result<(), BootError> {
+    write_cmdline(mem, info.cmdline)?;
 
     let mut params = boot_params::default();
     if let Some(h) = info.setup_header {
@@ -214,6 +228,46 @@ pub fn write_boot_params(mem: &GuestMemory, info: &BootInfo) -> Result<(), BootE
         mem,
     )
     .map_err(gw("zero page"))
+}
+
+/// Writes the command line and the PVH `hvm_start_info` with its memory map and module list.
+pub fn write_pvh_start_info(mem: &GuestMemory, info: &BootInfo) -> Result<(), BootError> {
+    use linux_loader::loader::elf::start_info::{
+        hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+    };
+    write_cmdline(mem, info.cmdline)?;
+    let map = e820_map(info.mem_size);
+    for (i, &(addr, size, type_)) in map.iter().enumerate() {
+        let e = hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        };
+        mem.write_obj(e, GuestAddress(PVH_MEMMAP_START + i as u64 * 24))
+            .map_err(gw("PVH memory map"))?;
+    }
+    let mut start = hvm_start_info {
+        magic: 0x336e_c578,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some((paddr, size)) = info.initrd {
+        let m = hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        };
+        mem.write_obj(m, GuestAddress(PVH_MODLIST_START))
+            .map_err(gw("PVH module list"))?;
+        start.nr_modules = 1;
+        start.modlist_paddr = PVH_MODLIST_START;
+    }
+    mem.write_obj(start, GuestAddress(PVH_INFO_START))
+        .map_err(gw("PVH start info"))
 }
 
 /// Writes the identity page (contract in docs/ARCHITECTURE.md).
@@ -306,19 +360,27 @@ pub fn write_mptable(mem: &GuestMemory, cpus: u8) -> Result<(), BootError> {
         .map_err(gw("MP table"))
 }
 
-/// GDT entries: null, null, code64, data, TSS (selectors 0x10, 0x18, 0x20).
-const GDT: [u64; 5] = [
+/// GDT entries: null, null, code64, data, TSS, code32 (selectors 0x10, 0x18, 0x20, 0x28).
+const GDT: [u64; 6] = [
     0,
     0,
     0x00af_9b00_0000_ffff,
     0x00cf_9300_0000_ffff,
     0x008f_8b00_0000_ffff,
+    0x00cf_9b00_0000_ffff,
 ];
 
 fn segment(index: u16, entry: u64) -> kvm_segment {
+    let raw_limit = ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32;
+    // KVM wants the byte-granular limit: scale 4 KiB granularity (G bit).
+    let limit = if (entry >> 55) & 1 == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
-        limit: ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32,
+        limit,
         selector: index * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -381,6 +443,37 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
+/// 32-bit protected-mode special registers for a PVH entry (flat segments, paging off).
+pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    let data = segment(3, GDT[3]);
+    sregs.gdt.base = BOOT_GDT_START;
+    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = BOOT_IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cs = segment(5, GDT[5]);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(4, GDT[4]);
+    sregs.cr0 = (sregs.cr0 | 1 | (1 << 4)) & !(1 << 31);
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs.cr3 = 0;
+    sregs
+}
+
+/// General registers at a PVH entry: RIP = entry, RBX = `hvm_start_info`.
+pub fn pvh_regs(entry: u64) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rbx: PVH_INFO_START,
+        ..Default::default()
+    }
+}
+
 /// General registers at the 64-bit entry: RIP = entry, RSI = zero page.
 pub fn boot_regs(entry: u64) -> kvm_regs {
     kvm_regs {
@@ -436,6 +529,13 @@ mod tests {
         let cs = segment(2, GDT[2]);
         assert_eq!((cs.selector, cs.l, cs.present, cs.type_), (0x10, 1, 1, 0xb));
         let ds = segment(3, GDT[3]);
-        assert_eq!((ds.selector, ds.db, ds.limit), (0x18, 1, 0xfffff));
+        assert_eq!((ds.selector, ds.db, ds.limit), (0x18, 1, 0xffff_ffff));
+        let tss = segment(4, GDT[4]);
+        assert_eq!((tss.limit, tss.type_), (0xffff_ffff, 0xb));
+        let cs32 = segment(5, GDT[5]);
+        assert_eq!(
+            (cs32.selector, cs32.l, cs32.db, cs32.limit),
+            (0x28, 0, 1, 0xffff_ffff)
+        );
     }
 }

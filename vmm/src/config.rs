@@ -55,6 +55,19 @@ impl std::str::FromStr for SerialOutput {
     }
 }
 
+/// How an ELF kernel is entered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocol {
+    /// PVH when the ELF has a PVH entry note, else the Linux 64-bit entry.
+    #[default]
+    Auto,
+    /// Linux 64-bit boot protocol (`boot_params` in RSI, long mode).
+    Linux64,
+    /// PVH (`hvm_start_info` in RBX, 32-bit protected mode); the ELF needs a PVH note.
+    Pvh,
+}
+
 /// A virtio-blk device backed by a raw file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +144,9 @@ pub struct VmConfig {
     /// Optional initrd.
     #[serde(default)]
     pub initrd: Option<PathBuf>,
+    /// How to enter an ELF kernel (bzImages always use the 64-bit entry).
+    #[serde(default)]
+    pub boot_protocol: BootProtocol,
     /// Kernel command line (the VMM appends its device announcements).
     #[serde(default)]
     pub cmdline: String,
@@ -212,6 +228,7 @@ impl VmConfig {
         Self {
             kernel: kernel.into(),
             initrd: None,
+            boot_protocol: BootProtocol::default(),
             cmdline: String::new(),
             mem_mib: default_mem(),
             vcpus: default_vcpus(),

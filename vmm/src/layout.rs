@@ -6,6 +6,12 @@
 pub const BOOT_GDT_START: u64 = 0x500;
 /// IDT (empty) used for the 64-bit boot entry.
 pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info` (the zero page's place: a PVH boot has no zero page).
+pub const PVH_INFO_START: u64 = 0x7000;
+/// PVH memory map entries.
+pub const PVH_MEMMAP_START: u64 = 0x7040;
+/// PVH module list (the initrd).
+pub const PVH_MODLIST_START: u64 = 0x7c00;
 /// Initial stack pointer of the boot vCPU.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// The Linux "zero page" (`struct boot_params`).

@@ -21,6 +21,9 @@ struct Args {
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
+    /// How to enter an ELF kernel.
+    #[arg(long, value_enum)]
+    boot_protocol: Option<vmm::config::BootProtocol>,
     /// Guest RAM in MiB.
     #[arg(long)]
     mem_mib: Option<u64>,
@@ -54,6 +57,9 @@ fn config(args: Args) -> Result<VmConfig> {
     }
     if args.initrd.is_some() {
         cfg.initrd = args.initrd;
+    }
+    if let Some(p) = args.boot_protocol {
+        cfg.boot_protocol = p;
     }
     if let Some(c) = args.cmdline {
         cfg.cmdline = c;

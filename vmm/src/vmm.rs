@@ -18,7 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, BootInfo};
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{BootProtocol, SerialOutput, VmConfig};
 use crate::control::{self, Connection, ControlError, Request, SocketFile};
 use crate::cpu::{self, CpuError};
 use crate::devices::bus::Bus;
@@ -210,15 +210,22 @@ impl Vmm {
             Some(p) => Some(boot::load_initrd(&ram.mem, p, ram.size, entry.kernel_end)?),
             None => None,
         };
-        boot::write_boot_params(
-            &ram.mem,
-            &BootInfo {
-                mem_size: ram.size,
-                cmdline: &cmdline,
-                initrd,
-                setup_header,
-            },
-        )?;
+        let info = BootInfo {
+            mem_size: ram.size,
+            cmdline: &cmdline,
+            initrd,
+            setup_header,
+        };
+        let pvh_entry = match (config.boot_protocol, entry.pvh_entry) {
+            (BootProtocol::Linux64, _) => None,
+            (BootProtocol::Auto, e) => e,
+            (BootProtocol::Pvh, Some(e)) => Some(e),
+            (BootProtocol::Pvh, None) => return Err(BootError::NoPvhEntry.into()),
+        };
+        match pvh_entry {
+            Some(_) => boot::write_pvh_start_info(&ram.mem, &info)?,
+            None => boot::write_boot_params(&ram.mem, &info)?,
+        }
         boot::write_cpu_tables(&ram.mem)?;
         boot::write_mptable(&ram.mem, config.vcpus)?;
         boot::write_identity(&ram.mem, 0, "")?;
@@ -243,11 +250,15 @@ impl Vmm {
             cpu::set_boot_msrs(&fd, id)?;
             cpu::set_lint(&fd, id)?;
             if id == 0 {
-                fd.set_regs(&boot::boot_regs(entry.entry))
-                    .map_err(kvm_err("KVM_SET_REGS"))?;
-                let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                fd.set_sregs(&boot::boot_sregs(sregs))
-                    .map_err(kvm_err("KVM_SET_SREGS"))?;
+                let (regs, sregs) = {
+                    let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                    match pvh_entry {
+                        Some(e) => (boot::pvh_regs(e), boot::pvh_sregs(sregs)),
+                        None => (boot::boot_regs(entry.entry), boot::boot_sregs(sregs)),
+                    }
+                };
+                fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+                fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                 fd.set_fpu(&boot::boot_fpu())
                     .map_err(kvm_err("KVM_SET_FPU"))?;
             }

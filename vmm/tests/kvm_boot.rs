@@ -3,12 +3,22 @@
 mod common;
 
 use common::*;
+use vmm::config::BootProtocol;
 
 #[test]
 fn kvm_boot_protocol_state() {
     if !kvm_available("kvm_boot_protocol_state") {
         return;
     }
+    for (protocol, name) in [
+        (BootProtocol::Linux64, "linux64"),
+        (BootProtocol::Pvh, "pvh"),
+    ] {
+        check_boot_state(protocol, name);
+    }
+}
+
+fn check_boot_state(protocol: BootProtocol, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let initrd: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
     std::fs::write(dir.path().join("initrd"), &initrd).unwrap();
@@ -16,6 +26,7 @@ fn kvm_boot_protocol_state() {
     cfg.initrd = Some(dir.path().join("initrd"));
     cfg.mem_mib = 64;
     cfg.vcpus = 3;
+    cfg.boot_protocol = protocol;
     let (reports, reason) = run_vm(cfg);
     assert_eq!(reason, vmm::ExitReason::GuestReset, "reports: {reports:?}");
     assert_eq!(reports[0], "READY");
@@ -23,6 +34,7 @@ fn kvm_boot_protocol_state() {
         .iter()
         .find(|r| r.starts_with("PASS boot"))
         .unwrap_or_else(|| panic!("no boot report: {reports:?}"));
+    assert_eq!(field(boot, "proto"), Some(name));
     // e820 RAM = all of RAM minus the reserved [0x9e000, 1 MiB) hole.
     let expected_ram = (64u64 << 20) - (0x10_0000 - 0x9e000);
     assert_eq!(field(boot, "ram"), Some(expected_ram.to_string().as_str()));
@@ -142,4 +154,34 @@ fn kvm_smp_bring_up() {
         // Every AP saw its own APIC id in CPUID leaf 1.
         assert_eq!(field(smp, "apic_mask"), Some(mask));
     }
+}
+
+#[test]
+fn kvm_boot_protocol_selection() {
+    if !kvm_available("kvm_boot_protocol_selection") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The same guest without its PVH note: auto falls back to the 64-bit entry, pvh is refused.
+    let stripped = dir.path().join("no-pvh");
+    let status = std::process::Command::new("objcopy")
+        .args(["--remove-section", ".note.Xen"])
+        .arg(test_guests::guest_path())
+        .arg(&stripped)
+        .status()
+        .expect("objcopy (binutils)");
+    assert!(status.success());
+    let mut cfg = guest_config("rt.boot rt.exit=reset", dir.path());
+    cfg.kernel = stripped.clone();
+    let (reports, reason) = run_vm(cfg.clone());
+    assert_eq!(reason, vmm::ExitReason::GuestReset, "{reports:?}");
+    let boot = reports.iter().find(|r| r.starts_with("PASS boot")).unwrap();
+    assert_eq!(field(boot, "proto"), Some("linux64"));
+    cfg.boot_protocol = BootProtocol::Pvh;
+    let err = vmm::Vmm::build(cfg).err().unwrap().to_string();
+    assert!(err.contains("no PVH entry note"), "{err}");
+    // With the note, auto prefers PVH (as Firecracker and Cloud Hypervisor do).
+    let (reports, _) = run_vm(guest_config("rt.boot rt.exit=reset", dir.path()));
+    let boot = reports.iter().find(|r| r.starts_with("PASS boot")).unwrap();
+    assert_eq!(field(boot, "proto"), Some("pvh"));
 }
