@@ -256,3 +256,121 @@ impl BusDevice for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::Block;
+    use crate::devices::virtio::testing::memory;
+
+    fn transport() -> (MmioTransport, tempfile::NamedTempFile) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4096).unwrap();
+        let blk = Block::new(f.path(), false, None).unwrap();
+        (MmioTransport::new(memory(), Box::new(blk)).unwrap(), f)
+    }
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Drives the driver side of initialisation up to FEATURES_OK with `features`.
+    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
+        wr(t, 0x70, 0);
+        wr(t, 0x70, 3);
+        wr(t, 0x24, 0);
+        wr(t, 0x20, features as u32);
+        wr(t, 0x24, 1);
+        wr(t, 0x20, (features >> 32) as u32);
+        wr(t, 0x70, 3 | status::FEATURES_OK);
+        rd(t, 0x70)
+    }
+
+    fn setup_queue(t: &mut MmioTransport, desc: u64, avail: u64, used: u64) {
+        wr(t, 0x30, 0);
+        wr(t, 0x38, 16);
+        for (off, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+            wr(t, off, addr as u32);
+            wr(t, off + 4, (addr >> 32) as u32);
+        }
+        wr(t, 0x44, 1);
+    }
+
+    #[test]
+    fn identifies_and_negotiates() {
+        let (mut t, _f) = transport();
+        assert_eq!(rd(&mut t, 0x00), MAGIC);
+        assert_eq!(rd(&mut t, 0x04), 2);
+        assert_eq!(rd(&mut t, 0x08), 2);
+        wr(&mut t, 0x14, 1);
+        assert_eq!(rd(&mut t, 0x10) & 1, 1, "VERSION_1 offered");
+        // Without VERSION_1, FEATURES_OK does not stick.
+        assert_eq!(negotiate(&mut t, 0) & status::FEATURES_OK, 0);
+        // Features we never offered are refused too.
+        assert_eq!(
+            negotiate(&mut t, VIRTIO_F_VERSION_1 | (1 << 40)) & status::FEATURES_OK,
+            0
+        );
+        let event_idx = 1u64 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+        let st = negotiate(&mut t, VIRTIO_F_VERSION_1 | event_idx);
+        assert_ne!(st & status::FEATURES_OK, 0);
+        setup_queue(&mut t, 0x1000, 0x2000, 0x3000);
+        wr(&mut t, 0x70, st | status::DRIVER_OK);
+        assert_eq!(rd(&mut t, 0x70) & status::NEEDS_RESET, 0);
+        assert!(
+            t.queues[0].event_idx_enabled(),
+            "EVENT_IDX reaches the queue"
+        );
+        // Queue registers are frozen after DRIVER_OK; a reset clears everything.
+        wr(&mut t, 0x38, 4);
+        assert_eq!(t.queues[0].size(), 16);
+        wr(&mut t, 0x70, 0);
+        assert_eq!(rd(&mut t, 0x70), 0);
+        assert!(!t.queues[0].ready());
+    }
+
+    #[test]
+    fn queue_outside_guest_memory_needs_reset() {
+        let (mut t, _f) = transport();
+        let st = negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0x1_0000_0000, 0x2000, 0x3000);
+        wr(&mut t, 0x70, st | status::DRIVER_OK);
+        assert_ne!(rd(&mut t, 0x70) & status::NEEDS_RESET, 0);
+        // Notifications to a broken device are ignored, not a crash.
+        wr(&mut t, QUEUE_NOTIFY, 0);
+        wr(&mut t, QUEUE_NOTIFY, 99);
+        assert_eq!(rd(&mut t, 0x60), 0);
+    }
+
+    #[test]
+    fn odd_accesses_are_harmless() {
+        let (mut t, _f) = transport();
+        let mut b = [0xaau8; 2];
+        t.read(0x00, &mut b);
+        assert_eq!(b, [0, 0], "non-32-bit register reads return zeros");
+        t.write(0x70, &[1, 2]);
+        assert_eq!(rd(&mut t, 0x70), 0);
+        wr(&mut t, 0x30, 7);
+        assert_eq!(
+            rd(&mut t, 0x34),
+            0,
+            "a queue that does not exist has size 0"
+        );
+        let mut cap = [0u8; 8];
+        t.read(0x100, &mut cap);
+        assert_eq!(
+            u64::from_le_bytes(cap),
+            8,
+            "config space: capacity in sectors"
+        );
+        let mut beyond = [0xffu8; 4];
+        t.read(0x1000, &mut beyond);
+        assert_eq!(beyond, [0; 4]);
+    }
+}
