@@ -1,1 +1,13 @@
-//! placeholder
+//! runv's snapshot format.
+//!
+//! A snapshot is a directory with a state file ([`state`]: header, host fingerprint, checksum,
+//! serde-encoded VM state) and a sparse memory file ([`memory`]: holes for zero pages). Anything
+//! wrong with either is refused with an error naming what is wrong; nothing is trusted before it
+//! is checked, and no length is used before it is bounded.
+
+pub mod fingerprint;
+pub mod memory;
+pub mod state;
+
+pub use fingerprint::HostFingerprint;
+pub use state::{read_state, write_state, SnapshotError, StateFile, FORMAT_VERSION};
