@@ -479,6 +479,33 @@ static void task_vsock_connect(u32 port) {
     r_str("PASS vsock_connect bytes="); r_dec(got); r_send();
 }
 
+/* ---- rt.counter: the snapshot workload ------------------------------------------------- */
+static volatile u64 counter;
+static char clone_page[4096] __attribute__((aligned(4096)));
+
+static void task_counter(void) {
+    volatile const u64 *gen = (volatile const u64 *)(IDENTITY_PAGE + 8);
+    const char *clone_id = (const char *)(IDENTITY_PAGE + 16);
+    u64 seen = *gen;
+    r_str("PASS counter_started addr="); r_hex((u64)&counter); r_send();
+    for (;;) {
+        counter++;
+        if (*gen != seen) {
+            seen = *gen;
+            u64 c = counter;
+            r_str("PASS resumed counter="); r_dec(c);
+            r_str(" gen="); r_dec(seen);
+            r_str(" clone="); r_str(clone_id);
+            /* What this clone finds in its private page: it must never be another clone's id. */
+            r_str(" prev="); r_str(clone_page);
+            r_send();
+            u32 i = 0;
+            for (; clone_id[i] && i < 63; i++) clone_page[i] = clone_id[i];
+            clone_page[i] = 0;
+        }
+    }
+}
+
 void guest_main(const u8 *info, int pvh) {
     struct boot_info bi;
     /* hvm_start_info.cmdline_paddr is at offset 24. */
@@ -493,6 +520,7 @@ void guest_main(const u8 *info, int pvh) {
     if (find_token("rt.blk")) task_blk();
     if ((a = find_token("rt.vsock_listen")) && *a == '=') task_vsock_listen((u32)parse_dec(a + 1));
     if ((a = find_token("rt.vsock_connect")) && *a == '=') task_vsock_connect((u32)parse_dec(a + 1));
+    if (find_token("rt.counter")) task_counter();
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);
     /* rt.exit=halt or nothing: halt forever with interrupts off (start.S). */

@@ -252,6 +252,7 @@ impl VmConfig {
 
     /// Checks everything that can be checked without building the VM.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_machine()?;
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::NoKernel);
         }
@@ -263,6 +264,11 @@ impl VmConfig {
         if !meta.is_file() {
             return Err(kernel_err("not a regular file".into()));
         }
+        Ok(())
+    }
+
+    /// Checks sizes and devices (everything but the kernel, which a restore does not need).
+    pub fn validate_machine(&self) -> Result<(), ConfigError> {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(ConfigError::Memory(self.mem_mib));
         }

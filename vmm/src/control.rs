@@ -63,12 +63,17 @@ pub enum Request {
     Resume,
     /// End the VM cleanly.
     Shutdown,
+    /// Pause (if running) and write a snapshot into an existing directory.
+    Snapshot {
+        /// Snapshot directory.
+        dir: PathBuf,
+    },
 }
 
 /// Parses one request line; the error is the reply to send.
 pub fn parse(line: &[u8]) -> Result<Request, Value> {
     serde_json::from_slice(line).map_err(|e| {
-        json!({"ok": false, "error": format!("bad request: {e}; expected {{\"cmd\": \"status\"|\"pause\"|\"resume\"|\"shutdown\"}}")})
+        json!({"ok": false, "error": format!("bad request: {e}; expected {{\"cmd\": \"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\", ...}}")})
     })
 }
 

@@ -15,10 +15,11 @@ pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
 mod vmm;
 
-pub use vmm::{Vmm, VmmError};
+pub use vmm::{MachineSnapshot, MemoryMode, RestoreOptions, Vmm, VmmError};
 
 /// Why a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -45,6 +45,15 @@ struct Args {
     /// virtio-vsock device: cid=N,uds=PATH.
     #[arg(long)]
     vsock: Option<vmm::config::VsockConfig>,
+    /// Restore the snapshot in DIR instead of booting (serial, control and debug log apply).
+    #[arg(long, conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "block", "vsock"])]
+    restore: Option<PathBuf>,
+    /// Memory mode of a restore.
+    #[arg(long, value_enum, default_value = "cow", requires = "restore")]
+    mem_mode: vmm::MemoryMode,
+    /// Clone id the restored guest sees in its identity page.
+    #[arg(long, default_value = "", requires = "restore")]
+    clone_id: String,
 }
 
 fn config(args: Args) -> Result<VmConfig> {
@@ -115,9 +124,20 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("RUNV_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cfg = config(Args::parse())?;
+    let args = Args::parse();
     let term = termination_signalfd()?;
-    let vm = vmm::Vmm::build(cfg).context("building the VM")?;
+    let vm = match &args.restore {
+        Some(dir) => vmm::Vmm::restore(&vmm::RestoreOptions {
+            dir: dir.clone(),
+            mem_mode: args.mem_mode,
+            clone_id: args.clone_id.clone(),
+            serial: args.serial.clone().unwrap_or_default(),
+            debug_log: args.debug_log.clone(),
+            control: args.control.clone(),
+        })
+        .with_context(|| format!("restoring the snapshot in {}", dir.display()))?,
+        None => vmm::Vmm::build(config(args)?).context("building the VM")?,
+    };
     let reason = vm.run(Some(std::os::fd::AsRawFd::as_raw_fd(&term)))?;
     tracing::info!(?reason, "VM ended");
     match reason {

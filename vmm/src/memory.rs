@@ -81,6 +81,42 @@ impl GuestRam {
         Ok(Self { mem, memfd, size })
     }
 
+    /// Maps the memory file at `path` copy-on-write (`MAP_PRIVATE`) as `size` bytes of guest RAM:
+    /// every clone mapping the same file shares its page cache; guest writes stay private.
+    pub fn map_private(path: &std::path::Path, size: u64) -> Result<Self, MemoryError> {
+        let file = File::open(path).map_err(|source| MemoryError::Memfd {
+            size_mib: size >> 20,
+            source,
+        })?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len != size {
+            return Err(MemoryError::Map(format!(
+                "{} is {len} bytes, the snapshot's guest RAM is {size}",
+                path.display()
+            )));
+        }
+        let memfd = Arc::new(file);
+        let mut offset = 0;
+        let mut regions = Vec::new();
+        for (start, len) in ram_ranges(size) {
+            let region = vm_memory::MmapRegion::build(
+                Some(FileOffset::from_arc(memfd.clone(), offset)),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+            offset += len;
+            regions.push(
+                vm_memory::GuestRegionMmap::new(region, GuestAddress(start))
+                    .ok_or_else(|| MemoryError::Map("region overflows".into()))?,
+            );
+        }
+        let mem =
+            GuestMemory::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(Self { mem, memfd, size })
+    }
+
     /// Host address, guest address and size of each region, in order.
     pub fn regions(&self) -> Vec<(u64, u64, u64)> {
         use vm_memory::GuestMemoryBackend;

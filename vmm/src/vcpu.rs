@@ -71,7 +71,7 @@ pub struct VcpuThread {
 /// Spawns the thread of vCPU `id`.
 pub fn spawn(
     id: u8,
-    mut fd: VcpuFd,
+    fd: Arc<Mutex<VcpuFd>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
@@ -81,7 +81,11 @@ pub fn spawn(
         .name(format!("vcpu{id}"))
         .spawn(move || {
             while ctl.checkpoint() {
-                if let Some(reason) = run_once(&mut fd, &pio, &mmio) {
+                let outcome = {
+                    let mut fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+                    run_once(&mut fd, &pio, &mmio)
+                };
+                if let Some(reason) = outcome {
                     exit.exit(reason);
                     // Park until the VMM stops us; never spin on a dead vCPU.
                     let mut s = ctl.lock();

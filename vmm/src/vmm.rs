@@ -29,6 +29,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::layout::*;
 use crate::memory::{GuestRam, MemoryError};
+use crate::persist;
 use crate::vcpu::{self, RunControl, VcpuThread};
 use crate::{ExitReason, ExitSignal};
 
@@ -61,6 +62,18 @@ pub enum VmmError {
     /// A block device's backing file.
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::BlockError),
+    /// Snapshot state file.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// Snapshot memory file.
+    #[error(transparent)]
+    SnapshotMemory(#[from] snapshot::memory::MemoryFileError),
+    /// KVM state save/restore.
+    #[error(transparent)]
+    Persist(#[from] crate::persist::PersistError),
+    /// Not supported yet.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The vsock device.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -102,9 +115,14 @@ fn open_sink(spec: &str) -> Result<Sink, VmmError> {
 pub struct Vmm {
     config: VmConfig,
     ram: GuestRam,
+    kvm: Kvm,
     // Keeps the VM fd (and so the irqchip, PIT and memslots) alive for the vCPUs' lifetime.
-    _vm: VmFd,
-    vcpu_fds: Vec<VcpuFd>,
+    vm: VmFd,
+    // Locked by the vCPU thread around each KVM_RUN; free while the vCPU is paused, when the
+    // device loop reads its state for a snapshot.
+    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    cmdline: String,
+    generation: u64,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
@@ -116,17 +134,117 @@ pub struct Vmm {
     _irq_fds: Vec<EventFd>,
 }
 
+/// How a restore maps the snapshot's memory.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// Read the memory file into fresh guest RAM.
+    Copy,
+    /// Map the memory file copy-on-write: clones share its page cache, writes stay private.
+    Cow,
+}
+
+/// Per-clone settings of a restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Snapshot directory.
+    pub dir: std::path::PathBuf,
+    /// Memory mode.
+    pub mem_mode: MemoryMode,
+    /// Clone id written into the identity page.
+    pub clone_id: String,
+    /// Serial console of the clone.
+    pub serial: SerialOutput,
+    /// Debug report log of the clone.
+    pub debug_log: Option<String>,
+    /// Control socket of the clone.
+    pub control: Option<std::path::PathBuf>,
+}
+
+/// What `state.bin` of a runv snapshot holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct MachineSnapshot {
+    /// The VM's configuration (devices, sizes); per-clone fields are overridden on restore.
+    pub config: VmConfig,
+    /// Identity generation at snapshot time.
+    pub generation: u64,
+    /// VM-wide KVM state.
+    pub vm: persist::VmState,
+    /// Per-vCPU KVM state.
+    pub vcpus: Vec<persist::VcpuState>,
+}
+
 impl Vmm {
     /// Builds the VM: memory, KVM VM and vCPUs, boot state and devices. Nothing runs yet.
     pub fn build(config: VmConfig) -> Result<Self, VmmError> {
         config.validate()?;
+        let t0 = Instant::now();
+        let ram = GuestRam::new(config.mem_mib << 20)?;
+        let vmm = Self::assemble(config, ram)?;
+        vmm.boot()?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "VM built");
+        Ok(vmm)
+    }
+
+    /// Restores a snapshot into a new VM with fresh vCPUs; the guest sees a new identity
+    /// generation, `opts.clone_id` and fresh entropy.
+    pub fn restore(opts: &RestoreOptions) -> Result<Self, VmmError> {
+        let t0 = Instant::now();
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let host = snapshot::HostFingerprint::current(kvm.get_api_version());
+        let (_, snap): (_, MachineSnapshot) = snapshot::read_state(&opts.dir, Some(&host))?;
+        let mut config = snap.config;
+        config.serial = opts.serial.clone();
+        config.debug_log = opts.debug_log.clone();
+        config.control = opts.control.clone();
+        config.validate_machine()?;
+        if !config.block.is_empty() || config.vsock.is_some() {
+            return Err(VmmError::Unsupported(
+                "restoring virtio devices is not implemented yet; snapshot a VM without --block/--vsock",
+            ));
+        }
+        if snap.vcpus.len() != usize::from(config.vcpus) {
+            return Err(VmmError::Unsupported(
+                "snapshot vCPU count does not match its config",
+            ));
+        }
+        let size = config.mem_mib << 20;
+        let ram = match opts.mem_mode {
+            MemoryMode::Copy => {
+                let ram = GuestRam::new(size)?;
+                snapshot::memory::copy_into(&opts.dir, &ram.memfd)?;
+                ram
+            }
+            MemoryMode::Cow => {
+                GuestRam::map_private(&opts.dir.join(snapshot::memory::MEMORY_FILE), size)?
+            }
+        };
+        let mut vmm = Self::assemble(config, ram)?;
+        persist::restore_vm(&vmm.vm, &snap.vm)?;
+        for (fd, state) in vmm.vcpu_fds.iter().zip(&snap.vcpus) {
+            let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            let refused = persist::restore_vcpu(&fd, state)?;
+            if !refused.is_empty() {
+                tracing::debug!(?refused, "host refused MSRs on restore; skipped");
+            }
+        }
+        vmm.generation = snap.generation + 1;
+        boot::write_identity(&vmm.ram.mem, vmm.generation, &opts.clone_id)?;
+        tracing::debug!(elapsed = ?t0.elapsed(), mode = ?opts.mem_mode, "VM restored");
+        Ok(vmm)
+    }
+
+    /// Creates everything a VM has before it is booted or restored: control socket, KVM VM with
+    /// irqchip, PIT and memslots, devices, and vCPUs that have never run.
+    fn assemble(config: VmConfig, ram: GuestRam) -> Result<Self, VmmError> {
         let t0 = Instant::now();
         let control = match &config.control {
             Some(p) => Some((control::bind_unix(p)?, SocketFile(p.clone()))),
             None => None,
         };
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
-        let ram = GuestRam::new(config.mem_mib << 20)?;
         let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(0xfffb_d000)
             .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
@@ -145,12 +263,11 @@ impl Vmm {
                 userspace_addr: host,
             };
             // SAFETY: the region is a live mapping owned by `ram`, which the Vmm keeps alive for
-            // as long as the VM fd exists (fields drop in declaration order, `_vm` after use).
+            // as long as the VM fd exists.
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         tracing::debug!(elapsed = ?t0.elapsed(), "VM shell created");
-
         let mut mmio = Bus::new();
         let mut irq_fds = Vec::new();
         let mut queue_events = Vec::new();
@@ -205,64 +322,12 @@ impl Vmm {
             cmdline += &format!("virtio_mmio.device=4K@{base:#x}:{gsi}");
         }
 
-        let (entry, setup_header) = boot::load_kernel(&ram.mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(p) => Some(boot::load_initrd(&ram.mem, p, ram.size, entry.kernel_end)?),
-            None => None,
-        };
-        let info = BootInfo {
-            mem_size: ram.size,
-            cmdline: &cmdline,
-            initrd,
-            setup_header,
-        };
-        let pvh_entry = match (config.boot_protocol, entry.pvh_entry) {
-            (BootProtocol::Linux64, _) => None,
-            (BootProtocol::Auto, e) => e,
-            (BootProtocol::Pvh, Some(e)) => Some(e),
-            (BootProtocol::Pvh, None) => return Err(BootError::NoPvhEntry.into()),
-        };
-        match pvh_entry {
-            Some(_) => boot::write_pvh_start_info(&ram.mem, &info)?,
-            None => boot::write_boot_params(&ram.mem, &info)?,
-        }
-        boot::write_cpu_tables(&ram.mem)?;
-        boot::write_mptable(&ram.mem, config.vcpus)?;
-        boot::write_identity(&ram.mem, 0, "")?;
-
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpu_fds = Vec::new();
         for id in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(vm_err("KVM_CREATE_VCPU"))?;
-            let kvm_err = |op| {
-                move |source| CpuError::Kvm {
-                    op,
-                    cpu: id,
-                    source,
-                }
-            };
-            fd.set_cpuid2(&cpu::vcpu_cpuid(&supported, id, config.vcpus))
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            cpu::set_boot_msrs(&fd, id)?;
-            cpu::set_lint(&fd, id)?;
-            if id == 0 {
-                let (regs, sregs) = {
-                    let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                    match pvh_entry {
-                        Some(e) => (boot::pvh_regs(e), boot::pvh_sregs(sregs)),
-                        None => (boot::boot_regs(entry.entry), boot::boot_sregs(sregs)),
-                    }
-                };
-                fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-                fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-                fd.set_fpu(&boot::boot_fpu())
-                    .map_err(kvm_err("KVM_SET_FPU"))?;
-            }
-            vcpu_fds.push(fd);
+            vcpu_fds.push(Arc::new(Mutex::new(fd)));
         }
 
         let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
@@ -301,12 +366,14 @@ impl Vmm {
             }
             None => None,
         };
-        tracing::debug!(elapsed = ?t0.elapsed(), "VM built");
         Ok(Self {
             config,
             ram,
-            _vm: vm,
+            kvm,
+            vm,
             vcpu_fds,
+            cmdline,
+            generation: 0,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             exit,
@@ -319,6 +386,95 @@ impl Vmm {
                 irq_fds
             },
         })
+    }
+
+    /// Loads the kernel and writes the boot state: memory structures and vCPU registers.
+    fn boot(&self) -> Result<(), VmmError> {
+        let (config, ram) = (&self.config, &self.ram);
+        let (entry, setup_header) = boot::load_kernel(&ram.mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(boot::load_initrd(&ram.mem, p, ram.size, entry.kernel_end)?),
+            None => None,
+        };
+        let info = BootInfo {
+            mem_size: ram.size,
+            cmdline: &self.cmdline,
+            initrd,
+            setup_header,
+        };
+        let pvh_entry = match (config.boot_protocol, entry.pvh_entry) {
+            (BootProtocol::Linux64, _) => None,
+            (BootProtocol::Auto, e) => e,
+            (BootProtocol::Pvh, Some(e)) => Some(e),
+            (BootProtocol::Pvh, None) => return Err(BootError::NoPvhEntry.into()),
+        };
+        match pvh_entry {
+            Some(_) => boot::write_pvh_start_info(&ram.mem, &info)?,
+            None => boot::write_boot_params(&ram.mem, &info)?,
+        }
+        boot::write_cpu_tables(&ram.mem)?;
+        boot::write_mptable(&ram.mem, config.vcpus)?;
+        boot::write_identity(&ram.mem, 0, "")?;
+
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        for (id, fd) in self.vcpu_fds.iter().enumerate() {
+            let id = id as u8;
+            let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            let kvm_err = |op| {
+                move |source| CpuError::Kvm {
+                    op,
+                    cpu: id,
+                    source,
+                }
+            };
+            fd.set_cpuid2(&cpu::vcpu_cpuid(&supported, id, config.vcpus))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            cpu::set_boot_msrs(&fd, id)?;
+            cpu::set_lint(&fd, id)?;
+            if id == 0 {
+                let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                let (regs, sregs) = match pvh_entry {
+                    Some(e) => (boot::pvh_regs(e), boot::pvh_sregs(sregs)),
+                    None => (boot::boot_regs(entry.entry), boot::boot_sregs(sregs)),
+                };
+                fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+                fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                fd.set_fpu(&boot::boot_fpu())
+                    .map_err(kvm_err("KVM_SET_FPU"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot of this (paused) VM into `dir`, which must exist.
+    fn snapshot(&self, dir: &std::path::Path) -> Result<snapshot::memory::MemoryStats, VmmError> {
+        if !self.config.block.is_empty() || self.config.vsock.is_some() {
+            return Err(VmmError::Unsupported(
+                "snapshots of VMs with virtio devices are not implemented yet",
+            ));
+        }
+        let vm = persist::save_vm(&self.vm)?;
+        let mut vcpus = Vec::new();
+        for fd in &self.vcpu_fds {
+            let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            vcpus.push(persist::save_vcpu(&self.kvm, &fd)?);
+        }
+        let mem = snapshot::memory::write_sparse(&self.ram.memfd, self.ram.size, dir)?;
+        let header = snapshot::StateFile {
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            host: snapshot::HostFingerprint::current(self.kvm.get_api_version()),
+        };
+        let state = MachineSnapshot {
+            config: self.config.clone(),
+            generation: self.generation,
+            vm,
+            vcpus,
+        };
+        snapshot::write_state(dir, &header, &state)?;
+        Ok(mem)
     }
 
     /// Debug reports of the guest (only with `debug_log` set); readable while the VM runs.
@@ -338,27 +494,13 @@ impl Vmm {
         vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
         let ctl = Arc::new(RunControl::default());
         let mut threads: Vec<VcpuThread> = Vec::new();
-        let Vmm {
-            config,
-            ram,
-            _vm,
-            vcpu_fds,
-            pio,
-            mmio,
-            exit,
-            control,
-            reports: _,
-            queue_events,
-            backends,
-            _irq_fds,
-        } = self;
-        for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        for (id, fd) in self.vcpu_fds.iter().enumerate() {
             match vcpu::spawn(
                 id as u8,
-                fd,
-                pio.clone(),
-                mmio.clone(),
-                exit.clone(),
+                fd.clone(),
+                self.pio.clone(),
+                self.mmio.clone(),
+                self.exit.clone(),
                 ctl.clone(),
             ) {
                 Ok(t) => threads.push(t),
@@ -369,19 +511,14 @@ impl Vmm {
             }
         }
         let result = DeviceLoop {
-            config: &config,
-            ram: &ram,
-            exit: &exit,
-            listener: control.as_ref().map(|c| &c.0),
-            queue_events: &queue_events,
-            backends: &backends,
+            vmm: &self,
             ctl: &ctl,
             threads: &threads,
         }
         .run(term_fd);
         vcpu::stop(&ctl, &mut threads);
         result?;
-        Ok(exit.reason().unwrap_or(ExitReason::Shutdown))
+        Ok(self.exit.reason().unwrap_or(ExitReason::Shutdown))
     }
 }
 
@@ -408,12 +545,7 @@ const TOKEN_LISTENER: u64 = u64::MAX - 2;
 
 /// What the device loop serves.
 struct DeviceLoop<'a> {
-    config: &'a VmConfig,
-    ram: &'a GuestRam,
-    exit: &'a ExitSignal,
-    listener: Option<&'a UnixListener>,
-    queue_events: &'a [QueueEvent],
-    backends: &'a [Backend],
+    vmm: &'a Vmm,
     ctl: &'a RunControl,
     threads: &'a [VcpuThread],
 }
@@ -421,13 +553,9 @@ struct DeviceLoop<'a> {
 impl DeviceLoop<'_> {
     /// Waits for the exit event, termination signals, queue notifications and control requests.
     fn run(&self, term_fd: Option<RawFd>) -> Result<(), VmmError> {
-        let DeviceLoop {
-            exit,
-            listener,
-            queue_events,
-            backends,
-            ..
-        } = *self;
+        let exit = &*self.vmm.exit;
+        let listener = self.vmm.control.as_ref().map(|c| &c.0);
+        let (queue_events, backends) = (&self.vmm.queue_events, &self.vmm.backends);
         let epoll = Epoll::new().map_err(io_err("creating epoll"))?;
         let add = |fd: RawFd, token: u64| {
             epoll
@@ -558,14 +686,8 @@ impl DeviceLoop<'_> {
     }
 
     fn handle(&self, req: Request) -> serde_json::Value {
-        let DeviceLoop {
-            config,
-            ram,
-            exit,
-            ctl,
-            threads,
-            ..
-        } = *self;
+        let (config, ram, exit) = (&self.vmm.config, &self.vmm.ram, &self.vmm.exit);
+        let (ctl, threads) = (self.ctl, self.threads);
         match req {
             Request::Status => json!({
                 "ok": true,
@@ -584,6 +706,19 @@ impl DeviceLoop<'_> {
             Request::Shutdown => {
                 exit.exit(ExitReason::Shutdown);
                 json!({"ok": true, "state": "stopping"})
+            }
+            Request::Snapshot { dir } => {
+                vcpu::pause(ctl, threads);
+                let t0 = Instant::now();
+                match self.vmm.snapshot(&dir) {
+                    Ok(mem) => json!({
+                        "ok": true,
+                        "state": "paused",
+                        "ms": t0.elapsed().as_secs_f64() * 1e3,
+                        "memory_bytes": mem.data_bytes,
+                    }),
+                    Err(e) => json!({"ok": false, "error": e.to_string()}),
+                }
             }
         }
     }
