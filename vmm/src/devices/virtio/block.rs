@@ -7,7 +7,7 @@ use std::path::Path;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{device_type, read_config_bytes, VirtioDevice};
+use super::{device_type, VirtioDevice};
 use crate::memory::GuestMemory;
 
 const SECTOR: u64 = 512;
@@ -191,8 +191,8 @@ impl VirtioDevice for Block {
         F_FLUSH | event_idx | if self.read_only { F_RO } else { 0 }
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn process_queue(
@@ -201,15 +201,10 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMemory,
     ) -> Vec<usize> {
-        match queues.get_mut(index) {
-            Some(q) => {
-                if self.process(q, mem) {
-                    vec![index]
-                } else {
-                    Vec::new()
-                }
-            }
-            None => Vec::new(),
+        if queues.get_mut(index).is_some_and(|q| self.process(q, mem)) {
+            vec![index]
+        } else {
+            Vec::new()
         }
     }
 }

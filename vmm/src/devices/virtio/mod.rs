@@ -35,8 +35,12 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Features offered to the driver (the transport adds `VIRTIO_F_VERSION_1`).
     fn features(&self) -> u64;
+    /// The device configuration space (read-only for our devices).
+    fn config_space(&self) -> &[u8];
     /// Reads the device configuration space; bytes beyond it read as 0.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.config_space(), offset, data);
+    }
     /// Processes a notification of queue `index`; `queues` are all of the device's queues.
     /// Returns the indices of queues whose used rings changed (to interrupt the guest).
     fn process_queue(

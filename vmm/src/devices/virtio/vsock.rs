@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{device_type, read_config_bytes, VirtioDevice};
+use super::{device_type, VirtioDevice};
 use crate::control::{bind_unix, ControlError, SocketFile};
 use crate::memory::GuestMemory;
 
@@ -588,8 +588,8 @@ impl VirtioDevice for Vsock {
         1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn process_queue(
