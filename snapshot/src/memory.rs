@@ -83,8 +83,20 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Writes the first `size` bytes of `src` (guest RAM, e.g. its memfd) to `dir/memory.bin`,
-/// sparse: zero pages become holes.
+/// sparse: zero pages become holes. Only the file's data extents are read.
 pub fn write_sparse(src: &File, size: u64, dir: &Path) -> Result<MemoryStats, MemoryFileError> {
+    let extents = data_extents(src, size).map_err(err("scan", Path::new("guest memory")))?;
+    write_sparse_with(size, &extents, dir, |off, buf| src.read_exact_at(buf, off))
+}
+
+/// Like [`write_sparse`], reading guest RAM through `read(offset, buf)` over `extents` (for RAM
+/// that is not a plain file, such as a copy-on-write clone's private mapping).
+pub fn write_sparse_with(
+    size: u64,
+    extents: &[(u64, u64)],
+    dir: &Path,
+    read: impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
+) -> Result<MemoryStats, MemoryFileError> {
     let path = dir.join(MEMORY_FILE);
     let src_name = Path::new("guest memory");
     let out = OpenOptions::new()
@@ -99,12 +111,12 @@ pub fn write_sparse(src: &File, size: u64, dir: &Path) -> Result<MemoryStats, Me
         data_bytes: 0,
     };
     let mut buf = vec![0u8; CHUNK];
-    for (start, end) in data_extents(src, size).map_err(err("scan", src_name))? {
+    for &(start, end) in extents {
+        let (start, end) = (start.min(size), end.min(size));
         let mut off = start;
         while off < end {
             let n = ((end - off) as usize).min(CHUNK);
-            src.read_exact_at(&mut buf[..n], off)
-                .map_err(err("read", src_name))?;
+            read(off, &mut buf[..n]).map_err(err("read", src_name))?;
             // Coalesce runs of non-zero pages into one write.
             let mut run: Option<usize> = None;
             for p in (0..n).step_by(PAGE) {

@@ -39,6 +39,8 @@ pub struct GuestRam {
     pub memfd: Arc<File>,
     /// Total RAM in bytes.
     pub size: u64,
+    /// The mapping is `MAP_PRIVATE` over a template file: guest writes are not in `memfd`.
+    pub private: bool,
 }
 
 /// The `(guest address, length)` of each RAM region for `size` bytes of RAM.
@@ -78,7 +80,12 @@ impl GuestRam {
             .collect();
         let mem = GuestMemory::from_ranges_with_files(ranges)
             .map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(Self { mem, memfd, size })
+        Ok(Self {
+            mem,
+            memfd,
+            size,
+            private: false,
+        })
     }
 
     /// Maps the memory file at `path` copy-on-write (`MAP_PRIVATE`) as `size` bytes of guest RAM:
@@ -114,7 +121,31 @@ impl GuestRam {
         }
         let mem =
             GuestMemory::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(Self { mem, memfd, size })
+        Ok(Self {
+            mem,
+            memfd,
+            size,
+            private: true,
+        })
+    }
+
+    /// Reads guest RAM at a RAM offset (regions laid end to end, as in the memory file).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use vm_memory::Bytes;
+        let mut file_off = 0;
+        for (start, len) in ram_ranges(self.size) {
+            if offset >= file_off && offset + buf.len() as u64 <= file_off + len {
+                return self
+                    .mem
+                    .read_slice(buf, GuestAddress(start + offset - file_off))
+                    .map_err(|e| std::io::Error::other(e.to_string()));
+            }
+            file_off += len;
+        }
+        Err(std::io::Error::other(format!(
+            "RAM range {offset:#x}+{:#x} crosses a region boundary",
+            buf.len()
+        )))
     }
 
     /// Host address, guest address and size of each region, in order.

@@ -462,7 +462,18 @@ impl Vmm {
             let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
             vcpus.push(persist::save_vcpu(&self.kvm, &fd)?);
         }
-        let mem = snapshot::memory::write_sparse(&self.ram.memfd, self.ram.size, dir)?;
+        let mem = if self.ram.private {
+            // A copy-on-write clone: its writes live only in the private mapping. Read through
+            // it in chunks that never cross a region boundary (both are 1 MiB aligned).
+            snapshot::memory::write_sparse_with(
+                self.ram.size,
+                &[(0, self.ram.size)],
+                dir,
+                |off, buf| self.ram.read_at(off, buf),
+            )?
+        } else {
+            snapshot::memory::write_sparse(&self.ram.memfd, self.ram.size, dir)?
+        };
         let header = snapshot::StateFile {
             producer_version: env!("CARGO_PKG_VERSION").into(),
             host: snapshot::HostFingerprint::current(self.kvm.get_api_version()),

@@ -219,3 +219,51 @@ fn kvm_snapshot_damaged_or_unsupported_is_refused() {
     writeln!(s, r#"{{"cmd":"shutdown"}}"#).unwrap();
     assert!(t.join().unwrap().is_ok());
 }
+
+/// A snapshot of a copy-on-write clone holds the clone's own writes, not the template's memory.
+#[test]
+fn kvm_snapshot_of_a_cow_clone_keeps_its_writes() {
+    if !kvm_available("kvm_snapshot_of_a_cow_clone_keeps_its_writes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    make_template(dir.path(), &snap, 1);
+    let sock = dir.path().join("clone.sock");
+    let vm = vmm::Vmm::restore(&RestoreOptions {
+        dir: snap.clone(),
+        mem_mode: MemoryMode::Cow,
+        clone_id: "first".into(),
+        serial: vmm::config::SerialOutput::None,
+        debug_log: Some(dir.path().join("first.log").display().to_string()),
+        control: Some(sock.clone()),
+    })
+    .unwrap();
+    let reports = vm.reports().unwrap();
+    let t = std::thread::spawn(move || vm.run(None));
+    let r = reports.recv_timeout(TIMEOUT).unwrap();
+    assert!(r.contains("clone=first"), "{r}");
+    // Give the guest time to copy its id into its private page, then snapshot the clone.
+    std::thread::sleep(Duration::from_millis(50));
+    let snap2 = dir.path().join("snap2");
+    std::fs::create_dir_all(&snap2).unwrap();
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    for req in [
+        format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap2.display()),
+        r#"{"cmd":"shutdown"}"#.to_string(),
+    ] {
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        rd.read_line(&mut line).unwrap();
+        assert!(line.contains(r#""ok":true"#), "{line}");
+    }
+    t.join().unwrap().unwrap();
+    let r = clone_once(&snap2, dir.path(), MemoryMode::Cow, "second");
+    assert_eq!(field(&r, "gen"), Some("2"), "{r}");
+    assert_eq!(
+        field(&r, "prev"),
+        Some("first"),
+        "the first clone's write was lost: {r}"
+    );
+}
