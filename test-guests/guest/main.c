@@ -480,29 +480,117 @@ static void task_vsock_connect(u32 port) {
 }
 
 /* ---- rt.counter: the snapshot workload ------------------------------------------------- */
+/* Counts forever; when the identity generation changes (a restore) it reports the counter, the
+ * generation and clone id it sees, what a previous clone could have left in its private page,
+ * and whether its pattern page is intact. Options:
+ *   rt.vsock_hold=PORT  before counting, open a vsock connection to host PORT and hold it; after
+ *                       a restore, expect a TRANSPORT_RESET event, then open a new connection,
+ *                       send "clone=<id>" and wait for the host's echo;
+ *   rt.touch=N          after a restore, read one byte of each of the first N initrd pages
+ *                       (a clone's working set in the template's memory);
+ *   rt.idle             after a restore's report, halt with interrupts off (an idle clone). */
 static volatile u64 counter;
 static char clone_page[4096] __attribute__((aligned(4096)));
+static u8 pattern_page[4096] __attribute__((aligned(4096)));
+static u32 vs_event __attribute__((aligned(8)));
 
-static void task_counter(void) {
+static void vs_post_event(void) {
+    vqs[2].desc[0] = (struct vq_desc){(u64)&vs_event, sizeof vs_event, VRING_WRITE, 0};
+    vq_publish(&vqs[2], 0);
+}
+
+/* Connects from `sport` to host `port`; 1 on RESPONSE. */
+static int vs_connect(u32 sport, u32 port) {
+    vs_send(sport, port, OP_REQUEST, 0, 0, 0);
+    for (;;) {
+        int b = vs_recv();
+        if (b < 0) return 0;
+        struct vsock_hdr *h = (struct vsock_hdr *)vs_rx[b];
+        u16 op = h->op;
+        u32 dport = h->dst_port;
+        vs_post_rx(b);
+        if (dport != sport) continue;
+        return op == OP_RESPONSE;
+    }
+}
+
+/* After a restore: TRANSPORT_RESET seen, new connection, "clone=<id>" echoed. */
+static void vsock_after_restore(u32 port, const char *clone_id) {
+    int reset = vq_poll(&vqs[2], 1000000) >= 0 && vs_event == 0;
+    if (!reset) { fail("vsock_after_restore", "no TRANSPORT_RESET event"); return; }
+    vs_post_event();
+    const u32 me = 2000 + (u32)(counter & 0x3ff);
+    if (!vs_connect(me, port)) { fail("vsock_after_restore", "no RESPONSE to a new connection"); return; }
+    static u8 msg[80];
+    u32 n = 0;
+    for (const char *p = "clone="; *p; p++) msg[n++] = (u8)*p;
+    for (u32 i = 0; clone_id[i] && i < 63; i++) msg[n++] = (u8)clone_id[i];
+    vs_send(me, port, OP_RW, 0, msg, n);
+    u32 got = 0;
+    while (got < n) {
+        int b = vs_recv();
+        if (b < 0) { fail("vsock_after_restore", "echo timed out"); return; }
+        struct vsock_hdr *h = (struct vsock_hdr *)vs_rx[b];
+        if (h->dst_port == me && h->op == OP_RW) {
+            for (u32 i = 0; i < h->len; i++)
+                if (got + i >= n || vs_rx[b][sizeof *h + i] != msg[got + i]) {
+                    fail("vsock_after_restore", "echo mismatch");
+                    return;
+                }
+            got += h->len;
+            vs_fwd_cnt += h->len;
+        } else if (h->dst_port == me && (h->op == OP_RST || h->op == OP_SHUTDOWN)) {
+            fail("vsock_after_restore", "host closed early");
+            return;
+        }
+        vs_post_rx(b);
+    }
+    r_str("PASS vsock_after_restore reset=1 bytes="); r_dec(got); r_send();
+}
+
+static void task_counter(const struct boot_info *bi) {
     volatile const u64 *gen = (volatile const u64 *)(IDENTITY_PAGE + 8);
     const char *clone_id = (const char *)(IDENTITY_PAGE + 16);
+    const char *a;
+    u32 port = 0, touch = 0;
+    if ((a = find_token("rt.vsock_hold")) && *a == '=') port = (u32)parse_dec(a + 1);
+    if ((a = find_token("rt.touch")) && *a == '=') touch = (u32)parse_dec(a + 1);
+    int idle = find_token("rt.idle") != 0;
+    for (u32 i = 0; i < sizeof pattern_page; i++) pattern_page[i] = (u8)(i * 13 + 5);
+    if (port) {
+        const char *why;
+        if ((why = vs_init())) { fail("counter", why); return; }
+        vs_post_event();
+        if (!vs_connect(1500, port)) { fail("counter", "vsock_hold: no RESPONSE from the host"); return; }
+        report("PASS vsock_hold connected");
+    }
     u64 seen = *gen;
     r_str("PASS counter_started addr="); r_hex((u64)&counter); r_send();
     for (;;) {
         counter++;
-        if (*gen != seen) {
-            seen = *gen;
-            u64 c = counter;
-            r_str("PASS resumed counter="); r_dec(c);
-            r_str(" gen="); r_dec(seen);
-            r_str(" clone="); r_str(clone_id);
-            /* What this clone finds in its private page: it must never be another clone's id. */
-            r_str(" prev="); r_str(clone_page);
-            r_send();
-            u32 i = 0;
-            for (; clone_id[i] && i < 63; i++) clone_page[i] = clone_id[i];
-            clone_page[i] = 0;
-        }
+        if (*gen == seen) continue;
+        seen = *gen;
+        u64 c = counter;
+        u32 sum = 0, pages = 0;
+        if (touch && bi->initrd)
+            for (; pages < touch && (u64)pages * 4096 < bi->initrd_size; pages++)
+                sum += *(volatile const u8 *)(bi->initrd + (u64)pages * 4096);
+        int pattern_ok = 1;
+        for (u32 i = 0; i < sizeof pattern_page; i += 64)
+            if (pattern_page[i] != (u8)(i * 13 + 5)) pattern_ok = 0;
+        r_str("PASS resumed counter="); r_dec(c);
+        r_str(" gen="); r_dec(seen);
+        r_str(" clone="); r_str(clone_id);
+        /* What this clone finds in its private page: it must never be another clone's id. */
+        r_str(" prev="); r_str(clone_page);
+        r_str(" pattern="); r_str(pattern_ok ? "ok" : "damaged");
+        if (touch) { r_str(" touched="); r_dec(pages); r_str(" sum="); r_hex(sum); }
+        r_send();
+        u32 i = 0;
+        for (; clone_id[i] && i < 63; i++) clone_page[i] = clone_id[i];
+        clone_page[i] = 0;
+        if (port) vsock_after_restore(port, clone_id);
+        if (idle) return;
     }
 }
 
@@ -520,7 +608,7 @@ void guest_main(const u8 *info, int pvh) {
     if (find_token("rt.blk")) task_blk();
     if ((a = find_token("rt.vsock_listen")) && *a == '=') task_vsock_listen((u32)parse_dec(a + 1));
     if ((a = find_token("rt.vsock_connect")) && *a == '=') task_vsock_connect((u32)parse_dec(a + 1));
-    if (find_token("rt.counter")) task_counter();
+    if (find_token("rt.counter")) task_counter(&bi);
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);
     /* rt.exit=halt or nothing: halt forever with interrupts off (start.S). */

@@ -52,7 +52,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// A parsed control request.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     /// VM state.
@@ -68,12 +68,14 @@ pub enum Request {
         /// Snapshot directory.
         dir: PathBuf,
     },
+    /// Restore a snapshot into this (idle) shell.
+    Restore(crate::RestoreOptions),
 }
 
 /// Parses one request line; the error is the reply to send.
 pub fn parse(line: &[u8]) -> Result<Request, Value> {
     serde_json::from_slice(line).map_err(|e| {
-        json!({"ok": false, "error": format!("bad request: {e}; expected {{\"cmd\": \"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\", ...}}")})
+        json!({"ok": false, "error": format!("bad request: {e}; expected {{\"cmd\": \"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"restore\", ...}}")})
     })
 }
 
@@ -100,11 +102,28 @@ mod tests {
 
     #[test]
     fn parses_requests_and_rejects_garbage() {
-        assert_eq!(parse(br#"{"cmd":"status"}"#).unwrap(), Request::Status);
-        assert_eq!(parse(br#"{"cmd":"pause"}"#).unwrap(), Request::Pause);
+        assert!(matches!(
+            parse(br#"{"cmd":"status"}"#).unwrap(),
+            Request::Status
+        ));
+        assert!(matches!(
+            parse(br#"{"cmd":"pause"}"#).unwrap(),
+            Request::Pause
+        ));
+        match parse(br#"{"cmd":"restore","dir":"/s","mem_mode":"uffd","clone_id":"c1","block":[{"index":0,"path":"/b"}]}"#)
+            .unwrap()
+        {
+            Request::Restore(o) => {
+                assert_eq!(o.mem_mode, crate::MemoryMode::Uffd);
+                assert_eq!((o.clone_id.as_str(), o.block.len()), ("c1", 1));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
         for bad in [
             &b"nope"[..],
             br#"{"cmd":"fly"}"#,
+            br#"{"cmd":"restore"}"#,
+            br#"{"cmd":"restore","dir":"/s","mem_mode":"teleport"}"#,
             br#"{"nocmd":1}"#,
             b"\xff",
         ] {

@@ -16,10 +16,15 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod persist;
+pub mod shell;
+pub mod uffd;
 pub mod vcpu;
 mod vmm;
 
-pub use vmm::{MachineSnapshot, MemoryMode, RestoreOptions, Vmm, VmmError};
+pub use shell::{Shell, ShellOutcome};
+pub use vmm::{
+    read_snapshot, BlockOverride, MachineSnapshot, MemoryMode, RestoreOptions, Vmm, VmmError,
+};
 
 /// Why a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

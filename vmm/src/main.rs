@@ -54,6 +54,27 @@ struct Args {
     /// Clone id the restored guest sees in its identity page.
     #[arg(long, default_value = "", requires = "restore")]
     clone_id: String,
+    /// Host-side Unix socket of the restored vsock device.
+    #[arg(long, requires = "restore")]
+    vsock_uds: Option<PathBuf>,
+    /// Replace a restored block device's backing file: INDEX=PATH (repeatable).
+    #[arg(long, requires = "restore", value_parser = parse_block_override)]
+    restore_block: Vec<vmm::BlockOverride>,
+    /// Create an idle VM shell (--mem-mib, --vcpus) and wait on --control for a `restore`.
+    #[arg(long, requires = "control", conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "block", "vsock", "restore"])]
+    shell: bool,
+}
+
+fn parse_block_override(s: &str) -> Result<vmm::BlockOverride, String> {
+    let (index, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected INDEX=PATH"))?;
+    Ok(vmm::BlockOverride {
+        index: index
+            .parse()
+            .map_err(|e| format!("{s:?}: bad index: {e}"))?,
+        path: path.into(),
+    })
 }
 
 fn config(args: Args) -> Result<VmConfig> {
@@ -126,19 +147,38 @@ fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     let term = termination_signalfd()?;
-    let vm = match &args.restore {
-        Some(dir) => vmm::Vmm::restore(&vmm::RestoreOptions {
-            dir: dir.clone(),
-            mem_mode: args.mem_mode,
-            clone_id: args.clone_id.clone(),
-            serial: args.serial.clone().unwrap_or_default(),
-            debug_log: args.debug_log.clone(),
-            control: args.control.clone(),
-        })
-        .with_context(|| format!("restoring the snapshot in {}", dir.display()))?,
-        None => vmm::Vmm::build(config(args)?).context("building the VM")?,
+    let term_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&term));
+    let mut connections = Vec::new();
+    let vm = if args.shell {
+        let control = args.control.clone().context("--shell needs --control")?;
+        let vcpus = u8::try_from(args.vcpus.unwrap_or(1)).context("--vcpus out of range")?;
+        let listener = vmm::control::bind_unix(&control)?;
+        let socket = vmm::control::SocketFile(control);
+        let shell = vmm::Shell::create(args.mem_mib.unwrap_or(128), vcpus)
+            .context("creating the VM shell")?;
+        match vmm::shell::wait_for_restore(shell, listener, socket, term_fd)
+            .context("restoring into the shell")?
+        {
+            vmm::ShellOutcome::Restored(vm, conn) => {
+                connections.push(conn);
+                *vm
+            }
+            vmm::ShellOutcome::Shutdown => return Ok(()),
+        }
+    } else if let Some(dir) = &args.restore {
+        let mut opts = vmm::RestoreOptions::new(dir.clone(), args.mem_mode);
+        opts.clone_id = args.clone_id.clone();
+        opts.serial = args.serial.clone().unwrap_or_default();
+        opts.debug_log = args.debug_log.clone();
+        opts.control = args.control.clone();
+        opts.vsock_uds = args.vsock_uds.clone();
+        opts.block = args.restore_block.clone();
+        vmm::Vmm::restore(&opts)
+            .with_context(|| format!("restoring the snapshot in {}", dir.display()))?
+    } else {
+        vmm::Vmm::build(config(args)?).context("building the VM")?
     };
-    let reason = vm.run(Some(std::os::fd::AsRawFd::as_raw_fd(&term)))?;
+    let reason = vm.run_with(term_fd, connections)?;
     tracing::info!(?reason, "VM ended");
     match reason {
         vmm::ExitReason::Error(msg) => bail!("VM failed: {msg}"),

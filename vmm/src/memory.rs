@@ -1,14 +1,15 @@
-//! Guest RAM: one memfd, mapped `MAP_SHARED` into the VMM and registered with KVM.
+//! Guest RAM: an anonymous reservation registered with KVM, over which the VM's memory (a fresh
+//! memfd, or a snapshot's memory file) is mapped.
 //!
 //! RAM below the 32-bit MMIO gap is region 0; whatever does not fit continues at 4 GiB as region 1.
-//! Both regions are windows of the same memfd, so a snapshot can write (and a clone can map) guest
+//! Both regions are windows of the same file, so a snapshot can write (and a clone can map) guest
 //! memory as one file.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -31,16 +32,25 @@ pub enum MemoryError {
     Map(String),
 }
 
-/// Guest RAM and the memfd behind it.
+/// What backs guest RAM.
+#[derive(Debug, Clone)]
+pub enum Backing {
+    /// Anonymous memory: an empty shell, or a clone served by userfaultfd `MISSING` faults.
+    Anonymous,
+    /// A memfd mapped `MAP_SHARED`: the file holds every byte the guest wrote.
+    Memfd(Arc<File>),
+    /// A template file mapped `MAP_PRIVATE`: clones share its page cache, writes are private.
+    PrivateFile(Arc<File>),
+}
+
+/// Guest RAM: one contiguous host reservation, split into regions around the MMIO gap.
 pub struct GuestRam {
     /// The mapped regions.
     pub mem: GuestMemory,
-    /// The memfd holding every byte of guest RAM (region `i` at the file offset of its start).
-    pub memfd: Arc<File>,
+    /// What the regions map.
+    pub backing: Backing,
     /// Total RAM in bytes.
     pub size: u64,
-    /// The mapping is `MAP_PRIVATE` over a template file: guest writes are not in `memfd`.
-    pub private: bool,
 }
 
 /// The `(guest address, length)` of each RAM region for `size` bytes of RAM.
@@ -53,11 +63,49 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
+fn map_err(e: impl std::fmt::Display) -> MemoryError {
+    MemoryError::Map(e.to_string())
+}
+
 impl GuestRam {
     /// Creates `size` bytes of zeroed guest RAM backed by a fresh memfd.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        let mut ram = Self::reserve(size)?;
+        ram.map_memfd()?;
+        Ok(ram)
+    }
+
+    /// Reserves `size` bytes of anonymous guest RAM (no memory is committed until touched).
+    ///
+    /// A VM shell registers these addresses with KVM ahead of time; a restore later maps the
+    /// clone's memory over them with `MAP_FIXED`, which keeps the memslots valid.
+    pub fn reserve(size: u64) -> Result<Self, MemoryError> {
+        let mut regions = Vec::new();
+        for (start, len) in ram_ranges(size) {
+            let region = vm_memory::MmapRegion::build(
+                None,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+            .map_err(map_err)?;
+            regions.push(
+                vm_memory::GuestRegionMmap::new(region, GuestAddress(start))
+                    .ok_or_else(|| MemoryError::Map("region overflows".into()))?,
+            );
+        }
+        let mem = GuestMemory::from_regions(regions).map_err(map_err)?;
+        Ok(Self {
+            mem,
+            backing: Backing::Anonymous,
+            size,
+        })
+    }
+
+    /// Replaces the contents with a fresh zeroed memfd mapped `MAP_SHARED`.
+    pub fn map_memfd(&mut self) -> Result<Arc<File>, MemoryError> {
         let err = |source| MemoryError::Memfd {
-            size_mib: size >> 20,
+            size_mib: self.size >> 20,
             source,
         };
         // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked.
@@ -67,66 +115,82 @@ impl GuestRam {
         }
         // SAFETY: fd is a freshly created memfd that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).map_err(err)?;
-        let memfd = Arc::new(file);
-        let mut offset = 0;
-        let ranges: Vec<_> = ram_ranges(size)
-            .into_iter()
-            .map(|(start, len)| {
-                let fo = FileOffset::from_arc(memfd.clone(), offset);
-                offset += len;
-                (GuestAddress(start), len as usize, Some(fo))
-            })
-            .collect();
-        let mem = GuestMemory::from_ranges_with_files(ranges)
-            .map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(Self {
-            mem,
-            memfd,
-            size,
-            private: false,
-        })
+        file.set_len(self.size).map_err(err)?;
+        let file = Arc::new(file);
+        self.map_over(&file, libc::MAP_SHARED)?;
+        self.backing = Backing::Memfd(file.clone());
+        Ok(file)
     }
 
-    /// Maps the memory file at `path` copy-on-write (`MAP_PRIVATE`) as `size` bytes of guest RAM:
-    /// every clone mapping the same file shares its page cache; guest writes stay private.
-    pub fn map_private(path: &std::path::Path, size: u64) -> Result<Self, MemoryError> {
+    /// Replaces the contents with the memory file at `path` mapped copy-on-write
+    /// (`MAP_PRIVATE`): every clone mapping the same file shares its page cache.
+    pub fn map_file_private(&mut self, path: &std::path::Path) -> Result<Arc<File>, MemoryError> {
         let file = File::open(path).map_err(|source| MemoryError::Memfd {
-            size_mib: size >> 20,
+            size_mib: self.size >> 20,
             source,
         })?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len != size {
+        if len != self.size {
             return Err(MemoryError::Map(format!(
-                "{} is {len} bytes, the snapshot's guest RAM is {size}",
-                path.display()
+                "{} is {len} bytes, the snapshot's guest RAM is {}",
+                path.display(),
+                self.size
             )));
         }
-        let memfd = Arc::new(file);
-        let mut offset = 0;
-        let mut regions = Vec::new();
-        for (start, len) in ram_ranges(size) {
-            let region = vm_memory::MmapRegion::build(
-                Some(FileOffset::from_arc(memfd.clone(), offset)),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-            )
-            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        let file = Arc::new(file);
+        self.map_over(&file, libc::MAP_PRIVATE | libc::MAP_NORESERVE)?;
+        self.backing = Backing::PrivateFile(file.clone());
+        Ok(file)
+    }
+
+    /// Replaces the contents with fresh, untouched anonymous memory (for userfaultfd `MISSING`
+    /// serving: whatever KVM or anything else populated in the reservation is dropped).
+    pub fn map_anonymous(&mut self) -> Result<(), MemoryError> {
+        self.map_over_fd(
+            -1,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        )?;
+        self.backing = Backing::Anonymous;
+        Ok(())
+    }
+
+    /// Maps `file` (RAM offset = file offset) over every region with `MAP_FIXED`.
+    fn map_over(&self, file: &File, flags: libc::c_int) -> Result<(), MemoryError> {
+        use std::os::fd::AsRawFd;
+        self.map_over_fd(file.as_raw_fd(), flags)
+    }
+
+    fn map_over_fd(&self, fd: libc::c_int, flags: libc::c_int) -> Result<(), MemoryError> {
+        let anonymous = flags & libc::MAP_ANONYMOUS != 0;
+        let mut offset = 0u64;
+        for (host, _, len) in self.regions() {
+            // SAFETY: [host, host+len) is a mapping owned by `self.mem` (created in `reserve`);
+            // MAP_FIXED replaces it in place with a mapping of the same size and protection, so
+            // every pointer into guest RAM stays valid. The result is checked.
+            let p = unsafe {
+                libc::mmap(
+                    host as *mut libc::c_void,
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags | libc::MAP_FIXED,
+                    fd,
+                    if anonymous { 0 } else { offset as libc::off_t },
+                )
+            };
+            if p == libc::MAP_FAILED || p as u64 != host {
+                return Err(MemoryError::Map(format!(
+                    "mapping the memory file over guest RAM: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
             offset += len;
-            regions.push(
-                vm_memory::GuestRegionMmap::new(region, GuestAddress(start))
-                    .ok_or_else(|| MemoryError::Map("region overflows".into()))?,
-            );
         }
-        let mem =
-            GuestMemory::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(Self {
-            mem,
-            memfd,
-            size,
-            private: true,
-        })
+        Ok(())
+    }
+
+    /// True when guest writes are not visible through a shared memfd (read RAM via the mapping).
+    pub fn is_private(&self) -> bool {
+        !matches!(self.backing, Backing::Memfd(_))
     }
 
     /// Reads guest RAM at a RAM offset (regions laid end to end, as in the memory file).
@@ -177,8 +241,11 @@ mod tests {
         ram.mem
             .write_obj(0xdead_beefu32, GuestAddress(0x1000))
             .unwrap();
+        let Backing::Memfd(memfd) = &ram.backing else {
+            panic!("GuestRam::new is memfd-backed")
+        };
         let mut b = [0u8; 4];
-        std::os::unix::fs::FileExt::read_exact_at(&*ram.memfd, &mut b, 0x1000).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&**memfd, &mut b, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
         assert_eq!(ram.regions().len(), 1);
     }

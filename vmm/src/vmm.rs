@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde_json::json;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -24,12 +22,14 @@ use crate::cpu::{self, CpuError};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{DebugPort, EventFdTrigger, Serial, Sink, I8042};
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use crate::devices::virtio::mmio::{MmioTransport, TransportState, QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::layout::*;
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{Backing, GuestRam, MemoryError};
 use crate::persist;
+use crate::shell::Shell;
+use crate::uffd::{self, PageServer, UffdError};
 use crate::vcpu::{self, RunControl, VcpuThread};
 use crate::{ExitReason, ExitSignal};
 
@@ -71,6 +71,12 @@ pub enum VmmError {
     /// KVM state save/restore.
     #[error(transparent)]
     Persist(#[from] crate::persist::PersistError),
+    /// userfaultfd page serving.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// A snapshot does not fit the shell or the restore options.
+    #[error("{0}")]
+    Mismatch(String),
     /// Not supported yet.
     #[error("{0}")]
     Unsupported(&'static str),
@@ -90,13 +96,22 @@ pub enum VmmError {
     },
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
     let what = what.into();
     move |source| VmmError::Io { what, source }
 }
 
-fn vm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+pub(crate) fn vm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::VmIoctl { op, source }
+}
+
+fn bind_control(
+    path: Option<&std::path::Path>,
+) -> Result<Option<(UnixListener, SocketFile)>, VmmError> {
+    Ok(match path {
+        Some(p) => Some((control::bind_unix(p)?, SocketFile(p.to_path_buf()))),
+        None => None,
+    })
 }
 
 fn open_sink(spec: &str) -> Result<Sink, VmmError> {
@@ -113,6 +128,8 @@ fn open_sink(spec: &str) -> Result<Sink, VmmError> {
 
 /// A built VM, ready to [`run`](Vmm::run).
 pub struct Vmm {
+    // Dropped first: the fault handler must stop before guest RAM is unmapped.
+    pages: Option<PageServer>,
     config: VmConfig,
     ram: GuestRam,
     kvm: Kvm,
@@ -130,6 +147,8 @@ pub struct Vmm {
     reports: Option<Receiver<String>>,
     queue_events: Vec<QueueEvent>,
     backends: Vec<Backend>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    mem_mode: Option<MemoryMode>,
     // irqfds must outlive the VM's use of them.
     _irq_fds: Vec<EventFd>,
 }
@@ -144,23 +163,73 @@ pub enum MemoryMode {
     Copy,
     /// Map the memory file copy-on-write: clones share its page cache, writes stay private.
     Cow,
+    /// `cow` served through userfaultfd, with working-set record and prefetch.
+    Uffd,
 }
 
-/// Per-clone settings of a restore.
-#[derive(Debug, Clone)]
+fn default_mem_mode() -> MemoryMode {
+    MemoryMode::Cow
+}
+
+fn default_record_ms() -> u64 {
+    2000
+}
+
+/// A block device whose backing file a restore replaces.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct BlockOverride {
+    /// Index of the device in the snapshot's config (`--block` order).
+    pub index: usize,
+    /// New backing file; it must have the same size as the snapshot's.
+    pub path: std::path::PathBuf,
+}
+
+/// Per-clone settings of a restore (also the body of the control `restore` command).
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct RestoreOptions {
     /// Snapshot directory.
     pub dir: std::path::PathBuf,
     /// Memory mode.
+    #[serde(default = "default_mem_mode")]
     pub mem_mode: MemoryMode,
     /// Clone id written into the identity page.
+    #[serde(default)]
     pub clone_id: String,
     /// Serial console of the clone.
+    #[serde(default)]
     pub serial: SerialOutput,
     /// Debug report log of the clone.
+    #[serde(default)]
     pub debug_log: Option<String>,
-    /// Control socket of the clone.
+    /// Control socket of the clone (a shell keeps its own).
+    #[serde(default)]
     pub control: Option<std::path::PathBuf>,
+    /// Host-side Unix socket of the clone's vsock device.
+    #[serde(default)]
+    pub vsock_uds: Option<std::path::PathBuf>,
+    /// Replaced block backing files.
+    #[serde(default)]
+    pub block: Vec<BlockOverride>,
+    /// `uffd` mode: how long the first clone records its working set, in milliseconds.
+    #[serde(default = "default_record_ms")]
+    pub record_ms: u64,
+}
+
+impl RestoreOptions {
+    /// Options for restoring `dir` in `mem_mode` with defaults for everything else.
+    pub fn new(dir: impl Into<std::path::PathBuf>, mem_mode: MemoryMode) -> Self {
+        Self {
+            dir: dir.into(),
+            mem_mode,
+            clone_id: String::new(),
+            serial: SerialOutput::default(),
+            debug_log: None,
+            control: None,
+            vsock_uds: None,
+            block: Vec::new(),
+            record_ms: default_record_ms(),
+        }
+    }
 }
 
 /// What `state.bin` of a runv snapshot holds.
@@ -174,6 +243,18 @@ pub struct MachineSnapshot {
     pub vm: persist::VmState,
     /// Per-vCPU KVM state.
     pub vcpus: Vec<persist::VcpuState>,
+    /// virtio-mmio transports in MMIO slot order (block devices, then vsock).
+    pub devices: Vec<TransportState>,
+    /// Size of each block device's backing file (a replacement must match).
+    pub block_bytes: Vec<u64>,
+}
+
+/// Reads the snapshot state in `dir`, checking it was taken on a compatible host.
+pub fn read_snapshot(dir: &std::path::Path) -> Result<MachineSnapshot, VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+    let host = snapshot::HostFingerprint::current(kvm.get_api_version());
+    let (_, snap) = snapshot::read_state(dir, Some(&host))?;
+    Ok(snap)
 }
 
 impl Vmm {
@@ -181,47 +262,150 @@ impl Vmm {
     pub fn build(config: VmConfig) -> Result<Self, VmmError> {
         config.validate()?;
         let t0 = Instant::now();
-        let ram = GuestRam::new(config.mem_mib << 20)?;
-        let vmm = Self::assemble(config, ram)?;
+        let control = bind_control(config.control.as_deref())?;
+        let mut shell = Shell::create(config.mem_mib, config.vcpus)?;
+        shell.ram.map_memfd()?;
+        let vmm = Self::assemble(config, shell, control)?;
         vmm.boot()?;
         tracing::debug!(elapsed = ?t0.elapsed(), "VM built");
         Ok(vmm)
     }
 
-    /// Restores a snapshot into a new VM with fresh vCPUs; the guest sees a new identity
-    /// generation, `opts.clone_id` and fresh entropy.
+    /// Restores a snapshot into a new VM; see [`Vmm::restore_into`].
     pub fn restore(opts: &RestoreOptions) -> Result<Self, VmmError> {
+        let snap = read_snapshot(&opts.dir)?;
+        let control = bind_control(opts.control.as_deref())?;
+        let shell = Shell::create(snap.config.mem_mib, snap.config.vcpus)?;
+        Self::restore_snapshot(shell, snap, opts, control)
+    }
+
+    /// Restores the snapshot in `opts.dir` into a pre-created `shell` whose vCPUs never ran:
+    /// guest memory is mapped (and, in `uffd` mode, served) first, then devices, VM and vCPU
+    /// state. The guest sees a new identity generation, `opts.clone_id` and fresh entropy.
+    pub fn restore_into(
+        shell: Shell,
+        opts: &RestoreOptions,
+        control: Option<(UnixListener, SocketFile)>,
+    ) -> Result<Self, VmmError> {
+        let snap = read_snapshot(&opts.dir)?;
+        Self::restore_snapshot(shell, snap, opts, control)
+    }
+
+    fn restore_snapshot(
+        mut shell: Shell,
+        snap: MachineSnapshot,
+        opts: &RestoreOptions,
+        control: Option<(UnixListener, SocketFile)>,
+    ) -> Result<Self, VmmError> {
         let t0 = Instant::now();
-        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
-        let host = snapshot::HostFingerprint::current(kvm.get_api_version());
-        let (_, snap): (_, MachineSnapshot) = snapshot::read_state(&opts.dir, Some(&host))?;
         let mut config = snap.config;
         config.serial = opts.serial.clone();
         config.debug_log = opts.debug_log.clone();
         config.control = opts.control.clone();
+        if let Some(uds) = &opts.vsock_uds {
+            match &mut config.vsock {
+                Some(v) => v.uds = uds.clone(),
+                None => {
+                    return Err(VmmError::Mismatch(
+                        "a vsock socket was given but the snapshot has no vsock device".into(),
+                    ))
+                }
+            }
+        }
+        for o in &opts.block {
+            let (Some(b), Some(&bytes)) =
+                (config.block.get_mut(o.index), snap.block_bytes.get(o.index))
+            else {
+                return Err(VmmError::Mismatch(format!(
+                    "block override {}: the snapshot has {} block devices",
+                    o.index,
+                    config.block.len()
+                )));
+            };
+            let len = std::fs::metadata(&o.path)
+                .map_err(io_err(format!("block override {}", o.path.display())))?
+                .len();
+            if len != bytes {
+                return Err(VmmError::Mismatch(format!(
+                    "block override {} is {len} bytes; the snapshot's device {} has {bytes}: use a file of the same size",
+                    o.path.display(),
+                    o.index
+                )));
+            }
+            b.path = o.path.clone();
+        }
         config.validate_machine()?;
-        if !config.block.is_empty() || config.vsock.is_some() {
-            return Err(VmmError::Unsupported(
-                "restoring virtio devices is not implemented yet; snapshot a VM without --block/--vsock",
-            ));
+        let devices = config.block.len() + usize::from(config.vsock.is_some());
+        if snap.vcpus.len() != usize::from(config.vcpus) || snap.devices.len() != devices {
+            return Err(VmmError::Mismatch(format!(
+                "snapshot state does not match its config: {} vCPU states for {} vCPUs, {} device states for {devices} devices",
+                snap.vcpus.len(),
+                config.vcpus,
+                snap.devices.len()
+            )));
         }
-        if snap.vcpus.len() != usize::from(config.vcpus) {
-            return Err(VmmError::Unsupported(
-                "snapshot vCPU count does not match its config",
-            ));
+        if shell.ram.size != config.mem_mib << 20 || shell.vcpus() != config.vcpus {
+            return Err(VmmError::Mismatch(format!(
+                "the shell has {} MiB and {} vCPUs; the snapshot needs {} MiB and {}: use a shell of the template's size",
+                shell.ram.size >> 20,
+                shell.vcpus(),
+                config.mem_mib,
+                config.vcpus
+            )));
         }
-        let size = config.mem_mib << 20;
-        let ram = match opts.mem_mode {
+        let mem_path = opts.dir.join(snapshot::memory::MEMORY_FILE);
+        let mem_len = std::fs::metadata(&mem_path)
+            .map_err(io_err(format!("opening {}", mem_path.display())))?
+            .len();
+        if mem_len != shell.ram.size {
+            return Err(VmmError::Mismatch(format!(
+                "{} is {mem_len} bytes, the snapshot's guest RAM is {} (truncated or from another snapshot?)",
+                mem_path.display(),
+                shell.ram.size
+            )));
+        }
+        let pages = match opts.mem_mode {
             MemoryMode::Copy => {
-                let ram = GuestRam::new(size)?;
-                snapshot::memory::copy_into(&opts.dir, &ram.memfd)?;
-                ram
+                let memfd = shell.ram.map_memfd()?;
+                snapshot::memory::copy_into(&opts.dir, &memfd)?;
+                None
             }
             MemoryMode::Cow => {
-                GuestRam::map_private(&opts.dir.join(snapshot::memory::MEMORY_FILE), size)?
+                shell.ram.map_file_private(&mem_path)?;
+                None
+            }
+            MemoryMode::Uffd => {
+                let file = std::fs::File::open(&mem_path)
+                    .map_err(io_err(format!("opening {}", mem_path.display())))?;
+                let file = Arc::new(file);
+                // PVM-like hosts emulate guest code with accesses that never wait on
+                // userfaultfd (an unserved page reads as all-ones): no lazy serving there.
+                let host = snapshot::HostFingerprint::current(shell.kvm.get_api_version());
+                let mode = uffd::mode_for(&file, !host.pvm_like);
+                if mode == uffd::FaultMode::Missing {
+                    shell.ram.map_anonymous()?;
+                } else {
+                    shell.ram.map_file_private(&mem_path)?;
+                }
+                let server = PageServer::start(
+                    &shell.ram,
+                    file,
+                    &opts.dir,
+                    mode,
+                    std::time::Duration::from_millis(opts.record_ms),
+                )?;
+                Some(server)
             }
         };
-        let mut vmm = Self::assemble(config, ram)?;
+        let mut vmm = Self::assemble(config, shell, control)?;
+        vmm.pages = pages;
+        vmm.mem_mode = Some(opts.mem_mode);
+        for (t, state) in vmm.transports.iter().zip(&snap.devices) {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(state)
+                .map_err(|e| VmmError::Mismatch(format!("restoring a virtio device: {e}")))?;
+        }
         persist::restore_vm(&vmm.vm, &snap.vm)?;
         for (fd, state) in vmm.vcpu_fds.iter().zip(&snap.vcpus) {
             let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
@@ -236,44 +420,31 @@ impl Vmm {
         Ok(vmm)
     }
 
+    /// Counters of the userfaultfd page server (`uffd` restores only).
+    pub fn uffd_stats(&self) -> Option<uffd::UffdStats> {
+        self.pages.as_ref().map(PageServer::stats)
+    }
+
     /// Creates everything a VM has before it is booted or restored: control socket, KVM VM with
     /// irqchip, PIT and memslots, devices, and vCPUs that have never run.
-    fn assemble(config: VmConfig, ram: GuestRam) -> Result<Self, VmmError> {
-        let t0 = Instant::now();
-        let control = match &config.control {
-            Some(p) => Some((control::bind_unix(p)?, SocketFile(p.clone()))),
-            None => None,
-        };
-        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
-        let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(vm_err("KVM_CREATE_PIT2"))?;
-        for (slot, (host, guest, size)) in ram.regions().into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: guest,
-                memory_size: size,
-                userspace_addr: host,
-            };
-            // SAFETY: the region is a live mapping owned by `ram`, which the Vmm keeps alive for
-            // as long as the VM fd exists.
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        tracing::debug!(elapsed = ?t0.elapsed(), "VM shell created");
+    fn assemble(
+        config: VmConfig,
+        shell: Shell,
+        control: Option<(UnixListener, SocketFile)>,
+    ) -> Result<Self, VmmError> {
+        let Shell {
+            kvm,
+            vm,
+            ram,
+            vcpu_fds,
+        } = shell;
         let mut mmio = Bus::new();
         let mut irq_fds = Vec::new();
         let mut queue_events = Vec::new();
         let mut cmdline = config.cmdline.clone();
         let mut backends = Vec::new();
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        let mut transports = Vec::new();
         for b in &config.block {
             devices.push(Box::new(Block::new(&b.path, b.read_only, b.id.as_deref())?));
         }
@@ -299,6 +470,7 @@ impl Vmm {
                 .map_err(io_err("cloning a queue eventfd"))?;
             let backend_fd = transport.backend_fd();
             let transport = Arc::new(Mutex::new(transport));
+            transports.push(transport.clone());
             if let Some(fd) = backend_fd {
                 backends.push(Backend {
                     fd,
@@ -322,13 +494,10 @@ impl Vmm {
             cmdline += &format!("virtio_mmio.device=4K@{base:#x}:{gsi}");
         }
 
-        let mut vcpu_fds = Vec::new();
-        for id in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(vm_err("KVM_CREATE_VCPU"))?;
-            vcpu_fds.push(Arc::new(Mutex::new(fd)));
-        }
+        let vcpu_fds = vcpu_fds
+            .into_iter()
+            .map(|fd| Arc::new(Mutex::new(fd)))
+            .collect();
 
         let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
         let mut pio = Bus::new();
@@ -367,6 +536,7 @@ impl Vmm {
             None => None,
         };
         Ok(Self {
+            pages: None,
             config,
             ram,
             kvm,
@@ -381,6 +551,8 @@ impl Vmm {
             reports,
             queue_events,
             backends,
+            transports,
+            mem_mode: None,
             _irq_fds: {
                 irq_fds.push(serial_irq);
                 irq_fds
@@ -451,19 +623,31 @@ impl Vmm {
 
     /// Writes a snapshot of this (paused) VM into `dir`, which must exist.
     fn snapshot(&self, dir: &std::path::Path) -> Result<snapshot::memory::MemoryStats, VmmError> {
-        if !self.config.block.is_empty() || self.config.vsock.is_some() {
-            return Err(VmmError::Unsupported(
-                "snapshots of VMs with virtio devices are not implemented yet",
-            ));
-        }
+        let devices = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save())
+            .collect();
+        let block_bytes = self
+            .config
+            .block
+            .iter()
+            .map(|b| {
+                std::fs::metadata(&b.path)
+                    .map(|m| m.len())
+                    .map_err(io_err(format!("block device {}", b.path.display())))
+            })
+            .collect::<Result<_, _>>()?;
         let vm = persist::save_vm(&self.vm)?;
         let mut vcpus = Vec::new();
         for fd in &self.vcpu_fds {
             let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
             vcpus.push(persist::save_vcpu(&self.kvm, &fd)?);
         }
-        let mem = if self.ram.private {
-            // A copy-on-write clone: its writes live only in the private mapping. Read through
+        let mem = if let Backing::Memfd(memfd) = &self.ram.backing {
+            snapshot::memory::write_sparse(memfd, self.ram.size, dir)?
+        } else {
+            // A copy-on-write or userfaultfd clone: its writes live only in its mapping. Read through
             // it in chunks that never cross a region boundary (both are 1 MiB aligned).
             snapshot::memory::write_sparse_with(
                 self.ram.size,
@@ -471,8 +655,6 @@ impl Vmm {
                 dir,
                 |off, buf| self.ram.read_at(off, buf),
             )?
-        } else {
-            snapshot::memory::write_sparse(&self.ram.memfd, self.ram.size, dir)?
         };
         let header = snapshot::StateFile {
             producer_version: env!("CARGO_PKG_VERSION").into(),
@@ -483,6 +665,8 @@ impl Vmm {
             generation: self.generation,
             vm,
             vcpus,
+            devices,
+            block_bytes,
         };
         snapshot::write_state(dir, &header, &state)?;
         Ok(mem)
@@ -502,6 +686,16 @@ impl Vmm {
     ///
     /// Every vCPU thread is joined and every fd and socket file is released before returning.
     pub fn run(self, term_fd: Option<RawFd>) -> Result<ExitReason, VmmError> {
+        self.run_with(term_fd, Vec::new())
+    }
+
+    /// [`run`](Vmm::run), also serving control connections accepted before the VM existed
+    /// (a shell's `restore` client).
+    pub fn run_with(
+        self,
+        term_fd: Option<RawFd>,
+        connections: Vec<std::os::unix::net::UnixStream>,
+    ) -> Result<ExitReason, VmmError> {
         vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
         let ctl = Arc::new(RunControl::default());
         let mut threads: Vec<VcpuThread> = Vec::new();
@@ -526,7 +720,7 @@ impl Vmm {
             ctl: &ctl,
             threads: &threads,
         }
-        .run(term_fd);
+        .run(term_fd, connections);
         vcpu::stop(&ctl, &mut threads);
         result?;
         Ok(self.exit.reason().unwrap_or(ExitReason::Shutdown))
@@ -563,7 +757,11 @@ struct DeviceLoop<'a> {
 
 impl DeviceLoop<'_> {
     /// Waits for the exit event, termination signals, queue notifications and control requests.
-    fn run(&self, term_fd: Option<RawFd>) -> Result<(), VmmError> {
+    fn run(
+        &self,
+        term_fd: Option<RawFd>,
+        initial: Vec<std::os::unix::net::UnixStream>,
+    ) -> Result<(), VmmError> {
         let exit = &*self.vmm.exit;
         let listener = self.vmm.control.as_ref().map(|c| &c.0);
         let (queue_events, backends) = (&self.vmm.queue_events, &self.vmm.backends);
@@ -591,6 +789,19 @@ impl DeviceLoop<'_> {
             add(b.fd, TOKEN_BACKEND_BASE + i as u64)?;
         }
         let mut conns: HashMap<u64, Connection> = HashMap::new();
+        for stream in initial {
+            if stream.set_nonblocking(true).is_ok() {
+                let token = stream.as_raw_fd() as u64;
+                add(stream.as_raw_fd(), token)?;
+                conns.insert(
+                    token,
+                    Connection {
+                        stream,
+                        buf: Vec::new(),
+                    },
+                );
+            }
+        }
         let mut events = vec![EpollEvent::default(); 16];
         while exit.reason().is_none() {
             let n = match epoll.wait(-1, &mut events) {
@@ -700,12 +911,23 @@ impl DeviceLoop<'_> {
         let (config, ram, exit) = (&self.vmm.config, &self.vmm.ram, &self.vmm.exit);
         let (ctl, threads) = (self.ctl, self.threads);
         match req {
-            Request::Status => json!({
-                "ok": true,
-                "state": if ctl.is_paused() { "paused" } else { "running" },
-                "vcpus": config.vcpus,
-                "mem_mib": ram.size >> 20,
-            }),
+            Request::Status => {
+                let mut v = json!({
+                    "ok": true,
+                    "state": if ctl.is_paused() { "paused" } else { "running" },
+                    "vcpus": config.vcpus,
+                    "mem_mib": ram.size >> 20,
+                    "generation": self.vmm.generation,
+                    "mem_mode": self.vmm.mem_mode,
+                });
+                if let Some(s) = self.vmm.uffd_stats() {
+                    v["uffd"] = json!(s);
+                }
+                v
+            }
+            Request::Restore(_) => {
+                json!({"ok": false, "error": "this VMM already runs a VM; restore into an idle shell (runv-vmm --shell)"})
+            }
             Request::Pause => {
                 vcpu::pause(ctl, threads);
                 json!({"ok": true, "state": "paused"})

@@ -2,28 +2,92 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use vmm::{MemoryMode, RestoreOptions};
 
-/// Boots the counter guest, snapshots it into `snap` after it has run a while; returns the
-/// counter's guest address.
-fn make_template(dir: &Path, snap: &Path, vcpus: u8) -> u64 {
-    let mut cfg = guest_config(
-        if vcpus > 1 {
-            "rt.smp rt.counter"
-        } else {
-            "rt.counter"
-        },
-        dir,
-    );
+const HOLD_PORT: u32 = 5000;
+
+/// A host-side vsock peer: accepts the guest's connections on `path` and echoes what it reads;
+/// returns everything it received when `stop` is set or the peer closes.
+fn echo_peer(path: &Path) -> std::thread::JoinHandle<Vec<u8>> {
+    let l = UnixListener::bind(path).unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut got = Vec::new();
+        let mut held = Vec::new();
+        while Instant::now() < deadline {
+            match l.accept() {
+                Ok((s, _)) => {
+                    s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+                    held.push(s);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+            let mut closed = false;
+            for s in &mut held {
+                let mut buf = [0u8; 256];
+                match s.read(&mut buf) {
+                    Ok(0) => closed = true,
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        s.write_all(&buf[..n]).unwrap();
+                    }
+                    Err(_) => {}
+                }
+            }
+            if closed || got.ends_with(b"#") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        got
+    })
+}
+
+struct Template {
+    /// Guest address of the counter.
+    addr: u64,
+    /// Held by the test so the template's vsock connection stays open while it is snapshotted.
+    _peer: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+/// Boots the counter guest with `extra` options, snapshots it into `snap` after it has run a
+/// while, and stops it.
+fn make_template(
+    dir: &Path,
+    snap: &Path,
+    vcpus: u8,
+    extra: &str,
+    initrd: Option<&Path>,
+) -> Template {
+    let mut cmdline = String::from("rt.counter");
+    if vcpus > 1 {
+        cmdline.insert_str(0, "rt.smp ");
+    }
+    if !extra.is_empty() {
+        cmdline = format!("{cmdline} {extra}");
+    }
+    let mut cfg = guest_config(&cmdline, dir);
     cfg.mem_mib = 64;
     cfg.vcpus = vcpus;
+    cfg.initrd = initrd.map(Path::to_path_buf);
+    let mut peer = None;
+    if extra.contains("rt.vsock_hold") {
+        let uds = dir.join("template.vsock");
+        peer = Some(echo_peer(Path::new(&format!(
+            "{}_{HOLD_PORT}",
+            uds.display()
+        ))));
+        cfg.vsock = Some(vmm::config::VsockConfig { cid: 3, uds });
+    }
     let sock = dir.join("template.sock");
     cfg.control = Some(sock.clone());
     let vm = vmm::Vmm::build(cfg).unwrap();
@@ -35,20 +99,30 @@ fn make_template(dir: &Path, snap: &Path, vcpus: u8) -> u64 {
         .unwrap();
     let addr = u64::from_str_radix(field(&started, "addr").expect(&started), 16).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let mut s = UnixStream::connect(&sock).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
+    let (mut s, mut r) = connect(&sock);
     std::fs::create_dir_all(snap).unwrap();
     for req in [
         format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap.display()),
         r#"{"cmd":"shutdown"}"#.to_string(),
     ] {
-        writeln!(s, "{req}").unwrap();
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        assert!(line.contains(r#""ok":true"#), "{req}: {line}");
+        let reply = request(&mut s, &mut r, &req);
+        assert_eq!(reply["ok"], true, "{req}: {reply}");
     }
     assert_eq!(t.join().unwrap().unwrap(), vmm::ExitReason::Shutdown);
-    addr
+    Template { addr, _peer: peer }
+}
+
+fn connect(path: &Path) -> (UnixStream, BufReader<UnixStream>) {
+    let s = UnixStream::connect(path).unwrap();
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+fn request(s: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &str) -> serde_json::Value {
+    writeln!(s, "{line}").unwrap();
+    let mut reply = String::new();
+    r.read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{line}: {e}: {reply:?}"))
 }
 
 fn snapshot_counter(snap: &Path, addr: u64) -> u64 {
@@ -58,26 +132,51 @@ fn snapshot_counter(snap: &Path, addr: u64) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Restores one clone, waits for its `resumed` report, stops it; returns the report.
-fn clone_once(snap: &Path, dir: &Path, mode: MemoryMode, id: &str) -> String {
-    let vm = vmm::Vmm::restore(&RestoreOptions {
-        dir: snap.to_path_buf(),
-        mem_mode: mode,
-        clone_id: id.into(),
-        serial: vmm::config::SerialOutput::None,
-        debug_log: Some(dir.join(format!("{id}.log")).display().to_string()),
-        control: None,
-    })
-    .unwrap();
+/// What one clone reported, and its uffd counters.
+struct CloneRun {
+    reports: Vec<String>,
+    status: serde_json::Value,
+}
+
+/// Restores one clone, waits for `want` reports (the first is `resumed`), reads its status,
+/// stops it.
+fn clone_run(snap: &Path, dir: &Path, mode: MemoryMode, id: &str, want: usize) -> CloneRun {
+    let mut opts = RestoreOptions::new(snap, mode);
+    opts.clone_id = id.into();
+    opts.serial = vmm::config::SerialOutput::None;
+    opts.debug_log = Some(dir.join(format!("{id}.log")).display().to_string());
+    let sock = dir.join(format!("{id}.sock"));
+    opts.control = Some(sock.clone());
+    if vmm::read_snapshot(snap).unwrap().config.vsock.is_some() {
+        opts.vsock_uds = Some(dir.join(format!("{id}.vsock")));
+    }
+    let vm = vmm::Vmm::restore(&opts).unwrap_or_else(|e| panic!("restoring {id}: {e}"));
     let reports = vm.reports().unwrap();
     let exit = vm.exit_handle();
     let t = std::thread::spawn(move || vm.run(None));
-    let report = reports
-        .recv_timeout(TIMEOUT)
-        .unwrap_or_else(|_| panic!("clone {id} never reported"));
+    let mut got = Vec::new();
+    while got.len() < want {
+        let r = reports
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("clone {id} reported only {got:?}"));
+        let fail = r.starts_with("FAIL");
+        got.push(r);
+        if fail {
+            break;
+        }
+    }
+    let (mut s, mut r) = connect(&sock);
+    let status = request(&mut s, &mut r, r#"{"cmd":"status"}"#);
     exit.exit(vmm::ExitReason::Shutdown);
     t.join().unwrap().unwrap();
-    report
+    CloneRun {
+        reports: got,
+        status,
+    }
+}
+
+fn clone_once(snap: &Path, dir: &Path, mode: MemoryMode, id: &str) -> String {
+    clone_run(snap, dir, mode, id, 1).reports.remove(0)
 }
 
 fn file_bytes(snap: &Path) -> (Vec<u8>, Vec<u8>) {
@@ -87,6 +186,10 @@ fn file_bytes(snap: &Path) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+/// The issue's acceptance test: a guest with a counter, a pattern and a held vsock connection is
+/// snapshotted mid-run; 50 clones (copy, cow and uffd) resume from the snapshot's counter, write
+/// their own id, get a TRANSPORT_RESET and answer on a new vsock connection; none sees another's
+/// writes, and the snapshot files are unchanged.
 #[test]
 fn kvm_snapshot_fifty_clones_resume_isolated() {
     if !kvm_available("kvm_snapshot_fifty_clones_resume_isolated") {
@@ -94,8 +197,14 @@ fn kvm_snapshot_fifty_clones_resume_isolated() {
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    let addr = make_template(dir.path(), &snap, 1);
-    let at_snapshot = snapshot_counter(&snap, addr);
+    let tpl = make_template(
+        dir.path(),
+        &snap,
+        1,
+        &format!("rt.vsock_hold={HOLD_PORT}"),
+        None,
+    );
+    let at_snapshot = snapshot_counter(&snap, tpl.addr);
     assert!(at_snapshot > 0, "the guest ran before the snapshot");
     let before = file_bytes(&snap);
     let start = Instant::now();
@@ -103,30 +212,45 @@ fn kvm_snapshot_fifty_clones_resume_isolated() {
     for batch in 0..5 {
         for i in 0..10 {
             let (snap, d) = (snap.clone(), dir.path().to_path_buf());
-            let mode = if i % 5 == 0 {
-                MemoryMode::Copy
-            } else {
-                MemoryMode::Cow
+            let mode = match i % 3 {
+                0 => MemoryMode::Copy,
+                1 => MemoryMode::Cow,
+                _ => MemoryMode::Uffd,
             };
             let id = format!("clone-{}", batch * 10 + i);
+            let peer = echo_peer(&d.join(format!("{id}.vsock_{HOLD_PORT}")));
             handles.push(std::thread::spawn(move || {
-                (id.clone(), clone_once(&snap, &d, mode, &id))
+                let run = clone_run(&snap, &d, mode, &id, 2);
+                (id, run, peer)
             }));
         }
         for h in handles.drain(..) {
-            let (id, r) = h.join().unwrap();
-            assert!(r.starts_with("PASS resumed"), "{id}: {r}");
-            assert_eq!(field(&r, "clone"), Some(id.as_str()), "{r}");
-            assert_eq!(field(&r, "gen"), Some("1"), "{r}");
+            let (id, run, peer) = h.join().unwrap();
+            let r = &run.reports[0];
+            assert!(r.starts_with("PASS resumed"), "{id}: {:?}", run.reports);
+            assert_eq!(field(r, "clone"), Some(id.as_str()), "{r}");
+            assert_eq!(field(r, "gen"), Some("1"), "{r}");
+            assert_eq!(field(r, "pattern"), Some("ok"), "{r}");
             assert_eq!(
-                field(&r, "prev"),
+                field(r, "prev"),
                 Some(""),
                 "{id} saw another clone's write: {r}"
             );
-            let counter: u64 = field(&r, "counter").unwrap().parse().unwrap();
+            let counter: u64 = field(r, "counter").unwrap().parse().unwrap();
             assert!(
                 counter >= at_snapshot && counter < at_snapshot + 1000,
                 "{id} resumed at {counter}, snapshot had {at_snapshot}"
+            );
+            let v = run.reports.get(1).map(String::as_str).unwrap_or("none");
+            assert!(
+                v.starts_with("PASS vsock_after_restore reset=1"),
+                "{id}: {v}"
+            );
+            let echoed = peer.join().unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&echoed),
+                format!("clone={id}"),
+                "{id}: the host saw the wrong vsock payload"
             );
         }
     }
@@ -137,6 +261,63 @@ fn kvm_snapshot_fifty_clones_resume_isolated() {
     );
 }
 
+/// Each memory mode restores the same memory; `uffd` reports its faults, and the second clone,
+/// prefetching the working set the first one recorded, takes markedly fewer. Run with the memory
+/// file on tmpfs (MINOR faults, zero copy) and on the target's file system (MISSING faults); on a
+/// PVM-like host, whose KVM never waits on userfaultfd, both run in Populate mode.
+#[test]
+fn kvm_snapshot_uffd_records_then_prefetches_the_working_set() {
+    if !kvm_available("kvm_snapshot_uffd_records_then_prefetches_the_working_set") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let initrd = dir.path().join("initrd.bin");
+    let data: Vec<u8> = (0..(2u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&initrd, &data).unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let kvm_api = 12;
+    let pvm = snapshot::HostFingerprint::current(kvm_api).pvm_like;
+    for (base, mut expect_mode) in [(shm.path(), "minor"), (dir.path(), "missing")] {
+        if pvm {
+            expect_mode = "populate";
+        }
+        let snap = base.join("snap");
+        make_template(dir.path(), &snap, 1, "rt.touch=300", Some(&initrd));
+        let copy = clone_once(&snap, dir.path(), MemoryMode::Copy, "copy");
+        let cow = clone_once(&snap, dir.path(), MemoryMode::Cow, "cow");
+        let first = clone_run(&snap, dir.path(), MemoryMode::Uffd, "uffd-1", 1);
+        assert!(
+            snap.join("workingset.bin").exists(),
+            "the first uffd clone recorded its working set"
+        );
+        let second = clone_run(&snap, dir.path(), MemoryMode::Uffd, "uffd-2", 1);
+        for r in [&copy, &cow, &first.reports[0], &second.reports[0]] {
+            assert!(r.starts_with("PASS resumed"), "{r}");
+            assert_eq!(field(r, "touched"), Some("300"), "{r}");
+            assert_eq!(
+                field(r, "sum"),
+                field(&copy, "sum"),
+                "modes disagree on memory: {r}"
+            );
+        }
+        let (u1, u2) = (&first.status["uffd"], &second.status["uffd"]);
+        assert_eq!(u1["mode"], expect_mode, "{u1}");
+        let (f1, f2) = (
+            u1["faults"].as_u64().unwrap(),
+            u2["faults"].as_u64().unwrap(),
+        );
+        eprintln!("{expect_mode}: first clone {u1}, second clone {u2}");
+        assert!(
+            f1 >= 300,
+            "the first clone faulted on every touched page: {u1}"
+        );
+        assert!(u2["prefetched_pages"].as_u64().unwrap() >= 300, "{u2}");
+        assert!(f2 * 4 < f1, "prefetch did not cut the faults: {f1} -> {f2}");
+    }
+}
+
 #[test]
 fn kvm_snapshot_two_vcpus() {
     if !kvm_available("kvm_snapshot_two_vcpus") {
@@ -144,8 +325,8 @@ fn kvm_snapshot_two_vcpus() {
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    make_template(dir.path(), &snap, 2);
-    for mode in [MemoryMode::Copy, MemoryMode::Cow] {
+    make_template(dir.path(), &snap, 2, "", None);
+    for mode in [MemoryMode::Copy, MemoryMode::Cow, MemoryMode::Uffd] {
         let r = clone_once(&snap, dir.path(), mode, "smp");
         assert!(
             r.starts_with("PASS resumed") && r.contains("clone=smp"),
@@ -155,22 +336,16 @@ fn kvm_snapshot_two_vcpus() {
 }
 
 #[test]
-fn kvm_snapshot_damaged_or_unsupported_is_refused() {
-    if !kvm_available("kvm_snapshot_damaged_or_unsupported_is_refused") {
+fn kvm_snapshot_damaged_or_mismatched_is_refused() {
+    if !kvm_available("kvm_snapshot_damaged_or_mismatched_is_refused") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    make_template(dir.path(), &snap, 1);
+    make_template(dir.path(), &snap, 1, "", None);
     let (state, _) = file_bytes(&snap);
-    let opts = RestoreOptions {
-        dir: snap.clone(),
-        mem_mode: MemoryMode::Cow,
-        clone_id: "x".into(),
-        serial: vmm::config::SerialOutput::None,
-        debug_log: None,
-        control: None,
-    };
+    let mut opts = RestoreOptions::new(&snap, MemoryMode::Cow);
+    opts.serial = vmm::config::SerialOutput::None;
     let refuse = |bytes: &[u8], expect: &str| {
         std::fs::write(snap.join("state.bin"), bytes).unwrap();
         let e = vmm::Vmm::restore(&opts).err().expect(expect).to_string();
@@ -184,18 +359,47 @@ fn kvm_snapshot_damaged_or_unsupported_is_refused() {
     versioned[8] = 9;
     refuse(&versioned, "format version 9");
     std::fs::write(snap.join("state.bin"), &state).unwrap();
+    // A shell of another size is refused before anything is mapped.
+    let small = vmm::Shell::create(32, 1).unwrap();
+    let e = vmm::Vmm::restore_into(small, &opts, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("shell has 32 MiB"), "{e}");
+    // A vsock socket for a snapshot without vsock.
+    let mut with_vsock = opts.clone();
+    with_vsock.vsock_uds = Some(dir.path().join("v.sock"));
+    let e = vmm::Vmm::restore(&with_vsock).err().unwrap().to_string();
+    assert!(e.contains("no vsock device"), "{e}");
+    // A damaged working set is ignored with a warning: uffd still restores.
+    std::fs::write(snap.join("workingset.bin"), b"RUNVWSET garbage").unwrap();
+    let r = clone_once(&snap, dir.path(), MemoryMode::Uffd, "ws");
+    assert!(r.starts_with("PASS resumed"), "{r}");
     let mem = std::fs::OpenOptions::new()
         .write(true)
         .open(snap.join("memory.bin"))
         .unwrap();
     mem.set_len(4096).unwrap();
-    let e = vmm::Vmm::restore(&opts).err().unwrap().to_string();
-    assert!(e.contains("memory.bin"), "{e}");
+    for mode in [MemoryMode::Copy, MemoryMode::Cow, MemoryMode::Uffd] {
+        let mut o = opts.clone();
+        o.mem_mode = mode;
+        let e = vmm::Vmm::restore(&o).err().unwrap().to_string();
+        assert!(e.contains("memory.bin"), "{mode:?}: {e}");
+    }
+}
 
-    // A VM with virtio devices cannot be snapshotted yet: a clear error, and it keeps running.
+/// A block device is part of the snapshot; a restore may swap its backing file for one of the
+/// same size, and refuses any other.
+#[test]
+fn kvm_snapshot_block_device_backing_file_replaced() {
+    if !kvm_available("kvm_snapshot_block_device_backing_file_replaced") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, [0u8; 4096]).unwrap();
+    std::fs::write(&disk, [1u8; 8192]).unwrap();
     let mut cfg = guest_config("rt.counter", dir.path());
+    cfg.mem_mib = 64;
     cfg.block.push(vmm::config::BlockConfig {
         path: disk,
         read_only: true,
@@ -204,20 +408,48 @@ fn kvm_snapshot_damaged_or_unsupported_is_refused() {
     let sock = dir.path().join("blk.sock");
     cfg.control = Some(sock.clone());
     let vm = vmm::Vmm::build(cfg).unwrap();
+    let reports = vm.reports().unwrap();
     let t = std::thread::spawn(move || vm.run(None));
-    let mut s = UnixStream::connect(&sock).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    writeln!(
-        s,
-        r#"{{"cmd":"snapshot","dir":"{}"}}"#,
-        dir.path().display()
-    )
-    .unwrap();
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("not implemented yet"), "{line}");
-    writeln!(s, r#"{{"cmd":"shutdown"}}"#).unwrap();
-    assert!(t.join().unwrap().is_ok());
+    reports
+        .iter()
+        .find(|r| r.starts_with("PASS counter_started"))
+        .unwrap();
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let (mut s, mut r) = connect(&sock);
+    let reply = request(
+        &mut s,
+        &mut r,
+        &format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap.display()),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    request(&mut s, &mut r, r#"{"cmd":"shutdown"}"#);
+    t.join().unwrap().unwrap();
+
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, [2u8; 8192]).unwrap();
+    let mut opts = RestoreOptions::new(&snap, MemoryMode::Cow);
+    opts.serial = vmm::config::SerialOutput::None;
+    opts.debug_log = Some(dir.path().join("c.log").display().to_string());
+    opts.block = vec![vmm::BlockOverride {
+        index: 0,
+        path: other.clone(),
+    }];
+    let vm = vmm::Vmm::restore(&opts).unwrap();
+    let reports = vm.reports().unwrap();
+    let exit = vm.exit_handle();
+    let t = std::thread::spawn(move || vm.run(None));
+    let r = reports.recv_timeout(TIMEOUT).unwrap();
+    assert!(r.starts_with("PASS resumed"), "{r}");
+    exit.exit(vmm::ExitReason::Shutdown);
+    t.join().unwrap().unwrap();
+
+    std::fs::write(&other, [2u8; 4096]).unwrap();
+    let e = vmm::Vmm::restore(&opts).err().unwrap().to_string();
+    assert!(e.contains("same size"), "{e}");
+    opts.block[0].index = 3;
+    let e = vmm::Vmm::restore(&opts).err().unwrap().to_string();
+    assert!(e.contains("has 1 block devices"), "{e}");
 }
 
 /// A snapshot of a copy-on-write clone holds the clone's own writes, not the template's memory.
@@ -228,17 +460,14 @@ fn kvm_snapshot_of_a_cow_clone_keeps_its_writes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    make_template(dir.path(), &snap, 1);
+    make_template(dir.path(), &snap, 1, "", None);
     let sock = dir.path().join("clone.sock");
-    let vm = vmm::Vmm::restore(&RestoreOptions {
-        dir: snap.clone(),
-        mem_mode: MemoryMode::Cow,
-        clone_id: "first".into(),
-        serial: vmm::config::SerialOutput::None,
-        debug_log: Some(dir.path().join("first.log").display().to_string()),
-        control: Some(sock.clone()),
-    })
-    .unwrap();
+    let mut opts = RestoreOptions::new(&snap, MemoryMode::Cow);
+    opts.clone_id = "first".into();
+    opts.serial = vmm::config::SerialOutput::None;
+    opts.debug_log = Some(dir.path().join("first.log").display().to_string());
+    opts.control = Some(sock.clone());
+    let vm = vmm::Vmm::restore(&opts).unwrap();
     let reports = vm.reports().unwrap();
     let t = std::thread::spawn(move || vm.run(None));
     let r = reports.recv_timeout(TIMEOUT).unwrap();

@@ -23,6 +23,48 @@ mod status {
     pub const FAILED: u32 = 0x80;
 }
 
+/// Saved state of one virtqueue (mirrors `virtio_queue::QueueState`, which is not serde).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Maximum size offered by the device.
+    pub max_size: u16,
+    /// Next available-ring index the device will read.
+    pub next_avail: u16,
+    /// Next used-ring index the device will write.
+    pub next_used: u16,
+    /// `VIRTIO_F_RING_EVENT_IDX` negotiated.
+    pub event_idx_enabled: bool,
+    /// Size the driver selected.
+    pub size: u16,
+    /// Configuration finished.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+/// Saved state of a virtio-mmio transport (the device back-end is recreated from the config).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// Virtio device type, checked on restore.
+    pub device_type: u32,
+    /// Device status register.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Feature word selectors and queue selector.
+    pub selectors: [u32; 3],
+    /// Pending interrupt bits.
+    pub interrupt_status: u32,
+    /// Configuration generation.
+    pub config_generation: u32,
+    /// Every queue.
+    pub queues: Vec<QueueSnapshot>,
+}
+
 /// A virtio device as seen through its MMIO window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -72,6 +114,106 @@ impl MmioTransport {
     /// The interrupt eventfd (register as an irqfd on the device's GSI).
     pub fn irq(&self) -> &EventFd {
         &self.irq
+    }
+
+    /// Saves the transport and queue state (the caller keeps the device from running).
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            selectors: [
+                self.device_features_sel,
+                self.driver_features_sel,
+                self.queue_sel,
+            ],
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnapshot {
+                        max_size: s.max_size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Restores saved state into this freshly created transport, then lets the device react to
+    /// the restore (vsock: a transport reset event). A queue the state describes wrongly is
+    /// refused; one that points outside guest memory marks the device NEEDS_RESET, as when a
+    /// driver configures it so.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "snapshot has a device of type {} with {} queues where the config has type {} with {}",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (q, max)) in s
+            .queues
+            .iter()
+            .zip(self.device.queue_max_sizes())
+            .enumerate()
+        {
+            if q.max_size != *max {
+                return Err(format!(
+                    "queue {i}: max size {} in the snapshot, {max} here",
+                    q.max_size
+                ));
+            }
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx_enabled,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            queues.push(Queue::try_from(state).map_err(|e| format!("queue {i}: {e}"))?);
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.driver_features = s.driver_features;
+        [
+            self.device_features_sel,
+            self.driver_features_sel,
+            self.queue_sel,
+        ] = s.selectors;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        if self.status & status::DRIVER_OK != 0
+            && self
+                .queues
+                .iter()
+                .any(|q| q.ready() && !q.is_valid(&self.mem))
+        {
+            tracing::warn!("virtio: restored queue is invalid; device needs reset");
+            self.status |= status::NEEDS_RESET;
+        }
+        if self.active() {
+            let used = self.device.restored(&mut self.queues, &self.mem);
+            self.interrupt(&used);
+        }
+        Ok(())
     }
 
     fn device_features(&self) -> u64 {

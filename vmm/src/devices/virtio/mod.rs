@@ -54,6 +54,11 @@ pub trait VirtioDevice: Send {
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// Called once after the transport state was restored from a snapshot into a fresh device
+    /// (host-side connections are gone); returns the queues whose used rings changed.
+    fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
+        Vec::new()
+    }
     /// Handles back-end events; returns the queues whose used rings changed.
     fn process_backend(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
         Vec::new()

@@ -21,6 +21,9 @@ use crate::memory::GuestMemory;
 
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const QUEUE_SIZE: u16 = 256;
 const HOST_CID: u64 = 2;
 const HDR_LEN: usize = 44;
@@ -168,6 +171,8 @@ pub struct Vsock {
     config: [u8; 8],
     /// Packets from the guest dropped as malformed.
     pub malformed: u64,
+    /// A TRANSPORT_RESET event waits for an event buffer (after a restore).
+    pending_reset: bool,
 }
 
 impl Vsock {
@@ -198,6 +203,7 @@ impl Vsock {
             next_host_port: 1 << 30,
             config: cid.to_le_bytes(),
             malformed: 0,
+            pending_reset: false,
         })
     }
 
@@ -541,6 +547,25 @@ impl Vsock {
         used
     }
 
+    /// Delivers a pending TRANSPORT_RESET into the guest's next event buffer.
+    fn deliver_events(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
+        if !self.pending_reset || !q.ready() {
+            return false;
+        }
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let written = chain
+            .writer(mem)
+            .ok()
+            .is_some_and(|mut w| w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok());
+        self.malformed += u64::from(!written);
+        let len = if written { 4 } else { 0 };
+        self.pending_reset = len == 0;
+        q.add_used(mem, head, len).is_ok()
+    }
+
     /// Reads up to `room` bytes of host data for `key` as an RW (or, at EOF, SHUTDOWN) packet.
     fn read_host_data(&mut self, key: Key, room: usize) -> Option<Vec<u8>> {
         let c = self.conns.get_mut(&key)?;
@@ -605,7 +630,29 @@ impl VirtioDevice for Vsock {
         if queues.get_mut(RX).is_some_and(|q| self.fill_rx(q, mem)) {
             used.push(RX);
         }
+        if index == EVENT
+            && queues
+                .get_mut(EVENT)
+                .is_some_and(|q| self.deliver_events(q, mem))
+        {
+            used.push(EVENT);
+        }
         used
+    }
+
+    fn restored(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
+        // Every connection the guest had ended with the snapshot: tell its driver to drop them.
+        self.pending_reset = true;
+        match queues.get_mut(EVENT) {
+            Some(q) => {
+                if self.deliver_events(q, mem) {
+                    vec![EVENT]
+                } else {
+                    Vec::new()
+                }
+            }
+            None => Vec::new(),
+        }
     }
 
     fn backend_fd(&self) -> Option<RawFd> {

@@ -1,0 +1,695 @@
+//! Serving a clone's guest memory through userfaultfd, with working-set record and prefetch.
+//!
+//! Two fault modes, chosen by where the snapshot's memory file lives:
+//! - [`FaultMode::Minor`] (file on tmpfs/shmem): guest RAM is the file mapped `MAP_PRIVATE`; the
+//!   first touch of a page raises a MINOR fault, answered by `UFFDIO_CONTINUE`, which maps the
+//!   shared page-cache page (zero copy). Writes then copy privately, as in `cow` mode.
+//! - [`FaultMode::Missing`] (file on ordinary storage): guest RAM is anonymous; the first touch
+//!   raises a MISSING fault, answered by `UFFDIO_COPY` of the page read from the file.
+//!
+//! Hosts whose KVM runs guest code through an emulator that does not wait on userfaultfd (the
+//! PVM-like development hosts: a guest read of an unserved page returns all-ones instead of
+//! faulting, measured) get [`FaultMode::Populate`]: the clone maps the file copy-on-write, its
+//! working set is read from its own page tables (`/proc/self/pagemap`) instead of a fault log, and
+//! prefetch is `MADV_POPULATE_READ` over the set (zero copy, in bulk). Faults then are the pages
+//! the guest pulled in beyond the prefetched set.
+//!
+//! The first clone of a snapshot records the pages it faults on during its first seconds and
+//! writes them as the snapshot's working set; later clones install that whole set in bulk before
+//! their vCPUs run, so they do not stop on those faults at all. One handler thread per VM serves
+//! the rest; it never touches vCPU state and stops (flushing a recording) when the VM ends.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestRam;
+use snapshot::workingset::{self, PAGE_SIZE};
+
+/// `UFFD_FEATURE_MINOR_SHMEM` (linux/userfaultfd.h); the crate predates its flag constant.
+const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// `TMPFS_MAGIC` from statfs(2).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// Most pages one recording keeps.
+const MAX_RECORDED: usize = 1 << 18;
+/// Largest run installed by one prefetch ioctl.
+const MAX_RUN: u64 = 1 << 20;
+
+/// How faults are raised and answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultMode {
+    /// MINOR faults on a `MAP_PRIVATE` shmem mapping, answered with `UFFDIO_CONTINUE`.
+    Minor,
+    /// MISSING faults on anonymous memory, answered with `UFFDIO_COPY` from the file.
+    Missing,
+    /// No lazy serving (the host's KVM does not wait on userfaultfd): copy-on-write mapping,
+    /// working set from the page tables, prefetch with `MADV_POPULATE_READ`.
+    Populate,
+}
+
+/// Error setting up userfaultfd.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// The kernel refused the userfaultfd or a feature.
+    #[error("userfaultfd {what}: {source} (needs root or vm.unprivileged_userfaultfd=1, and Linux >= 5.13 for shmem MINOR faults)")]
+    Setup {
+        /// What failed.
+        what: &'static str,
+        /// Cause.
+        source: userfaultfd::Error,
+    },
+    /// Spawning the handler thread or creating its eventfd.
+    #[error("starting the userfaultfd handler: {0}")]
+    Thread(std::io::Error),
+    /// Prefetching the working set failed.
+    #[error("prefetching the working set of {path}: {why}")]
+    Prefetch {
+        /// The memory file.
+        path: PathBuf,
+        /// What failed.
+        why: String,
+    },
+}
+
+/// Picks the fault mode for a memory file: MINOR when it lives on tmpfs, MISSING otherwise, and
+/// Populate when guest accesses on this host never reach a userfaultfd handler (`lazy` false).
+pub fn mode_for(file: &File, lazy: bool) -> FaultMode {
+    if !lazy {
+        return FaultMode::Populate;
+    }
+    // SAFETY: statfs is plain old data; fstatfs only writes into it, and the fd is open.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; the result is checked.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    if rc == 0 && st.f_type as i64 == TMPFS_MAGIC {
+        FaultMode::Minor
+    } else {
+        FaultMode::Missing
+    }
+}
+
+/// Counters of one page server (read by the control `status` command).
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    prefetched_pages: AtomicU64,
+    recorded_pages: AtomicU64,
+    prefetch_us: AtomicU64,
+    serve_ns: AtomicU64,
+}
+
+/// A snapshot of a page server's counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UffdStats {
+    /// Fault mode.
+    pub mode: FaultMode,
+    /// Faults served by the handler thread.
+    pub faults: u64,
+    /// Pages installed in bulk from the working set before the vCPUs ran.
+    pub prefetched_pages: u64,
+    /// Pages this clone recorded as the new working set (0 when it prefetched one).
+    pub recorded_pages: u64,
+    /// Time spent prefetching, in microseconds.
+    pub prefetch_us: u64,
+    /// Mean time to serve one fault, in microseconds.
+    pub mean_fault_us: f64,
+}
+
+/// Guest RAM region as the handler sees it.
+#[derive(Clone, Copy)]
+struct Region {
+    host: u64,
+    len: u64,
+    file_offset: u64,
+}
+
+/// The handler's view of guest RAM and the file behind it.
+struct Pages {
+    /// None in Populate mode.
+    uffd: Option<Uffd>,
+    mode: FaultMode,
+    file: Arc<File>,
+    path: PathBuf,
+    regions: Vec<Region>,
+}
+
+// SAFETY: `Uffd` is an fd wrapper whose ioctls are thread-safe; regions are plain addresses of
+// guest RAM that outlives the page server (the Vmm drops the server before its memory).
+unsafe impl Send for Pages {}
+// SAFETY: as above; every method takes &self and the kernel serialises the ioctls.
+unsafe impl Sync for Pages {}
+
+/// Serves a clone's memory faults until dropped.
+pub struct PageServer {
+    pages: Arc<Pages>,
+    counters: Arc<Counters>,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn errno(e: &userfaultfd::Error) -> Option<i32> {
+    match e {
+        userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) => {
+            Some(*n as i32)
+        }
+        userfaultfd::Error::SystemError(n) => Some(*n as i32),
+        _ => None,
+    }
+}
+
+impl Pages {
+    fn host_of(&self, offset: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| offset >= r.file_offset && offset < r.file_offset + r.len)
+            .map(|r| r.host + offset - r.file_offset)
+    }
+
+    fn offset_of(&self, host: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| host >= r.host && host < r.host + r.len)
+            .map(|r| r.file_offset + host - r.host)
+    }
+
+    /// Installs `len` bytes at RAM offset `offset` (one region); pages already present are fine.
+    fn install(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+        let host = self
+            .host_of(offset)
+            .ok_or_else(|| format!("offset {offset:#x} outside guest RAM"))?;
+        let Some(uffd) = &self.uffd else {
+            // SAFETY: [host, host+len) lies inside a guest RAM mapping that outlives this call;
+            // MADV_POPULATE_READ only faults pages in, it never changes their contents.
+            let rc = unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    len as usize,
+                    libc::MADV_POPULATE_READ,
+                )
+            };
+            return if rc == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "MADV_POPULATE_READ at {offset:#x}: {}",
+                    std::io::Error::last_os_error()
+                ))
+            };
+        };
+        match self.mode {
+            FaultMode::Minor | FaultMode::Populate => {
+                match uffd.r#continue(host as *mut libc::c_void, len as usize, true) {
+                    Ok(_) => Ok(()),
+                    Err(e) if errno(&e) == Some(libc::EEXIST) && len > PAGE_SIZE => {
+                        // Part of the run is mapped already: go page by page.
+                        for p in (0..len).step_by(PAGE_SIZE as usize) {
+                            self.install(offset + p, PAGE_SIZE, buf)?;
+                        }
+                        Ok(())
+                    }
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                        let _ = uffd.wake(host as *mut libc::c_void, len as usize);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("UFFDIO_CONTINUE at {offset:#x}: {e:?}")),
+                }
+            }
+            FaultMode::Missing => {
+                buf.resize(len as usize, 0);
+                self.file
+                    .read_exact_at(buf, offset)
+                    .map_err(|e| format!("reading {} at {offset:#x}: {e}", self.path.display()))?;
+                // SAFETY: `buf` holds `len` readable bytes; [host, host+len) lies inside a guest
+                // RAM region registered with this userfaultfd, which outlives this call.
+                let r = unsafe {
+                    uffd.copy(
+                        buf.as_ptr() as *const libc::c_void,
+                        host as *mut libc::c_void,
+                        len as usize,
+                        true,
+                    )
+                };
+                match r {
+                    Ok(_) => Ok(()),
+                    Err(e) if errno(&e) == Some(libc::EEXIST) && len > PAGE_SIZE => {
+                        for p in (0..len).step_by(PAGE_SIZE as usize) {
+                            self.install(offset + p, PAGE_SIZE, buf)?;
+                        }
+                        Ok(())
+                    }
+                    Err(userfaultfd::Error::PartiallyCopied(n)) => {
+                        let n = n as u64 & !(PAGE_SIZE - 1);
+                        self.install(offset + n, len - n, buf)
+                    }
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                        let _ = uffd.wake(host as *mut libc::c_void, len as usize);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("UFFDIO_COPY at {offset:#x}: {e:?}")),
+                }
+            }
+        }
+    }
+
+    /// RAM offsets of the pages present in this process's page tables (touched since mapped).
+    fn present_pages(&self) -> std::io::Result<Vec<u64>> {
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let mut present = Vec::new();
+        let mut buf = Vec::new();
+        for r in &self.regions {
+            let pages = (r.len / PAGE_SIZE) as usize;
+            buf.resize(pages * 8, 0);
+            pagemap.read_exact_at(&mut buf, r.host / PAGE_SIZE * 8)?;
+            for (i, e) in buf.chunks_exact(8).enumerate() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(e);
+                if u64::from_le_bytes(b) & (1 << 63) != 0 {
+                    present.push(r.file_offset + i as u64 * PAGE_SIZE);
+                }
+            }
+        }
+        Ok(present)
+    }
+
+    /// Installs every page of `set` in bulk, coalescing neighbours into runs.
+    fn prefetch(&self, set: &[u64]) -> Result<u64, String> {
+        let mut sorted = set.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < sorted.len() {
+            let start = sorted[i];
+            let region_end = self
+                .regions
+                .iter()
+                .find(|r| start >= r.file_offset && start < r.file_offset + r.len)
+                .map(|r| r.file_offset + r.len)
+                .ok_or_else(|| format!("offset {start:#x} outside guest RAM"))?;
+            let mut end = start + PAGE_SIZE;
+            i += 1;
+            while i < sorted.len() && sorted[i] == end && end < region_end && end - start < MAX_RUN
+            {
+                end += PAGE_SIZE;
+                i += 1;
+            }
+            self.install(start, end - start, &mut buf)?;
+        }
+        Ok(sorted.len() as u64)
+    }
+}
+
+impl PageServer {
+    /// Registers guest RAM with a new userfaultfd in `mode`, prefetches the snapshot's working
+    /// set when `dir` has one (or records one for `record_for` otherwise), and starts the handler.
+    ///
+    /// `ram` must already map `file` (MINOR) or be untouched anonymous memory (MISSING).
+    pub fn start(
+        ram: &GuestRam,
+        file: Arc<File>,
+        dir: &Path,
+        mode: FaultMode,
+        record_for: Duration,
+    ) -> Result<Self, UffdError> {
+        let path = dir.join(snapshot::memory::MEMORY_FILE);
+        let uffd = match mode {
+            FaultMode::Populate => None,
+            FaultMode::Minor | FaultMode::Missing => {
+                let mut builder = UffdBuilder::new();
+                builder.close_on_exec(true).non_blocking(true);
+                if mode == FaultMode::Minor {
+                    builder.require_features(FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM));
+                }
+                let uffd = builder.create().map_err(|source| UffdError::Setup {
+                    what: "create",
+                    source,
+                })?;
+                let register = if mode == FaultMode::Minor {
+                    RegisterMode::MINOR
+                } else {
+                    RegisterMode::MISSING
+                };
+                for (host, _, len) in ram.regions() {
+                    uffd.register_with_mode(host as *mut libc::c_void, len as usize, register)
+                        .map_err(|source| UffdError::Setup {
+                            what: "register guest RAM",
+                            source,
+                        })?;
+                }
+                Some(uffd)
+            }
+        };
+        let mut regions = Vec::new();
+        let mut file_offset = 0;
+        for (host, _, len) in ram.regions() {
+            regions.push(Region {
+                host,
+                len,
+                file_offset,
+            });
+            file_offset += len;
+        }
+        let pages = Arc::new(Pages {
+            uffd,
+            mode,
+            file,
+            path: path.clone(),
+            regions,
+        });
+        let counters = Arc::new(Counters::default());
+        let recording = match workingset::read(dir, ram.size) {
+            Ok(Some(set)) => {
+                let t0 = Instant::now();
+                let n = pages
+                    .prefetch(&set)
+                    .map_err(|why| UffdError::Prefetch { path, why })?;
+                counters.prefetched_pages.store(n, Ordering::Relaxed);
+                counters
+                    .prefetch_us
+                    .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                None
+            }
+            Ok(None) => Some(Recording {
+                dir: dir.to_path_buf(),
+                until: Instant::now() + record_for,
+                pages: Vec::new(),
+            }),
+            Err(e) => {
+                tracing::warn!("{e}; this clone neither prefetches nor records");
+                None
+            }
+        };
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(UffdError::Thread)?;
+        let stop_fd = stop.try_clone().map_err(UffdError::Thread)?;
+        let thread = {
+            let (pages, counters) = (pages.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name("uffd".into())
+                .spawn(move || serve(&pages, &counters, &stop_fd, recording))
+                .map_err(UffdError::Thread)?
+        };
+        Ok(Self {
+            pages,
+            counters,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> UffdStats {
+        let c = &self.counters;
+        let mut faults = c.faults.load(Ordering::Relaxed);
+        if self.pages.uffd.is_none() {
+            // Pages the guest pulled in itself: present now, beyond what was prefetched.
+            let present = self.pages.present_pages().map_or(0, |p| p.len() as u64);
+            faults = present.saturating_sub(c.prefetched_pages.load(Ordering::Relaxed));
+        }
+        UffdStats {
+            mode: self.pages.mode,
+            faults,
+            prefetched_pages: c.prefetched_pages.load(Ordering::Relaxed),
+            recorded_pages: c.recorded_pages.load(Ordering::Relaxed),
+            prefetch_us: c.prefetch_us.load(Ordering::Relaxed),
+            mean_fault_us: if faults == 0 {
+                0.0
+            } else {
+                c.serve_ns.load(Ordering::Relaxed) as f64 / faults as f64 / 1e3
+            },
+        }
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A working set being recorded.
+struct Recording {
+    dir: PathBuf,
+    until: Instant,
+    pages: Vec<u64>,
+}
+
+impl Recording {
+    fn flush(mut self, pages: &Pages, counters: &Counters) {
+        if pages.uffd.is_none() {
+            match pages.present_pages() {
+                Ok(p) => self.pages = p,
+                Err(e) => {
+                    tracing::warn!("reading /proc/self/pagemap: {e}; no working set recorded");
+                    return;
+                }
+            }
+        }
+        counters
+            .recorded_pages
+            .store(self.pages.len() as u64, Ordering::Relaxed);
+        match workingset::write_if_absent(&self.dir, &self.pages) {
+            Ok(true) => tracing::debug!(pages = self.pages.len(), "working set recorded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("not recording the working set: {e}"),
+        }
+    }
+}
+
+/// The handler thread: answers faults until `stop` fires.
+fn serve(pages: &Pages, counters: &Counters, stop: &EventFd, mut recording: Option<Recording>) {
+    let mut buf = Vec::new();
+    loop {
+        let timeout = match &recording {
+            Some(r) => r
+                .until
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32,
+            None => -1,
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: pages.uffd.as_ref().map_or(-1, |u| u.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            tracing::error!("uffd handler poll: {}", std::io::Error::last_os_error());
+            break;
+        }
+        if recording
+            .as_ref()
+            .is_some_and(|r| Instant::now() >= r.until)
+        {
+            if let Some(r) = recording.take() {
+                r.flush(pages, counters);
+            }
+        }
+        if fds[1].revents != 0 {
+            break;
+        }
+        let Some(uffd) = &pages.uffd else {
+            continue;
+        };
+        loop {
+            match uffd.read_event() {
+                Ok(Some(Event::Pagefault { addr, .. })) => {
+                    let t0 = Instant::now();
+                    let host = addr as u64 & !(PAGE_SIZE - 1);
+                    let Some(offset) = pages.offset_of(host) else {
+                        tracing::error!("uffd fault at {host:#x} outside guest RAM");
+                        continue;
+                    };
+                    if let Err(e) = pages.install(offset, PAGE_SIZE, &mut buf) {
+                        // The vCPU stays blocked on this page; nothing else can serve it.
+                        tracing::error!("serving a guest page fault: {e}");
+                    }
+                    counters.faults.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .serve_ns
+                        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    if let Some(r) = &mut recording {
+                        if r.pages.len() < MAX_RECORDED {
+                            r.pages.push(offset);
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("reading a userfaultfd event: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(r) = recording {
+        r.flush(pages, counters);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lazy path with real userfaultfd: accesses from another thread of this process fault
+    //! into the handler exactly as a vCPU's do on a standard KVM host.
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const SIZE: u64 = 16 << 20;
+
+    fn template(dir: &Path) -> Vec<u8> {
+        let data: Vec<u8> = (0..SIZE as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        std::fs::write(dir.join(snapshot::memory::MEMORY_FILE), &data).unwrap();
+        data
+    }
+
+    fn clone_ram(dir: &Path, mode: FaultMode) -> (GuestRam, Arc<File>) {
+        let path = dir.join(snapshot::memory::MEMORY_FILE);
+        let mut ram = GuestRam::reserve(SIZE).unwrap();
+        match mode {
+            FaultMode::Missing => ram.map_anonymous().unwrap(),
+            _ => {
+                ram.map_file_private(&path).unwrap();
+            }
+        }
+        (ram, Arc::new(File::open(&path).unwrap()))
+    }
+
+    /// Reads 200 scattered pages from a separate thread; returns what it read.
+    fn touch(ram: &GuestRam) -> Vec<u8> {
+        let mem = ram.mem.clone();
+        std::thread::spawn(move || {
+            (0..200u64)
+                .map(|i| {
+                    let mut b = [0u8; 1];
+                    mem.read_slice(&mut b, GuestAddress(i * 37 * PAGE_SIZE % SIZE + 5))
+                        .unwrap();
+                    b[0]
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn record_then_prefetch(dir: &Path, mode: FaultMode) {
+        let data = template(dir);
+        let expect: Vec<u8> = (0..200u64)
+            .map(|i| data[(i * 37 * PAGE_SIZE % SIZE + 5) as usize])
+            .collect();
+        let (ram, file) = clone_ram(dir, mode);
+        let server = PageServer::start(&ram, file, dir, mode, Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            touch(&ram),
+            expect,
+            "{mode:?}: served pages hold the file's data"
+        );
+        let first = server.stats();
+        assert!(first.faults >= 200, "{first:?}");
+        drop(server);
+        assert_eq!(
+            workingset::read(dir, SIZE).unwrap().unwrap().len() as u64,
+            first.faults,
+            "the recording holds every faulted page"
+        );
+        // A write stays private: the template file is unchanged.
+        ram.mem.write_obj(0xffu8, GuestAddress(5)).unwrap_or(());
+        drop(ram);
+
+        let (ram, file) = clone_ram(dir, mode);
+        let server = PageServer::start(&ram, file, dir, mode, Duration::from_secs(30)).unwrap();
+        assert_eq!(touch(&ram), expect);
+        let second = server.stats();
+        assert!(second.prefetched_pages >= 200, "{second:?}");
+        assert_eq!(second.faults, 0, "prefetched pages never fault: {second:?}");
+        drop(server);
+        assert_eq!(
+            std::fs::read(dir.join(snapshot::memory::MEMORY_FILE)).unwrap(),
+            data
+        );
+    }
+
+    #[test]
+    fn minor_faults_on_tmpfs_record_then_prefetch() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join(snapshot::memory::MEMORY_FILE);
+        std::fs::write(&path, b"x").unwrap();
+        assert_eq!(
+            mode_for(&File::open(&path).unwrap(), true),
+            FaultMode::Minor
+        );
+        record_then_prefetch(dir.path(), FaultMode::Minor);
+    }
+
+    #[test]
+    fn missing_faults_on_anonymous_memory_record_then_prefetch() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join(snapshot::memory::MEMORY_FILE);
+        std::fs::write(&path, b"x").unwrap();
+        assert_eq!(
+            mode_for(&File::open(&path).unwrap(), true),
+            FaultMode::Missing
+        );
+        record_then_prefetch(dir.path(), FaultMode::Missing);
+    }
+
+    #[test]
+    fn populate_mode_records_from_page_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = template(dir.path());
+        let (ram, file) = clone_ram(dir.path(), FaultMode::Populate);
+        let server = PageServer::start(
+            &ram,
+            file,
+            dir.path(),
+            FaultMode::Populate,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        touch(&ram);
+        assert!(server.stats().faults >= 200, "{:?}", server.stats());
+        drop(server);
+        drop(ram);
+        let set = workingset::read(dir.path(), SIZE).unwrap().unwrap();
+        assert!(set.len() >= 200, "{} pages recorded", set.len());
+        let (ram, file) = clone_ram(dir.path(), FaultMode::Populate);
+        let server = PageServer::start(
+            &ram,
+            file,
+            dir.path(),
+            FaultMode::Populate,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        touch(&ram);
+        let s = server.stats();
+        assert_eq!(s.prefetched_pages, set.len() as u64, "{s:?}");
+        assert_eq!(s.faults, 0, "{s:?}");
+        let mut b = [0u8; 1];
+        ram.mem.read_slice(&mut b, GuestAddress(5)).unwrap();
+        assert_eq!(b[0], data[5]);
+    }
+}
