@@ -18,7 +18,7 @@ pub const STATE_FILE: &str = "state.bin";
 /// Magic bytes at the start of every state file.
 pub const MAGIC: &[u8; 8] = b"RUNVSNAP";
 /// Version of this layout; bumped on every incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const PREFIX_LEN: usize = 8 + 4 + 4 + 8 + 4;
 /// Largest header accepted.
 pub const MAX_HEADER: u64 = 64 * 1024;

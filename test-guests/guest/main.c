@@ -486,8 +486,9 @@ static void task_vsock_connect(u32 port) {
  *   rt.vsock_hold=PORT  before counting, open a vsock connection to host PORT and hold it; after
  *                       a restore, expect a TRANSPORT_RESET event, then open a new connection,
  *                       send "clone=<id>" and wait for the host's echo;
- *   rt.touch=N          after a restore, read one byte of each of the first N initrd pages
- *                       (a clone's working set in the template's memory);
+ *   rt.touch=N          after a restore's report, read one byte of each of the first N initrd
+ *                       pages (a clone's working set in the template's memory) and report
+ *                       "PASS touched pages=N sum=HEX";
  *   rt.idle             after a restore's report, halt with interrupts off (an idle clone). */
 static volatile u64 counter;
 static char clone_page[4096] __attribute__((aligned(4096)));
@@ -571,10 +572,6 @@ static void task_counter(const struct boot_info *bi) {
         if (*gen == seen) continue;
         seen = *gen;
         u64 c = counter;
-        u32 sum = 0, pages = 0;
-        if (touch && bi->initrd)
-            for (; pages < touch && (u64)pages * 4096 < bi->initrd_size; pages++)
-                sum += *(volatile const u8 *)(bi->initrd + (u64)pages * 4096);
         int pattern_ok = 1;
         for (u32 i = 0; i < sizeof pattern_page; i += 64)
             if (pattern_page[i] != (u8)(i * 13 + 5)) pattern_ok = 0;
@@ -584,8 +581,14 @@ static void task_counter(const struct boot_info *bi) {
         /* What this clone finds in its private page: it must never be another clone's id. */
         r_str(" prev="); r_str(clone_page);
         r_str(" pattern="); r_str(pattern_ok ? "ok" : "damaged");
-        if (touch) { r_str(" touched="); r_dec(pages); r_str(" sum="); r_hex(sum); }
         r_send();
+        if (touch) {
+            u32 sum = 0, pages = 0;
+            if (bi->initrd)
+                for (; pages < touch && (u64)pages * 4096 < bi->initrd_size; pages++)
+                    sum += *(volatile const u8 *)(bi->initrd + (u64)pages * 4096);
+            r_str("PASS touched pages="); r_dec(pages); r_str(" sum="); r_hex(sum); r_send();
+        }
         u32 i = 0;
         for (; clone_id[i] && i < 63; i++) clone_page[i] = clone_id[i];
         clone_page[i] = 0;

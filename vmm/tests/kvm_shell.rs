@@ -1,0 +1,165 @@
+//! VM shells as processes: `runv-vmm --shell` waits with a KVM VM ready, becomes a clone on a
+//! control `restore`, and cleans up on every path; the pool keeps shells ready.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use pool_manager::{ShellPool, ShellProcess, ShellSpec};
+use serde_json::json;
+
+fn spec(dir: &Path, mem_mib: u64) -> ShellSpec {
+    ShellSpec {
+        vmm: PathBuf::from(env!("CARGO_BIN_EXE_runv-vmm")),
+        mem_mib,
+        vcpus: 1,
+        run_dir: dir.to_path_buf(),
+    }
+}
+
+/// Boots the counter guest (64 MiB) in-process and snapshots it into `dir/snap`.
+fn template(dir: &Path) -> PathBuf {
+    let mut cfg = guest_config("rt.counter rt.idle", dir);
+    cfg.mem_mib = 64;
+    let sock = dir.join("template.sock");
+    cfg.control = Some(sock.clone());
+    let vm = vmm::Vmm::build(cfg).unwrap();
+    let reports = vm.reports().unwrap();
+    let t = std::thread::spawn(move || vm.run(None));
+    reports
+        .iter()
+        .find(|r| r.starts_with("PASS counter_started"))
+        .unwrap();
+    let snap = dir.join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for req in [
+        format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap.display()),
+        r#"{"cmd":"shutdown"}"#.into(),
+    ] {
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains(r#""ok":true"#), "{line}");
+    }
+    t.join().unwrap().unwrap();
+    snap
+}
+
+#[test]
+fn kvm_shell_becomes_a_clone_on_restore() {
+    if !kvm_available("kvm_shell_becomes_a_clone_on_restore") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = template(dir.path());
+    let mut shell = ShellProcess::spawn(&spec(dir.path(), 64), "a").unwrap();
+    let status = shell.request(r#"{"cmd":"status"}"#).unwrap();
+    assert_eq!(status["state"], "shell", "{status}");
+    assert_eq!(status["mem_mib"], 64, "{status}");
+    let e = shell.request(r#"{"cmd":"pause"}"#).unwrap_err().to_string();
+    assert!(e.contains("no VM yet"), "{e}");
+    let reply = shell
+        .restore(
+            &snap,
+            "cow",
+            json!({"clone_id": "shell-clone", "serial": "none", "debug_log": "-"}),
+        )
+        .unwrap();
+    assert_eq!(reply["state"], "running", "{reply}");
+    assert!(reply["restore_ms"].as_f64().unwrap() > 0.0, "{reply}");
+    let line = shell.next_stdout_line().unwrap();
+    assert!(
+        line.starts_with("REPORT PASS resumed") && line.contains("clone=shell-clone"),
+        "{line}"
+    );
+    // The same connection now drives the clone.
+    let status = shell.request(r#"{"cmd":"status"}"#).unwrap();
+    assert_eq!(
+        (status["state"].as_str(), status["generation"].as_u64()),
+        (Some("running"), Some(1)),
+        "{status}"
+    );
+    let e = shell
+        .restore(&snap, "cow", json!({}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already runs a VM"), "{e}");
+    let sock = dir.path().join("a.sock");
+    assert!(sock.exists());
+    assert!(shell.shutdown().unwrap().success());
+    assert!(!sock.exists(), "the control socket file is removed");
+}
+
+#[test]
+fn kvm_shell_refuses_a_mismatched_snapshot_and_exits() {
+    if !kvm_available("kvm_shell_refuses_a_mismatched_snapshot_and_exits") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = template(dir.path());
+    let mut shell = ShellProcess::spawn(&spec(dir.path(), 32), "small").unwrap();
+    let e = shell
+        .restore(&snap, "cow", json!({"serial": "none"}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shell has 32 MiB"), "{e}");
+    assert!(
+        !shell.shutdown().unwrap().success(),
+        "a failed restore ends the shell with an error"
+    );
+    assert!(!dir.path().join("small.sock").exists());
+
+    // A missing snapshot is a clear error too.
+    let mut shell = ShellProcess::spawn(&spec(dir.path(), 64), "missing").unwrap();
+    let e = shell
+        .restore(&dir.path().join("nope"), "uffd", json!({}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+fn kvm_shell_idle_sigterm_and_pool_cleanup() {
+    if !kvm_available("kvm_shell_idle_sigterm_and_pool_cleanup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shell = ShellProcess::spawn(&spec(dir.path(), 64), "idle").unwrap();
+    let pid = shell.pid() as i32;
+    // SAFETY: kill(2) on a child of this test.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(shell.shutdown().unwrap().success());
+    assert!(!dir.path().join("idle.sock").exists());
+
+    let snap = template(dir.path());
+    let pool = ShellPool::new(spec(dir.path(), 64), 3, 2);
+    let mut clones = Vec::new();
+    for i in 0..5 {
+        let mut s = pool.take(TIMEOUT).unwrap();
+        s.restore(
+            &snap,
+            "cow",
+            json!({"clone_id": format!("p{i}"), "serial": "none", "debug_log": "-"}),
+        )
+        .unwrap();
+        let line = s.next_stdout_line().unwrap();
+        assert!(line.contains(&format!("clone=p{i}")), "{line}");
+        clones.push(s);
+    }
+    assert_eq!(pool.failures(), 0);
+    drop(pool);
+    drop(clones);
+    std::thread::sleep(Duration::from_millis(50));
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sock"))
+        .collect();
+    assert!(left.is_empty(), "sockets left behind: {left:?}");
+}
