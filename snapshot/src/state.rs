@@ -314,17 +314,17 @@ mod tests {
             );
         }
         let mut b = good.clone();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         put(&b);
         let e = read(dir.path()).unwrap_err();
         assert!(
             matches!(
                 e,
                 SnapshotError::Version {
-                    found: 2,
-                    supported: 1,
+                    found,
+                    supported: FORMAT_VERSION,
                     ..
-                }
+                } if found == FORMAT_VERSION + 1
             ),
             "{e}"
         );
