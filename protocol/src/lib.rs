@@ -1,1 +1,14 @@
-//! placeholder
+//! The wire protocol between the host (shim, tests) and `runv-agent`, over any byte stream
+//! (AF_VSOCK in a guest, a Unix socket on a host).
+//!
+//! Everything is a [`frame::Frame`]: a 16-byte header (magic, version, kind, flags, id, length)
+//! and a bounded payload. Requests, responses and events carry JSON ([`message`]); stdio travels
+//! as raw `Data` frames per stream, with per-stream credit ([`stream`]). Nothing read from the
+//! peer is trusted: every length is bounded before allocation and every error is a value.
+
+pub mod frame;
+pub mod message;
+pub mod stream;
+
+pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, MAX_PAYLOAD, PROTOCOL_VERSION};
+pub use message::*;
