@@ -1,0 +1,270 @@
+//! Per-container cgroups: v2 (what the agent mounts in a guest) or, on hybrid hosts whose
+//! controllers are bound to v1 hierarchies, the v1 memory, pids and cpu controllers.
+
+use std::path::{Path, PathBuf};
+
+/// Limits from the OCI spec's `linux.resources`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory limit, bytes.
+    pub memory: Option<i64>,
+    /// Maximum processes.
+    pub pids: Option<i64>,
+    /// CPU quota and period, microseconds.
+    pub cpu: Option<(i64, u64)>,
+}
+
+impl Limits {
+    /// Reads the limits of `spec`.
+    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Self {
+        let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) else {
+            return Self::default();
+        };
+        Self {
+            memory: r
+                .memory()
+                .as_ref()
+                .and_then(|m| m.limit())
+                .filter(|&l| l > 0),
+            pids: r.pids().as_ref().map(|p| p.limit()).filter(|&l| l > 0),
+            cpu: r
+                .cpu()
+                .as_ref()
+                .and_then(|c| match (c.quota(), c.period()) {
+                    (Some(q), p) if q > 0 => Some((q, p.unwrap_or(100_000))),
+                    _ => None,
+                }),
+        }
+    }
+}
+
+/// The cgroup(s) of one container.
+#[derive(Debug)]
+pub enum Cgroup {
+    /// A directory in the unified hierarchy.
+    V2(PathBuf),
+    /// One directory per v1 controller: memory, pids, cpu.
+    V1 {
+        /// memory controller directory.
+        memory: PathBuf,
+        /// pids controller directory.
+        pids: PathBuf,
+        /// cpu controller directory.
+        cpu: PathBuf,
+    },
+}
+
+/// Error creating or using a cgroup.
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}: {what}: {source} (is cgroupfs mounted and writable by the agent?)")]
+pub struct CgroupError {
+    path: PathBuf,
+    what: &'static str,
+    source: std::io::Error,
+}
+
+fn write(path: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path.join(file), value).map_err(|source| CgroupError {
+        path: path.join(file),
+        what: "write",
+        source,
+    })
+}
+
+fn read_u64(path: &Path, file: &str) -> u64 {
+    std::fs::read_to_string(path.join(file))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn read_key(path: &Path, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path.join(file))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok())?
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Where cgroups live: `root` is the cgroupfs mount (`/sys/fs/cgroup`), `group` our parent group.
+#[derive(Debug, Clone)]
+pub struct CgroupRoot {
+    root: PathBuf,
+    group: String,
+    v2: bool,
+}
+
+impl CgroupRoot {
+    /// Detects the layout under `root`.
+    pub fn detect(root: &Path, group: &str) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            group: group.to_string(),
+            v2: root.join("cgroup.controllers").exists(),
+        }
+    }
+
+    /// Creates the cgroup of container `id` with `limits`.
+    pub fn create(&self, id: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
+        let mk = |p: &Path| {
+            std::fs::create_dir_all(p).map_err(|source| CgroupError {
+                path: p.to_path_buf(),
+                what: "mkdir",
+                source,
+            })
+        };
+        let cg = if self.v2 {
+            let parent = self.root.join(&self.group);
+            mk(&parent)?;
+            // Delegate the controllers we set to our children (both levels).
+            let _ = write(&self.root, "cgroup.subtree_control", "+memory +pids +cpu");
+            let _ = write(&parent, "cgroup.subtree_control", "+memory +pids +cpu");
+            let dir = parent.join(id);
+            mk(&dir)?;
+            Cgroup::V2(dir)
+        } else {
+            let at = |c: &str| self.root.join(c).join(&self.group).join(id);
+            let cg = Cgroup::V1 {
+                memory: at("memory"),
+                pids: at("pids"),
+                cpu: at("cpu"),
+            };
+            for d in cg.dirs() {
+                mk(d)?;
+            }
+            cg
+        };
+        if let Err(e) = cg.apply(limits) {
+            cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+}
+
+impl Cgroup {
+    fn dirs(&self) -> Vec<&Path> {
+        match self {
+            Cgroup::V2(d) => vec![d],
+            Cgroup::V1 { memory, pids, cpu } => vec![memory, pids, cpu],
+        }
+    }
+
+    fn apply(&self, l: &Limits) -> Result<(), CgroupError> {
+        match self {
+            Cgroup::V2(d) => {
+                if let Some(m) = l.memory {
+                    write(d, "memory.max", &m.to_string())?;
+                    let _ = write(d, "memory.swap.max", "0");
+                }
+                if let Some(p) = l.pids {
+                    write(d, "pids.max", &p.to_string())?;
+                }
+                if let Some((q, p)) = l.cpu {
+                    write(d, "cpu.max", &format!("{q} {p}"))?;
+                }
+            }
+            Cgroup::V1 { memory, pids, cpu } => {
+                if let Some(m) = l.memory {
+                    write(memory, "memory.limit_in_bytes", &m.to_string())?;
+                    let _ = write(memory, "memory.memsw.limit_in_bytes", &m.to_string());
+                }
+                if let Some(p) = l.pids {
+                    write(pids, "pids.max", &p.to_string())?;
+                }
+                if let Some((q, p)) = l.cpu {
+                    write(cpu, "cpu.cfs_period_us", &p.to_string())?;
+                    write(cpu, "cpu.cfs_quota_us", &q.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `pid` into the cgroup.
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+        let file = if matches!(self, Cgroup::V2(_)) {
+            "cgroup.procs"
+        } else {
+            "tasks"
+        };
+        for d in self.dirs() {
+            write(d, file, &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Pids in the cgroup.
+    pub fn pids(&self) -> Vec<i32> {
+        let d = self.dirs()[0];
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// OOM kills so far.
+    pub fn oom_kills(&self) -> u64 {
+        match self {
+            Cgroup::V2(d) => read_key(d, "memory.events", "oom_kill"),
+            Cgroup::V1 { memory, .. } => read_key(memory, "memory.oom_control", "oom_kill"),
+        }
+    }
+
+    /// Usage: memory bytes, memory limit, pids, CPU microseconds.
+    pub fn usage(&self) -> (u64, Option<u64>, u64, u64) {
+        match self {
+            Cgroup::V2(d) => (
+                read_u64(d, "memory.current"),
+                std::fs::read_to_string(d.join("memory.max"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok()),
+                read_u64(d, "pids.current"),
+                read_key(d, "cpu.stat", "usage_usec"),
+            ),
+            Cgroup::V1 { memory, pids, cpu } => {
+                let limit = read_u64(memory, "memory.limit_in_bytes");
+                (
+                    read_u64(memory, "memory.usage_in_bytes"),
+                    (limit < (1 << 62)).then_some(limit),
+                    read_u64(pids, "pids.current"),
+                    read_u64(cpu, "cpuacct.usage") / 1000,
+                )
+            }
+        }
+    }
+
+    /// SIGKILLs every process in the cgroup until it is empty (bounded), then removes it.
+    pub fn kill_all_and_remove(&self) {
+        for _ in 0..200 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for p in pids {
+                // SAFETY: kill(2) with a pid read from our own cgroup; ESRCH is harmless.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        self.remove();
+    }
+
+    /// Removes the cgroup directories (they must be empty of processes).
+    pub fn remove(&self) {
+        for d in self.dirs() {
+            for _ in 0..100 {
+                match std::fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                }
+            }
+        }
+    }
+}

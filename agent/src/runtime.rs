@@ -1,0 +1,566 @@
+//! Containers and their processes: the registry, the reaper, and the lifecycle operations.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::{ContainerState, ContainerStats, ContainerStatus, ErrorCode, ExitStatus};
+
+use crate::cgroup::{Cgroup, CgroupRoot, Limits};
+use crate::spawn::{self, ChildStdio, Pending, Plan};
+
+/// An error with its protocol class.
+#[derive(Debug)]
+pub struct OpError {
+    /// Class.
+    pub code: ErrorCode,
+    /// What failed and what to do.
+    pub message: String,
+}
+
+impl OpError {
+    /// An error of class `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<spawn::SpawnError> for OpError {
+    fn from(e: spawn::SpawnError) -> Self {
+        let code = match e {
+            spawn::SpawnError::Invalid(_) => ErrorCode::BadRequest,
+            _ => ErrorCode::Spawn,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+/// Collects the exit statuses of every child (`waitpid(-1)`), as PID 1 must, and hands them to
+/// whoever waits for a pid; statuses nobody claims (orphans re-parented to us) are dropped.
+pub struct Reaper {
+    state: Mutex<ReaperState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct ReaperState {
+    exited: HashMap<i32, i32>,
+    watched: std::collections::HashSet<i32>,
+}
+
+impl Reaper {
+    /// Starts the reaper thread.
+    pub fn start() -> Arc<Self> {
+        let r = Arc::new(Self {
+            state: Mutex::new(ReaperState::default()),
+            cv: Condvar::new(),
+        });
+        let r2 = r.clone();
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || loop {
+                let mut status = 0;
+                // SAFETY: waitpid with a valid status pointer.
+                let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+                if pid <= 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                let mut st = r2.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.watched.remove(&pid) {
+                    st.exited.insert(pid, status);
+                    r2.cv.notify_all();
+                }
+            })
+            .expect("spawning the reaper thread");
+        r
+    }
+
+    /// Registers interest in `pid` (before it can exit unobserved: call right after spawning).
+    pub fn watch(&self, pid: i32) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .watched
+            .insert(pid);
+    }
+
+    /// Waits for `pid`'s raw wait status, up to `timeout`.
+    pub fn wait(&self, pid: i32, timeout: Option<Duration>) -> Option<i32> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(s) = st.exited.remove(&pid) {
+                return Some(s);
+            }
+            match deadline {
+                None => st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    st = self
+                        .cv
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+/// A process of a container (its init or an exec).
+pub struct Proc {
+    /// Agent-side pid.
+    pub pid: i32,
+    exit: Mutex<Option<ExitStatus>>,
+    cv: Condvar,
+    /// Resources to release when the process is gone (stream pumps, stdin).
+    pub io: Mutex<crate::server::ProcIo>,
+}
+
+impl Proc {
+    fn new(pid: i32, io: crate::server::ProcIo) -> Arc<Self> {
+        Arc::new(Self {
+            pid,
+            exit: Mutex::new(None),
+            cv: Condvar::new(),
+            io: Mutex::new(io),
+        })
+    }
+
+    /// Blocks until the process exited.
+    pub fn wait(&self) -> ExitStatus {
+        let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(s) = *e {
+                return s;
+            }
+            e = self.cv.wait(e).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Exit status, if exited.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_exit(&self, s: ExitStatus) {
+        *self.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        self.cv.notify_all();
+    }
+}
+
+/// A container.
+pub struct Container {
+    /// Id.
+    pub id: String,
+    rootfs: PathBuf,
+    scratch: Option<PathBuf>,
+    cgroup: Cgroup,
+    /// The container's process.
+    pub init: Arc<Proc>,
+    pending: Mutex<Option<Pending>>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+impl Container {
+    fn status(&self) -> ContainerStatus {
+        if self.init.exited().is_some() {
+            ContainerStatus::Stopped
+        } else if self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            ContainerStatus::Created
+        } else {
+            ContainerStatus::Running
+        }
+    }
+
+    /// The process `exec_id` (or init).
+    pub fn process(&self, exec_id: Option<&str>) -> Result<Arc<Proc>, OpError> {
+        match exec_id {
+            None => Ok(self.init.clone()),
+            Some(e) => self
+                .execs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(e)
+                .cloned()
+                .ok_or_else(|| {
+                    OpError::new(
+                        ErrorCode::NotFound,
+                        format!("container {} has no exec {e}", self.id),
+                    )
+                }),
+        }
+    }
+}
+
+/// Every container of this agent.
+pub struct Runtime {
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// The reaper.
+    pub reaper: Arc<Reaper>,
+    cgroups: CgroupRoot,
+    state_dir: PathBuf,
+}
+
+fn to_exit(raw: i32, oom_kills: u64) -> ExitStatus {
+    if libc::WIFSIGNALED(raw) {
+        let sig = libc::WTERMSIG(raw);
+        ExitStatus {
+            code: 128 + sig,
+            signal: Some(sig),
+            oom_killed: sig == libc::SIGKILL && oom_kills > 0,
+        }
+    } else {
+        ExitStatus {
+            code: libc::WEXITSTATUS(raw),
+            signal: None,
+            oom_killed: false,
+        }
+    }
+}
+
+fn valid_id(id: &str) -> Result<(), OpError> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        || id.starts_with('.')
+    {
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            format!("container id {id:?}: use 1-128 characters of [A-Za-z0-9._-], not starting with '.'"),
+        ));
+    }
+    Ok(())
+}
+
+impl Runtime {
+    /// A runtime keeping scratch directories in `state_dir` and cgroups under `cgroups`.
+    pub fn new(state_dir: PathBuf, cgroups: CgroupRoot) -> std::io::Result<Arc<Self>> {
+        std::fs::create_dir_all(&state_dir)?;
+        // Exec'd processes are re-parented to us when their helper exits.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        Ok(Arc::new(Self {
+            containers: Mutex::new(HashMap::new()),
+            reaper: Reaper::start(),
+            cgroups,
+            state_dir,
+        }))
+    }
+
+    /// The container `id`.
+    pub fn get(&self, id: &str) -> Result<Arc<Container>, OpError> {
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no container {id}")))
+    }
+
+    /// Ids of all containers.
+    pub fn list(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Creates container `id`: cgroup, namespaces, root file system; its process waits for
+    /// [`Runtime::start`]. `io` are the agent-side stdio resources, `stdio` the child's fds.
+    pub fn create(
+        self: &Arc<Self>,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+        source: &protocol::RootfsSource,
+        stdio: &ChildStdio,
+        io: crate::server::ProcIo,
+        on_exit: impl FnOnce(&str, ExitStatus) + Send + 'static,
+    ) -> Result<Arc<Container>, OpError> {
+        valid_id(id)?;
+        let dir = match source {
+            protocol::RootfsSource::Bind { path } => path,
+            protocol::RootfsSource::Overlay { lower } => lower,
+        };
+        if !std::path::Path::new(dir).is_dir() {
+            return Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("root file system {dir} does not exist or is not a directory: unpack the bundle first"),
+            ));
+        }
+        let mut map = self.containers.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(id) {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("container {id} exists: destroy it first or pick another id"),
+            ));
+        }
+        let scratch = self.state_dir.join(id);
+        let overlay = matches!(source, protocol::RootfsSource::Overlay { .. });
+        if overlay {
+            std::fs::create_dir_all(&scratch).map_err(|e| {
+                OpError::new(
+                    ErrorCode::Io,
+                    format!("creating {}: {e}", scratch.display()),
+                )
+            })?;
+        }
+        let cleanup_scratch = || {
+            if overlay {
+                let _ = std::fs::remove_dir(&scratch);
+            }
+        };
+        let (plan, rootfs) = match Plan::for_container(spec, source, &scratch) {
+            Ok(p) => p,
+            Err(e) => {
+                cleanup_scratch();
+                return Err(e.into());
+            }
+        };
+        let cgroup = match self.cgroups.create(id, &Limits::from_spec(spec)) {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup_scratch();
+                return Err(OpError::new(ErrorCode::Io, e.to_string()));
+            }
+        };
+        let pending = match spawn::spawn(&plan, stdio) {
+            Ok(p) => p,
+            Err(e) => {
+                cgroup.remove();
+                cleanup_scratch();
+                return Err(e.into());
+            }
+        };
+        let pid = pending.pid;
+        self.reaper.watch(pid);
+        if let Err(e) = cgroup.add(pid) {
+            drop(pending);
+            self.reaper.wait(pid, Some(Duration::from_secs(5)));
+            cgroup.remove();
+            cleanup_scratch();
+            return Err(OpError::new(ErrorCode::Io, e.to_string()));
+        }
+        let init = Proc::new(pid, io);
+        let c = Arc::new(Container {
+            id: id.to_string(),
+            rootfs,
+            scratch: overlay.then_some(scratch),
+            cgroup,
+            init: init.clone(),
+            pending: Mutex::new(Some(pending)),
+            execs: Mutex::new(HashMap::new()),
+        });
+        map.insert(id.to_string(), c.clone());
+        drop(map);
+        self.watch_exit(c.clone(), init, None, on_exit);
+        Ok(c)
+    }
+
+    fn watch_exit(
+        self: &Arc<Self>,
+        c: Arc<Container>,
+        proc: Arc<Proc>,
+        exec_id: Option<String>,
+        on_exit: impl FnOnce(&str, ExitStatus) + Send + 'static,
+    ) {
+        let rt = self.clone();
+        std::thread::spawn(move || {
+            let raw = rt.reaper.wait(proc.pid, None).unwrap_or(0);
+            let status = to_exit(raw, c.cgroup.oom_kills());
+            // Let the output pumps drain before anyone hears of the exit.
+            crate::server::ProcIo::finish(&proc.io, Duration::from_secs(2));
+            proc.set_exit(status);
+            let _ = exec_id;
+            on_exit(&c.id, status);
+        });
+    }
+
+    /// Starts a created container.
+    pub fn start(&self, id: &str) -> Result<(), OpError> {
+        let c = self.get(id)?;
+        let pending = c
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| {
+                OpError::new(
+                    ErrorCode::InvalidState,
+                    format!("container {id} was already started"),
+                )
+            })?;
+        spawn::start(pending)?;
+        Ok(())
+    }
+
+    /// Runs an extra process in a running container.
+    pub fn exec(
+        self: &Arc<Self>,
+        id: &str,
+        exec_id: &str,
+        process: &oci_spec::runtime::Process,
+        stdio: &ChildStdio,
+        io: crate::server::ProcIo,
+        on_exit: impl FnOnce(&str, ExitStatus) + Send + 'static,
+    ) -> Result<i32, OpError> {
+        valid_id(exec_id)?;
+        let c = self.get(id)?;
+        if c.status() != ContainerStatus::Running {
+            return Err(OpError::new(
+                ErrorCode::InvalidState,
+                format!("container {id} is not running"),
+            ));
+        }
+        if c.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(exec_id)
+        {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("exec {exec_id} exists in {id}"),
+            ));
+        }
+        let plan = Plan::for_exec(process, c.init.pid)?;
+        let pending = spawn::spawn(&plan, stdio)?;
+        let pid = pending.pid;
+        // The helper (`pending.intermediate`) exits right away; the reaper collects it unwatched.
+        self.reaper.watch(pid);
+        c.cgroup
+            .add(pid)
+            .map_err(|e| OpError::new(ErrorCode::Io, e.to_string()))?;
+        let proc = Proc::new(pid, io);
+        c.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(exec_id.to_string(), proc.clone());
+        self.watch_exit(c.clone(), proc, Some(exec_id.to_string()), on_exit);
+        spawn::start(pending)?;
+        Ok(pid)
+    }
+
+    /// Sends `signal` to a process, or to all of the container's.
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), OpError> {
+        let c = self.get(id)?;
+        if !(1..=64).contains(&signal) {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("signal {signal} is not 1..=64"),
+            ));
+        }
+        let pids = if all {
+            c.cgroup.pids()
+        } else {
+            vec![c.process(exec_id)?.pid]
+        };
+        for p in pids {
+            // SAFETY: kill(2) on a pid of this container.
+            if unsafe { libc::kill(p, signal) } != 0 && !all {
+                return Err(OpError::new(
+                    ErrorCode::InvalidState,
+                    format!("signalling {p}: {}", std::io::Error::last_os_error()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// State of container `id`.
+    pub fn state(&self, id: &str) -> Result<ContainerState, OpError> {
+        let c = self.get(id)?;
+        Ok(ContainerState {
+            id: c.id.clone(),
+            status: c.status(),
+            pid: c.init.pid,
+            rootfs: c.rootfs.display().to_string(),
+            exit: c.init.exited(),
+        })
+    }
+
+    /// Pids of container `id`.
+    pub fn ps(&self, id: &str) -> Result<Vec<i32>, OpError> {
+        Ok(self.get(id)?.cgroup.pids())
+    }
+
+    /// Resource usage of container `id`.
+    pub fn stats(&self, id: &str) -> Result<ContainerStats, OpError> {
+        let c = self.get(id)?;
+        let (memory_current, memory_max, pids_current, cpu_usage_usec) = c.cgroup.usage();
+        Ok(ContainerStats {
+            id: c.id.clone(),
+            memory_current,
+            memory_max,
+            pids_current,
+            cpu_usage_usec,
+            oom_kills: c.cgroup.oom_kills(),
+        })
+    }
+
+    /// Kills every process of container `id`, waits for them, and removes it.
+    pub fn destroy(&self, id: &str) -> Result<(), OpError> {
+        let c = self
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no container {id}")))?;
+        // A never-started process sees its start pipe close and exits.
+        drop(c.pending.lock().unwrap_or_else(|p| p.into_inner()).take());
+        c.cgroup.kill_all_and_remove();
+        // SAFETY: kill(2) on the container's init, in case it escaped the cgroup.
+        unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.init.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let execs: Vec<_> = c
+            .execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for e in execs {
+            while e.exited().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if let Some(s) = &c.scratch {
+            let _ = std::fs::remove_dir(s);
+        }
+        if c.init.exited().is_none() {
+            return Err(OpError::new(
+                ErrorCode::Internal,
+                format!("container {id}'s process did not exit after SIGKILL"),
+            ));
+        }
+        Ok(())
+    }
+}
