@@ -101,7 +101,8 @@ fn terminate_on_signals(socket: PathBuf) {
                 libc::reboot(libc::RB_POWER_OFF);
             }
         }
-        std::process::exit(0);
+        // SAFETY: _exit skips atexit handlers and stdio locks that other threads may hold.
+        unsafe { libc::_exit(0) };
     });
 }
 

@@ -1,6 +1,7 @@
 //! Starting a container's process: everything is prepared in the agent (paths, strings, ids),
 //! then `clone(2)` creates the child in new namespaces, and the child only makes system calls —
-//! it never allocates, because the agent is multi-threaded and a cloned child inherits its locks.
+//! it never allocates and uses raw system calls where glibc would synchronise with other threads,
+//! because the agent is multi-threaded and a cloned child inherits its locks but not its threads.
 //!
 //! Child steps: mounts (rootfs bind or overlay, the spec's mounts, device nodes), `pivot_root`,
 //! hostname, rlimits, stdio, working directory; it then reports success (or the failing step and
@@ -691,7 +692,9 @@ fn child_main(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) -> isize {
             check!(fds, "setns", libc::setns(ns.as_raw_fd(), 0));
         }
         if plan.fork_after_join {
-            let pid = libc::fork();
+            // The raw system call: glibc's fork() runs atfork handlers and takes locks that
+            // threads absent from this child may hold.
+            let pid = libc::syscall(libc::SYS_fork) as i32;
             check!(fds, "fork", pid);
             if pid > 0 {
                 report(fds.ready, -1, pid);
@@ -821,20 +824,29 @@ fn child_main(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) -> isize {
             "setgroups/setgid/setuid",
             libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0)
         );
+        // Raw system calls: glibc's wrappers broadcast the change to every thread it knows of,
+        // and the agent's other threads do not exist in this child (it would wait forever).
+        let sys = |n, a: u64, b: u64, c: u64| libc::syscall(n, a, b, c) as i32;
+        let (uid, gid) = (u64::from(plan.uid), u64::from(plan.gid));
         check!(
             fds,
             "setgroups/setgid/setuid",
-            libc::setgroups(plan.groups.len(), plan.groups.as_ptr())
+            sys(
+                libc::SYS_setgroups,
+                plan.groups.len() as u64,
+                plan.groups.as_ptr() as u64,
+                0
+            )
         );
         check!(
             fds,
             "setgroups/setgid/setuid",
-            libc::setresgid(plan.gid, plan.gid, plan.gid)
+            sys(libc::SYS_setresgid, gid, gid, gid)
         );
         check!(
             fds,
             "setgroups/setgid/setuid",
-            libc::setresuid(plan.uid, plan.uid, plan.uid)
+            sys(libc::SYS_setresuid, uid, uid, uid)
         );
         if let Some([eff, perm, inh]) = plan.caps {
             #[repr(C)]
