@@ -263,3 +263,295 @@ fn hostname_env_cwd_user_and_mounts_applied() {
     );
     assert!(!host_dir.path().join("x").exists());
 }
+
+fn with_resources(
+    mut sp: oci_spec::runtime::Spec,
+    memory: Option<i64>,
+    pids: Option<i64>,
+) -> oci_spec::runtime::Spec {
+    use oci_spec::runtime::{LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder};
+    let mut linux = sp.linux().clone().unwrap_or_default();
+    let mut r = LinuxResourcesBuilder::default();
+    if let Some(m) = memory {
+        r = r.memory(LinuxMemoryBuilder::default().limit(m).build().unwrap());
+    }
+    if let Some(p) = pids {
+        r = r.pids(LinuxPidsBuilder::default().limit(p).build().unwrap());
+    }
+    linux.set_resources(Some(r.build().unwrap()));
+    sp.set_linux(Some(linux));
+    sp
+}
+
+#[test]
+fn memory_limit_exceeded_is_reported_as_oom() {
+    let Some(root) = rootfs("memory_limit_exceeded_is_reported_as_oom") else {
+        return;
+    };
+    let agent = Agent::start();
+    let mut c = agent.client();
+    // The shell itself holds 64 MiB in a variable: with a 16 MiB limit the kernel kills it.
+    let sp = with_resources(
+        spec(&[
+            "sh",
+            "-c",
+            "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived ${#x}",
+        ]),
+        Some(16 << 20),
+        None,
+    );
+    let (out, err, st) = run(&mut c, "oom", sp, &root);
+    assert!(st.oom_killed, "exit {st:?}, out {out:?}, err {err:?}");
+    assert_eq!((st.code, st.signal), (137, Some(9)));
+}
+
+#[test]
+fn pids_limit_stops_forks() {
+    let Some(root) = rootfs("pids_limit_stops_forks") else {
+        return;
+    };
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let sp = with_resources(
+        spec(&[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done; echo started; wait",
+        ]),
+        None,
+        Some(4),
+    );
+    let (out, err, st) = run(&mut c, "pids", sp, &root);
+    assert!(
+        err.contains("fork") || err.contains("Resource temporarily unavailable"),
+        "no fork failed: out {out:?} err {err:?} {st:?}"
+    );
+}
+
+#[test]
+fn overlay_root_keeps_the_lower_directory_untouched() {
+    let Some(root) = rootfs("overlay_root_keeps_the_lower_directory_untouched") else {
+        return;
+    };
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let r = c
+        .call(&Request::Create {
+            id: "ov".into(),
+            spec: Box::new(spec(&[
+                "sh",
+                "-c",
+                "echo new > /etc/written; cat /etc/written; rm /bin/ls; ls 2>&1 | head -c 0",
+            ])),
+            rootfs: protocol::RootfsSource::Overlay {
+                lower: root.display().to_string(),
+            },
+            stdio: StdioConfig::default(),
+        })
+        .unwrap();
+    let Response::Created { streams, .. } = r else {
+        panic!("{r:?}")
+    };
+    c.call(&Request::Start { id: "ov".into() }).unwrap();
+    assert_eq!(wait(&mut c, "ov").code, 0);
+    let out = c
+        .read_to_close(streams.stdout, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(out, b"new\n");
+    c.call(&Request::Destroy { id: "ov".into() }).unwrap();
+    assert!(
+        !root.join("etc/written").exists(),
+        "the write went to the upper layer"
+    );
+    assert!(
+        root.join("bin/ls").symlink_metadata().is_ok(),
+        "the delete went to the upper layer"
+    );
+}
+
+/// Bad input gets error replies, and the agent keeps serving other connections.
+#[test]
+fn malformed_frames_versions_disconnects_and_missing_rootfs() {
+    let Some(root) = rootfs("malformed_frames_versions_disconnects_and_missing_rootfs") else {
+        return;
+    };
+    let agent = Agent::start();
+    // Garbage: an error reply, then the connection is closed.
+    let mut c = agent.client();
+    c.send_raw(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    match c.response(0, Duration::from_secs(5)) {
+        Ok(Response::Error(e)) => assert_eq!(e.code, protocol::ErrorCode::BadFrame, "{e:?}"),
+        r => panic!("{r:?}"),
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let closed = loop {
+        match c.pump() {
+            Err(agent::client::ClientError::Closed) => break true,
+            _ if std::time::Instant::now() > deadline => break false,
+            _ => {}
+        }
+    };
+    assert!(closed, "the agent closes a connection that lost frame sync");
+    // Another protocol version.
+    let mut c = agent.client();
+    let mut f = Request::Ping.to_frame(1).to_bytes();
+    f[3] = 9;
+    c.send_raw(&f).unwrap();
+    match c.response(0, Duration::from_secs(5)) {
+        Ok(Response::Error(e)) => {
+            assert_eq!(e.code, protocol::ErrorCode::UnsupportedVersion);
+            assert!(e.message.contains("version 9"), "{}", e.message);
+        }
+        r => panic!("{r:?}"),
+    }
+    // Oversized and truncated.
+    let mut c = agent.client();
+    let mut f = Request::Ping.to_frame(1).to_bytes();
+    f[10..14].copy_from_slice(&u32::MAX.to_be_bytes());
+    c.send_raw(&f).unwrap();
+    assert!(matches!(
+        c.response(0, Duration::from_secs(5)),
+        Ok(Response::Error(_))
+    ));
+    let mut c = agent.client();
+    c.send_raw(&Request::Ping.to_frame(1).to_bytes()[..10])
+        .unwrap();
+    drop(c);
+    // A valid frame with an undecodable request: error reply, connection stays.
+    let mut c = agent.client();
+    c.send_raw(
+        &protocol::Frame::new(
+            protocol::FrameKind::Request,
+            5,
+            b"{\"op\":\"fly\"}".to_vec(),
+        )
+        .to_bytes(),
+    )
+    .unwrap();
+    assert!(
+        matches!(c.response(5, Duration::from_secs(5)), Ok(Response::Error(e)) if e.code == protocol::ErrorCode::BadRequest)
+    );
+    assert!(matches!(
+        c.call(&Request::Ping).unwrap(),
+        Response::Pong { ready: true, .. }
+    ));
+    // Missing rootfs, unknown container, bad id.
+    let r = c
+        .call(&Request::Create {
+            id: "nofs".into(),
+            spec: Box::new(spec(&["true"])),
+            rootfs: protocol::RootfsSource::Bind {
+                path: "/nonexistent/rootfs".into(),
+            },
+            stdio: StdioConfig::default(),
+        })
+        .unwrap();
+    assert!(
+        matches!(&r, Response::Error(e) if e.code == protocol::ErrorCode::NotFound && e.message.contains("/nonexistent/rootfs")),
+        "{r:?}"
+    );
+    let r = c.call(&Request::Start { id: "ghost".into() }).unwrap();
+    assert!(
+        matches!(&r, Response::Error(e) if e.code == protocol::ErrorCode::NotFound),
+        "{r:?}"
+    );
+    let r = c
+        .call(&Request::Destroy {
+            id: "../etc".into(),
+        })
+        .unwrap();
+    assert!(matches!(&r, Response::Error(_)), "{r:?}");
+    // A client that disconnects mid-stream: the container keeps running, others can see it.
+    let mut c1 = agent.client();
+    let s = launch(
+        &mut c1,
+        "chatty",
+        spec(&["yes"]),
+        &root,
+        StdioConfig::default(),
+    );
+    c1.first_byte(s.stdout, Duration::from_secs(10)).unwrap();
+    drop(c1);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c2 = agent.client();
+    match c2
+        .call(&Request::State {
+            id: "chatty".into(),
+        })
+        .unwrap()
+    {
+        Response::State(st) => assert_eq!(st.status, protocol::ContainerStatus::Running),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(
+        c2.call(&Request::Destroy {
+            id: "chatty".into()
+        })
+        .unwrap(),
+        Response::Ok
+    );
+    assert_eq!(
+        c2.call(&Request::List).unwrap(),
+        Response::Containers { ids: vec![] }
+    );
+}
+
+fn count_dir(p: &std::path::Path) -> usize {
+    std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0)
+}
+
+fn children_of(pid: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|s| {
+            s.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').nth(1).map(|pp| pp == pid.to_string()))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// 200 containers created, run and destroyed in sequence leave no process, fd, thread, mount or
+/// cgroup behind in the agent.
+#[test]
+fn two_hundred_containers_leak_nothing() {
+    let Some(root) = rootfs("two_hundred_containers_leak_nothing") else {
+        return;
+    };
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let pid = agent.pid();
+    let cg = |ctl: &str| {
+        std::path::Path::new("/sys/fs/cgroup")
+            .join(ctl)
+            .join(&agent.group)
+    };
+    let snapshot = || {
+        (
+            count_dir(std::path::Path::new(&format!("/proc/{pid}/fd"))),
+            count_dir(std::path::Path::new(&format!("/proc/{pid}/task"))),
+            children_of(pid),
+            std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                .unwrap()
+                .lines()
+                .count(),
+            count_dir(&cg("memory")) + count_dir(&cg("pids")) + count_dir(&cg("")),
+        )
+    };
+    // One container first so the agent's lazily created state (cgroup parent) exists.
+    run(&mut c, "warm", spec(&["true"]), &root);
+    let before = snapshot();
+    for i in 0..200 {
+        let sp = with_resources(spec(&["sh", "-c", "echo $$"]), Some(64 << 20), Some(32));
+        let (out, _, st) = run(&mut c, &format!("c{i}"), sp, &root);
+        assert_eq!((out.as_str(), st.code), ("1\n", 0), "container {i}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after = snapshot();
+    assert_eq!(
+        before, after,
+        "(fds, threads, children, mounts, cgroup entries) before vs after"
+    );
+}
