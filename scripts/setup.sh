@@ -22,4 +22,5 @@ if [ ! -e /dev/kvm ]; then
 fi
 
 cargo build --workspace --all-targets --quiet
+bash scripts/build-agent.sh >/dev/null
 echo "setup: ok"

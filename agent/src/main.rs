@@ -29,6 +29,9 @@ struct Args {
 
 fn main() -> Result<()> {
     let started = Instant::now();
+    // Before any thread exists, so that every thread inherits the mask and only the signalfd
+    // sees SIGTERM/SIGINT.
+    let term_fd = block_termination_signals();
     let pid1 = std::process::id() == 1;
     if pid1 {
         for e in agent::pid1::mount_basics() {
@@ -57,7 +60,7 @@ fn main() -> Result<()> {
         }
         let l = std::os::unix::net::UnixListener::bind(&path)
             .with_context(|| format!("binding {}", path.display()))?;
-        terminate_on_signals(path.clone());
+        terminate_on_signals(term_fd, path.clone());
         for conn in l.incoming() {
             match conn {
                 Ok(s) => {
@@ -70,25 +73,28 @@ fn main() -> Result<()> {
         Ok(())
     } else if let Some(port) = args.listen.strip_prefix("vsock:") {
         let port: u32 = port.parse().context("vsock port")?;
+        terminate_on_signals(term_fd, PathBuf::new());
         serve_vsock(rt, port, pid1, started)
     } else {
         bail!("--listen {}: use unix:PATH or vsock:PORT", args.listen)
     }
 }
 
-/// Removes the socket and exits on SIGTERM/SIGINT (as PID 1: powers the guest off).
-fn terminate_on_signals(socket: PathBuf) {
-    let mut signals = [libc::SIGTERM, libc::SIGINT];
-    // SAFETY: building a signal set on a local and blocking it for every thread spawned later.
-    let fd = unsafe {
+/// Blocks SIGTERM/SIGINT and returns a signalfd reporting them.
+fn block_termination_signals() -> i32 {
+    // SAFETY: building a signal set on a local and blocking it for this (only) thread.
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in &mut signals {
-            libc::sigaddset(&mut set, *s);
-        }
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
-    };
+    }
+}
+
+/// Removes the socket and exits on SIGTERM/SIGINT (as PID 1: powers the guest off).
+fn terminate_on_signals(fd: i32, socket: PathBuf) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 128];
         // SAFETY: reading a signalfd_siginfo into a local buffer.

@@ -688,6 +688,17 @@ fn child_main(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) -> isize {
     // strings, arrays) that this child's copy of the address space keeps alive; every result
     // is checked and a failure ends the child with _exit after reporting errno.
     unsafe {
+        // The agent blocks SIGTERM/SIGINT (it reads them from a signalfd) and ignores SIGPIPE;
+        // both would survive execve, so give the container a clean slate.
+        let empty: libc::sigset_t = std::mem::zeroed();
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            8,
+        );
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         for ns in &plan.join {
             check!(fds, "setns", libc::setns(ns.as_raw_fd(), 0));
         }

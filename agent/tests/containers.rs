@@ -555,3 +555,40 @@ fn two_hundred_containers_leak_nothing() {
         "(fds, threads, children, mounts, cgroup entries) before vs after"
     );
 }
+
+#[test]
+fn sigterm_reaches_a_container_shell_with_a_trap() {
+    let Some(root) = rootfs("sigterm_reaches_a_container_shell_with_a_trap") else {
+        return;
+    };
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let s = launch(
+        &mut c,
+        "trap",
+        spec(&[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.05; done",
+        ]),
+        &root,
+        StdioConfig::default(),
+    );
+    c.first_byte(s.stdout, Duration::from_secs(10)).unwrap();
+    let r = c
+        .call(&Request::Signal {
+            id: "trap".into(),
+            exec_id: None,
+            signal: 15,
+            all: false,
+        })
+        .unwrap();
+    assert_eq!(r, Response::Ok);
+    let st = wait(&mut c, "trap");
+    let out = c.read_to_close(s.stdout, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (st.code, String::from_utf8_lossy(&out).as_ref()),
+        (3, "ready\ngot-term\n")
+    );
+    c.call(&Request::Destroy { id: "trap".into() }).unwrap();
+}
