@@ -57,7 +57,10 @@ pub struct Frame {
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     /// Not a runv frame.
-    #[error("bad frame magic {found:02x?}: the peer is not speaking the runv agent protocol")]
+    #[error(
+        "bad frame magic {found:02x?} (expected \"RV\"): the peer is not speaking the runv agent \
+         protocol; check that this socket or vsock port is the agent's"
+    )]
     BadMagic {
         /// The bytes found.
         found: [u8; 2],
@@ -71,13 +74,22 @@ pub enum FrameError {
         supported: u16,
     },
     /// Unknown kind.
-    #[error("unknown frame kind {0}")]
+    #[error(
+        "unknown frame kind {0} (this side knows 1 to 6): the peer runs an incompatible build or \
+         the stream is corrupt; close the connection"
+    )]
     UnknownKind(u8),
     /// Reserved flags set.
-    #[error("reserved frame flags {0:#x} set")]
+    #[error(
+        "reserved frame flags {0:#x} set: the peer uses an extension this side does not know or \
+         the stream is corrupt; close the connection"
+    )]
     ReservedFlags(u8),
     /// Payload too large.
-    #[error("frame payload of {len} bytes exceeds the {max}-byte limit")]
+    #[error(
+        "frame payload of {len} bytes exceeds the {max}-byte limit: send large data as several \
+         Data frames; a peer announcing this is broken, close the connection"
+    )]
     Oversized {
         /// Announced length.
         len: u32,
@@ -85,7 +97,10 @@ pub enum FrameError {
         max: u32,
     },
     /// The stream ended inside a frame.
-    #[error("stream ended inside a frame: expected {expected} bytes, got {got}")]
+    #[error(
+        "stream ended inside a frame: expected {expected} bytes, got {got}; the peer closed the \
+         connection or died mid-frame, reconnect"
+    )]
     Truncated {
         /// Bytes the frame needed.
         expected: usize,
@@ -93,7 +108,7 @@ pub enum FrameError {
         got: usize,
     },
     /// Reading or writing failed.
-    #[error("frame I/O: {0}")]
+    #[error("frame I/O failed: {0}")]
     Io(#[from] std::io::Error),
     /// An earlier error lost frame synchronisation.
     #[error("frame stream is out of sync after an earlier error: reconnect")]
