@@ -46,7 +46,12 @@ pub struct Client {
 impl Client {
     /// Connects to an agent listening on the Unix socket `path`.
     pub fn connect(path: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path)?;
+        Self::from_stream(UnixStream::connect(path)?)
+    }
+
+    /// Speaks the protocol over an already connected stream (e.g. a VM's vsock socket after
+    /// the `CONNECT <port>` handshake).
+    pub fn from_stream(stream: UnixStream) -> Result<Self, ClientError> {
         stream.set_read_timeout(Some(Duration::from_millis(100)))?;
         Ok(Self {
             stream,

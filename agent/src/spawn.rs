@@ -771,16 +771,30 @@ fn child_main(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) -> isize {
         }
         if let Some(root) = &plan.root {
             check!(fds, "pivot_root", libc::chdir(root.as_ptr()));
-            check!(
-                fds,
-                "pivot_root",
-                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32
-            );
-            check!(
-                fds,
-                "pivot_root",
-                libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
-            );
+            if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
+                check!(
+                    fds,
+                    "pivot_root",
+                    libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
+                );
+            } else if errno() == libc::EINVAL {
+                // The agent's own root is the initramfs, which cannot be pivoted away from:
+                // move the container's root over `/` and chroot into it, as runc's no-pivot does.
+                check!(
+                    fds,
+                    "pivot_root",
+                    libc::mount(
+                        c".".as_ptr(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_MOVE,
+                        std::ptr::null()
+                    )
+                );
+                check!(fds, "pivot_root", libc::chroot(c".".as_ptr()));
+            } else {
+                die(fds.ready, "pivot_root");
+            }
             check!(fds, "pivot_root", libc::chdir(c"/".as_ptr()));
             if plan.root_readonly {
                 check!(

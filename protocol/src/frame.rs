@@ -121,7 +121,8 @@ impl Frame {
         Self { kind, id, payload }
     }
 
-    /// Appends the encoded frame to `out`.
+    /// Appends the encoded frame to `out`. The payload length is not checked here (see
+    /// [`write_frame`]); a payload over [`MAX_PAYLOAD`] makes a frame the peer rejects.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
@@ -139,6 +140,11 @@ impl Frame {
         self.encode(&mut v);
         v
     }
+}
+
+/// Appends `frame`, encoded, to `out` (same as [`Frame::encode`]).
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    frame.encode(out);
 }
 
 /// A parsed header: kind, id, payload length.
@@ -174,9 +180,15 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(FrameKind, u32, u32), FrameErro
 }
 
 /// Incremental decoder for non-blocking readers: push bytes, take frames.
+///
+/// A header is validated as soon as its 16 bytes are in, so an oversized or malformed frame is
+/// rejected before its payload is waited for. After an error the decoder is poisoned: the
+/// stream has lost sync, and the caller should reply with an error and close the connection.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
+    /// Received bytes; those before `start` were already returned as frames.
     buf: Vec<u8>,
+    start: usize,
     poisoned: bool,
 }
 
@@ -186,44 +198,60 @@ impl FrameDecoder {
         Self::default()
     }
 
-    /// Adds received bytes.
+    /// Adds received bytes (ignored once the decoder is poisoned).
     pub fn push(&mut self, bytes: &[u8]) {
-        if !self.poisoned {
-            self.buf.extend_from_slice(bytes);
+        if self.poisoned {
+            return;
         }
+        if self.start > 0 {
+            // Drop consumed frames once per push rather than once per frame.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
     }
 
     /// The next complete frame; `Ok(None)` when more bytes are needed. After an error every
-    /// call fails: the stream has lost sync.
+    /// call fails with [`FrameError::Poisoned`]: the stream has lost sync.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.poisoned {
             return Err(FrameError::Poisoned);
         }
-        if self.buf.len() < HEADER_LEN {
+        let avail = self.buf.get(self.start..).unwrap_or_default();
+        let Some(header) = avail.first_chunk::<HEADER_LEN>() else {
             return Ok(None);
-        }
-        let mut h = [0u8; HEADER_LEN];
-        h.copy_from_slice(&self.buf[..HEADER_LEN]);
-        let (kind, id, len) = match parse_header(&h) {
+        };
+        let (kind, id, len) = match parse_header(header) {
             Ok(v) => v,
             Err(e) => {
                 self.poisoned = true;
                 self.buf = Vec::new();
+                self.start = 0;
                 return Err(e);
             }
         };
+        // `len` <= MAX_PAYLOAD, so this cannot overflow.
         let total = HEADER_LEN + len as usize;
-        if self.buf.len() < total {
+        let Some(payload) = avail.get(HEADER_LEN..total) else {
             return Ok(None);
+        };
+        let payload = payload.to_vec();
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
         }
-        let payload = self.buf[HEADER_LEN..total].to_vec();
-        self.buf.drain(..total);
         Ok(Some(Frame { kind, id, payload }))
     }
 
     /// Bytes buffered but not yet part of a returned frame.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
+    }
+
+    /// Whether an earlier error poisoned the decoder.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 }
 
@@ -266,7 +294,16 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, FrameError> {
 }
 
 /// Writes one frame (one `write_all`, so frames from one writer never interleave).
+///
+/// A payload over [`MAX_PAYLOAD`] is refused with [`FrameError::Oversized`] before anything is
+/// written, since the peer would reject it and lose sync.
 pub fn write_frame<W: Write>(w: &mut W, f: &Frame) -> Result<(), FrameError> {
+    if f.payload.len() > MAX_PAYLOAD as usize {
+        return Err(FrameError::Oversized {
+            len: u32::try_from(f.payload.len()).unwrap_or(u32::MAX),
+            max: MAX_PAYLOAD,
+        });
+    }
     w.write_all(&f.to_bytes())?;
     Ok(())
 }
@@ -372,5 +409,174 @@ mod tests {
         assert!(matches!(e, FrameError::Truncated { .. }), "{e}");
         let e = read_frame(&mut &good[..5]).unwrap_err();
         assert!(matches!(e, FrameError::Truncated { .. }), "{e}");
+    }
+
+    #[test]
+    fn header_layout_is_big_endian_and_16_bytes() {
+        let b = Frame::new(FrameKind::Event, 0x0102_0304, vec![9, 8, 7]).to_bytes();
+        assert_eq!(
+            &b[..HEADER_LEN],
+            &[b'R', b'V', 0, 1, 6, 0, 1, 2, 3, 4, 0, 0, 0, 3, 0, 0]
+        );
+        assert_eq!(&b[HEADER_LEN..], &[9, 8, 7]);
+        let mut v = Vec::new();
+        encode(
+            &Frame::new(FrameKind::Event, 0x0102_0304, vec![9, 8, 7]),
+            &mut v,
+        );
+        assert_eq!(v, b);
+    }
+
+    #[test]
+    fn several_frames_in_one_push_with_a_partial_tail() {
+        let mut wire = Vec::new();
+        for f in sample() {
+            f.encode(&mut wire);
+        }
+        let tail = Frame::new(FrameKind::Data, 3, vec![5; 40]).to_bytes();
+        wire.extend_from_slice(&tail[..20]);
+        let mut d = FrameDecoder::new();
+        d.push(&wire);
+        for f in sample() {
+            assert_eq!(d.next_frame().unwrap(), Some(f));
+        }
+        assert_eq!(d.next_frame().unwrap(), None);
+        assert_eq!(d.pending(), 20);
+        d.push(&tail[20..]);
+        assert_eq!(
+            d.next_frame().unwrap(),
+            Some(Frame::new(FrameKind::Data, 3, vec![5; 40]))
+        );
+        assert_eq!(d.next_frame().unwrap(), None);
+        assert_eq!(d.pending(), 0);
+        // A maximal payload is accepted.
+        let big = Frame::new(FrameKind::Data, 1, vec![1; MAX_PAYLOAD as usize]);
+        d.push(&big.to_bytes());
+        assert_eq!(d.next_frame().unwrap(), Some(big));
+    }
+
+    #[test]
+    fn error_variants_and_poisoning() {
+        let good = sample()[0].to_bytes();
+        let with = |i: usize, v: &[u8]| {
+            let mut b = good.clone();
+            b[i..i + v.len()].copy_from_slice(v);
+            b
+        };
+        let decode = |b: &[u8]| {
+            let mut d = FrameDecoder::new();
+            d.push(b);
+            let e = d.next_frame().unwrap_err();
+            assert!(d.is_poisoned());
+            d.push(&good);
+            assert!(matches!(d.next_frame(), Err(FrameError::Poisoned)));
+            assert_eq!(d.pending(), 0);
+            e
+        };
+        assert!(matches!(
+            decode(&with(0, b"XV")),
+            FrameError::BadMagic {
+                found: [b'X', b'V']
+            }
+        ));
+        let e = decode(&with(2, &[0, 7]));
+        assert!(matches!(
+            e,
+            FrameError::UnsupportedVersion {
+                found: 7,
+                supported: PROTOCOL_VERSION
+            }
+        ));
+        assert!(
+            e.to_string()
+                .starts_with("peer speaks protocol version 7, this side supports 1: upgrade"),
+            "{e}"
+        );
+        assert!(matches!(decode(&with(4, &[0])), FrameError::UnknownKind(0)));
+        assert!(matches!(decode(&with(4, &[7])), FrameError::UnknownKind(7)));
+        assert!(matches!(
+            decode(&with(5, &[0x80])),
+            FrameError::ReservedFlags(0x80)
+        ));
+        assert!(matches!(
+            decode(&with(14, &[0, 1])),
+            FrameError::ReservedFlags(1)
+        ));
+        // u32::MAX announced with only the header present: rejected at once, nothing allocated
+        // (no payload is waited for, and the buffer is dropped).
+        let header = &with(10, &u32::MAX.to_be_bytes())[..HEADER_LEN];
+        assert!(matches!(
+            decode(header),
+            FrameError::Oversized {
+                len: u32::MAX,
+                max: MAX_PAYLOAD
+            }
+        ));
+        assert!(matches!(
+            read_frame(&mut &header[..]),
+            Err(FrameError::Oversized { len: u32::MAX, .. })
+        ));
+        let just_over = &with(10, &(MAX_PAYLOAD + 1).to_be_bytes())[..HEADER_LEN];
+        assert!(matches!(decode(just_over), FrameError::Oversized { .. }));
+        // Truncation through read_frame, inside the header and inside the payload.
+        assert!(matches!(
+            read_frame(&mut &good[..5]),
+            Err(FrameError::Truncated {
+                expected: HEADER_LEN,
+                got: 5
+            })
+        ));
+        let e = read_frame(&mut &good[..good.len() - 1]).unwrap_err();
+        match e {
+            FrameError::Truncated { expected, got } => {
+                assert_eq!((expected, got), (good.len(), good.len() - 1))
+            }
+            e => panic!("{e}"),
+        }
+        assert!(read_frame(&mut &[][..]).unwrap().is_none());
+    }
+
+    #[test]
+    fn write_frame_refuses_oversized_payloads() {
+        let mut out = Vec::new();
+        let f = Frame::new(FrameKind::Data, 1, vec![0; MAX_PAYLOAD as usize + 1]);
+        assert!(matches!(
+            write_frame(&mut out, &f),
+            Err(FrameError::Oversized { .. })
+        ));
+        assert!(out.is_empty());
+        write_frame(&mut out, &sample()[0]).unwrap();
+        assert_eq!(
+            read_frame(&mut &out[..]).unwrap(),
+            Some(sample()[0].clone())
+        );
+    }
+
+    /// A reader that fails with `Interrupted` every other call and returns one byte at a time.
+    struct Dribble<'a>(&'a [u8], bool);
+    impl Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.1 = !self.1;
+            if self.1 {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let n = self.0.len().min(buf.len()).min(1);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_frame_handles_short_reads_and_interrupts() {
+        let mut wire = Vec::new();
+        for f in sample() {
+            f.encode(&mut wire);
+        }
+        let mut r = Dribble(&wire, false);
+        for f in sample() {
+            assert_eq!(read_frame(&mut r).unwrap(), Some(f));
+        }
+        assert_eq!(read_frame(&mut r).unwrap(), None);
     }
 }

@@ -6,6 +6,9 @@
 //! as raw `Data` frames per stream, with per-stream credit ([`stream`]). Nothing read from the
 //! peer is trusted: every length is bounded before allocation and every error is a value.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod frame;
 pub mod message;
 pub mod stream;

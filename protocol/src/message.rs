@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{Frame, FrameKind};
 
 /// A request to the agent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Liveness, uptime and readiness.
@@ -147,7 +147,7 @@ pub struct StdioConfig {
 }
 
 /// A response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     /// Answer to `Ping`.
@@ -340,7 +340,10 @@ pub enum Event {
 #[derive(Debug, thiserror::Error)]
 pub enum MessageError {
     /// Another frame kind.
-    #[error("expected a {expected:?} frame, got {found:?}")]
+    #[error(
+        "expected a {expected:?} frame, got a {found:?} frame: the peer sent a message where \
+         another kind belongs; check that both sides run matching builds"
+    )]
     WrongKind {
         /// Expected.
         expected: FrameKind,
@@ -348,7 +351,10 @@ pub enum MessageError {
         found: FrameKind,
     },
     /// Invalid JSON for the message.
-    #[error("undecodable message: {0}")]
+    #[error(
+        "undecodable message: {0}; the JSON does not match this side's message types, check \
+         that the host and the agent run matching builds"
+    )]
     Decode(#[from] serde_json::Error),
 }
 
@@ -410,7 +416,7 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::FrameDecoder;
+    use crate::frame::{FrameDecoder, FrameError};
 
     fn requests() -> Vec<Request> {
         let id = || "c1".to_string();
@@ -424,6 +430,14 @@ mod tests {
                     terminal: true,
                     stdin: true,
                 },
+            },
+            Request::Create {
+                id: id(),
+                spec: Box::default(),
+                rootfs: RootfsSource::Bind {
+                    path: "/bundle/rootfs".into(),
+                },
+                stdio: StdioConfig::default(),
             },
             Request::Start { id: id() },
             Request::Exec {
@@ -454,13 +468,16 @@ mod tests {
             },
             Request::CloseStdin {
                 id: id(),
-                exec_id: None,
+                exec_id: Some("e".into()),
             },
             Request::Reseed {
-                entropy: vec![1, 2, 3],
+                entropy: vec![0, 1, 255],
             },
             Request::SetClock {
                 unix_nanos: 1_700_000_000_000_000_000,
+            },
+            Request::SetClock {
+                unix_nanos: i64::MIN,
             },
             Request::SetHostname {
                 hostname: "h".into(),
@@ -469,27 +486,21 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn every_message_round_trips() {
-        for (i, r) in requests().into_iter().enumerate() {
-            let f = r.to_frame(i as u32);
-            let back = Request::from_frame(&f).unwrap();
-            assert_eq!(
-                normalize(serde_json::to_value(&back).unwrap()),
-                normalize(serde_json::to_value(&r).unwrap())
-            );
-        }
-        let status = ExitStatus {
+    fn status() -> ExitStatus {
+        ExitStatus {
             code: 137,
             signal: Some(9),
-            oom_killed: false,
-        };
+            oom_killed: true,
+        }
+    }
+
+    fn responses() -> Vec<Response> {
         let streams = Streams {
             stdin: Some(1),
             stdout: 2,
             stderr: None,
         };
-        let responses = vec![
+        vec![
             Response::Pong {
                 version: 1,
                 uptime_ms: 5,
@@ -506,19 +517,30 @@ mod tests {
                 id: "c".into(),
                 exec_id: "e".into(),
                 pid: 4,
-                streams,
+                streams: Streams {
+                    stdin: None,
+                    stdout: 5,
+                    stderr: Some(6),
+                },
             },
             Response::Exited {
                 id: "c".into(),
                 exec_id: None,
-                status,
+                status: status(),
             },
             Response::State(ContainerState {
                 id: "c".into(),
                 status: ContainerStatus::Stopped,
                 pid: 3,
                 rootfs: "/r".into(),
-                exit: Some(status),
+                exit: Some(status()),
+            }),
+            Response::State(ContainerState {
+                id: "c".into(),
+                status: ContainerStatus::Created,
+                pid: 3,
+                rootfs: "/r".into(),
+                exit: None,
             }),
             Response::Processes {
                 id: "c".into(),
@@ -527,47 +549,145 @@ mod tests {
             Response::Stats(ContainerStats {
                 id: "c".into(),
                 memory_current: 1,
-                memory_max: Some(2),
+                memory_max: Some(u64::MAX),
                 pids_current: 3,
                 cpu_usage_usec: 4,
                 oom_kills: 0,
             }),
             Response::Ok,
             Response::Containers {
-                ids: vec!["c".into()],
+                ids: vec!["c".into(), "d".into()],
             },
             Response::error(ErrorCode::NotFound, "no container c"),
-        ];
-        for r in responses {
-            assert_eq!(Response::from_frame(&r.to_frame(9)).unwrap(), r);
-        }
-        for e in [
-            Event::Exited {
-                id: "c".into(),
-                exec_id: None,
-                status,
-            },
-            Event::Oom { id: "c".into() },
-        ] {
-            assert_eq!(Event::from_frame(&e.to_frame()).unwrap(), e);
-        }
-        let e = Request::from_frame(&Response::Ok.to_frame(1)).unwrap_err();
-        assert!(e.to_string().contains("expected a Request"), "{e}");
+        ]
     }
 
-    /// Sorts arrays (oci-spec keeps capabilities in hash sets, which serialise in any order).
-    fn normalize(v: serde_json::Value) -> serde_json::Value {
-        match v {
-            serde_json::Value::Array(a) => {
-                let mut a: Vec<_> = a.into_iter().map(normalize).collect();
-                a.sort_by_key(|x| x.to_string());
-                serde_json::Value::Array(a)
-            }
-            serde_json::Value::Object(o) => {
-                serde_json::Value::Object(o.into_iter().map(|(k, v)| (k, normalize(v))).collect())
-            }
-            other => other,
+    fn events() -> Vec<Event> {
+        vec![
+            Event::Exited {
+                id: "c".into(),
+                exec_id: Some("e".into()),
+                status: status(),
+            },
+            Event::Oom { id: "c".into() },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for (i, r) in requests().into_iter().enumerate() {
+            let f = r.to_frame(i as u32);
+            assert_eq!((f.kind, f.id), (FrameKind::Request, i as u32));
+            assert_eq!(Request::from_frame(&f).unwrap(), r);
+            // Through the wire and the decoder as well.
+            let mut d = FrameDecoder::new();
+            d.push(&f.to_bytes());
+            assert_eq!(d.next_frame().unwrap(), Some(f));
         }
+        for r in responses() {
+            let f = r.to_frame(9);
+            assert_eq!((f.kind, f.id), (FrameKind::Response, 9));
+            assert_eq!(Response::from_frame(&f).unwrap(), r);
+        }
+        for e in events() {
+            let f = e.to_frame();
+            assert_eq!((f.kind, f.id), (FrameKind::Event, 0));
+            assert_eq!(Event::from_frame(&f).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn wrong_kinds_and_bad_json_are_errors() {
+        let e = Request::from_frame(&Response::Ok.to_frame(1)).unwrap_err();
+        assert!(matches!(
+            e,
+            MessageError::WrongKind {
+                expected: FrameKind::Request,
+                found: FrameKind::Response
+            }
+        ));
+        assert!(e.to_string().contains("expected a Request"), "{e}");
+        assert!(matches!(
+            Response::from_frame(&Request::Ping.to_frame(1)),
+            Err(MessageError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            Event::from_frame(&Frame::new(FrameKind::Data, 1, b"{}".to_vec())),
+            Err(MessageError::WrongKind { .. })
+        ));
+        for bad in [
+            &b""[..],
+            b"{",
+            b"null",
+            b"{\"op\":\"fly\"}",
+            b"{\"op\":\"start\"}",
+            b"{\"op\":\"signal\",\"id\":\"c\",\"signal\":\"x\"}",
+            b"{\"op\":\"resize_tty\",\"id\":\"c\",\"rows\":70000,\"cols\":1}",
+            b"\xff\xfe",
+        ] {
+            let f = Frame::new(FrameKind::Request, 1, bad.to_vec());
+            let e = Request::from_frame(&f).unwrap_err();
+            assert!(matches!(e, MessageError::Decode(_)), "{e}");
+            assert!(e.to_string().starts_with("undecodable message"), "{e}");
+        }
+        // Deep nesting hits serde_json's recursion limit instead of the stack.
+        let deep = format!(
+            "{{\"op\":\"ping\",\"x\":{}{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let f = Frame::new(FrameKind::Request, 1, deep.into_bytes());
+        assert!(Request::from_frame(&f).is_err());
+    }
+
+    /// The JSON on the wire: agent and host may be different builds, so the shape is pinned.
+    #[test]
+    fn wire_shape() {
+        let json = |f: Frame| String::from_utf8(f.payload).unwrap();
+        assert_eq!(json(Request::Ping.to_frame(1)), r#"{"op":"ping"}"#);
+        assert_eq!(
+            json(
+                Request::Signal {
+                    id: "c".into(),
+                    exec_id: None,
+                    signal: 15,
+                    all: false
+                }
+                .to_frame(1)
+            ),
+            r#"{"op":"signal","id":"c","exec_id":null,"signal":15,"all":false}"#
+        );
+        assert_eq!(json(Response::Ok.to_frame(1)), r#"{"result":"ok"}"#);
+        assert_eq!(
+            json(Response::error(ErrorCode::InvalidState, "m").to_frame(1)),
+            r#"{"result":"error","code":"invalid_state","message":"m"}"#
+        );
+        assert_eq!(
+            json(Event::Oom { id: "c".into() }.to_frame()),
+            r#"{"event":"oom","id":"c"}"#
+        );
+        // Optional fields may be left out by the sender.
+        let f = Frame::new(
+            FrameKind::Request,
+            1,
+            br#"{"op":"create","id":"c","spec":{"ociVersion":"1.0.2"},"rootfs":{"type":"bind","path":"/r"}}"#
+                .to_vec(),
+        );
+        match Request::from_frame(&f).unwrap() {
+            Request::Create { rootfs, stdio, .. } => {
+                assert_eq!(rootfs, RootfsSource::Bind { path: "/r".into() });
+                assert_eq!(stdio, StdioConfig::default());
+            }
+            r => panic!("{r:?}"),
+        }
+        let f = Frame::new(FrameKind::Request, 1, br#"{"op":"wait","id":"c"}"#.to_vec());
+        assert_eq!(
+            Request::from_frame(&f).unwrap(),
+            Request::Wait {
+                id: "c".into(),
+                exec_id: None
+            }
+        );
     }
 
     /// Deterministic xorshift: the same inputs on every run.
@@ -579,6 +699,13 @@ mod tests {
             self.0 ^= self.0 << 17;
             self.0
         }
+        fn below(&mut self, n: usize) -> usize {
+            if n == 0 {
+                0
+            } else {
+                (self.next() % n as u64) as usize
+            }
+        }
     }
 
     /// 20 000 mutated and random byte streams through the decoder and message parsers: errors
@@ -586,54 +713,98 @@ mod tests {
     #[test]
     fn random_and_mutated_input_never_panics() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let valid: Vec<Vec<u8>> = requests()
+        let mut valid: Vec<Vec<u8>> = requests()
             .iter()
             .enumerate()
             .map(|(i, r)| r.to_frame(i as u32).to_bytes())
             .collect();
+        valid.extend(responses().iter().map(|r| r.to_frame(1).to_bytes()));
+        valid.extend(events().iter().map(|e| e.to_frame().to_bytes()));
+        valid.push(crate::stream::window_frame(3, 4096).to_bytes());
+        valid.push(crate::stream::close_frame(3).to_bytes());
         let mut decoded = 0;
+        let mut messages = 0;
         for round in 0..20_000 {
             let mut bytes = valid[round % valid.len()].clone();
-            match rng.next() % 4 {
+            // Sometimes a stream of several frames.
+            for _ in 0..rng.below(3) {
+                bytes.extend_from_slice(&valid[rng.below(valid.len())]);
+            }
+            match rng.next() % 6 {
                 0 => {
-                    for _ in 0..1 + rng.next() % 8 {
-                        let i = (rng.next() as usize) % bytes.len();
+                    // Flip bytes anywhere.
+                    for _ in 0..1 + rng.below(8) {
+                        let i = rng.below(bytes.len());
                         bytes[i] ^= rng.next() as u8;
                     }
                 }
-                1 => bytes.truncate((rng.next() as usize) % bytes.len()),
-                2 => {
-                    let other = &valid[(rng.next() as usize) % valid.len()];
-                    let cut = (rng.next() as usize) % other.len();
+                1 => {
+                    // Flip bytes in the JSON only: the frame stays valid, the message does not.
+                    for _ in 0..1 + rng.below(4) {
+                        if bytes.len() > crate::frame::HEADER_LEN {
+                            let i = crate::frame::HEADER_LEN
+                                + rng.below(bytes.len() - crate::frame::HEADER_LEN);
+                            const ALPHABET: &[u8] = b"{}[]\":,0-9ae\\ \xff";
+                            bytes[i] = ALPHABET[rng.below(ALPHABET.len())];
+                        }
+                    }
+                }
+                2 => bytes.truncate(rng.below(bytes.len())),
+                3 => {
+                    // Splice the tail of another frame in.
+                    let other = &valid[rng.below(valid.len())];
+                    let cut = rng.below(other.len());
+                    let at = rng.below(bytes.len());
+                    bytes.truncate(at);
                     bytes.extend_from_slice(&other[cut..]);
                 }
+                4 => {
+                    // A valid header announcing a random length.
+                    let len = (rng.next() as u32) >> rng.below(32);
+                    bytes[10..14].copy_from_slice(&len.to_be_bytes());
+                }
                 _ => {
-                    let n = (rng.next() % 256) as usize;
+                    let n = rng.below(256);
                     bytes = (0..n).map(|_| rng.next() as u8).collect();
-                    if n > 2 && rng.next().is_multiple_of(2) {
-                        bytes[..2].copy_from_slice(b"RV");
+                    if n > 6 && rng.next() & 1 == 0 {
+                        bytes[..4].copy_from_slice(b"RV\0\x01");
+                        bytes[4] = 1 + rng.below(6) as u8;
+                        bytes[5] = 0;
                     }
                 }
             }
             let mut d = FrameDecoder::new();
-            let split = if bytes.is_empty() {
-                0
-            } else {
-                (rng.next() as usize) % bytes.len()
-            };
-            d.push(&bytes[..split]);
-            d.push(&bytes[split..]);
-            while let Ok(Some(f)) = d.next_frame() {
-                decoded += 1;
-                let _ = Request::from_frame(&f);
-                let _ = Response::from_frame(&f);
-                let _ = Event::from_frame(&f);
-                let _ = crate::stream::parse_window(&f);
+            let (head, tail) = bytes.split_at(rng.below(bytes.len()));
+            d.push(head);
+            let mut tail = Some(tail);
+            loop {
+                match d.next_frame() {
+                    Ok(Some(f)) => {
+                        decoded += 1;
+                        messages += usize::from(Request::from_frame(&f).is_ok());
+                        messages += usize::from(Response::from_frame(&f).is_ok());
+                        messages += usize::from(Event::from_frame(&f).is_ok());
+                        let _ = crate::stream::parse_window(&f);
+                    }
+                    Ok(None) => match tail.take() {
+                        Some(t) => d.push(t),
+                        None => break,
+                    },
+                    Err(_) => {
+                        assert!(matches!(d.next_frame(), Err(FrameError::Poisoned)));
+                        break;
+                    }
+                }
             }
+            let _ = crate::frame::read_frame(&mut &bytes[..]);
         }
         assert!(
-            decoded > 1000,
-            "mutations still produced valid frames: {decoded}"
+            decoded > 5_000,
+            "too few mutations decoded as frames: {decoded}"
+        );
+        assert!(
+            messages > 1_000,
+            "too few mutations decoded as messages: {messages}"
         );
     }
 }

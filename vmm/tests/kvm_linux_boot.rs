@@ -91,3 +91,158 @@ fn kvm_linux_boot_to_marker() {
         "no marker on the console:\n{console}"
     );
 }
+
+/// The agent as the guest's PID 1 over virtio-vsock: containers from a busybox rootfs inside the
+/// initramfs, driven from the host through the VMM's vsock Unix socket.
+#[test]
+fn kvm_linux_agent_over_vsock() {
+    if let Some(why) = skip_reason() {
+        println!("SKIPPED: kvm_linux_agent_over_vsock: {why}");
+        return;
+    }
+    use protocol::{Request, Response, RootfsSource, StdioConfig};
+    use std::io::{BufRead, BufReader, Write};
+    let kernel = std::env::var_os("RUNV_KERNEL").unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-agent.sh");
+    let out = Command::new("bash").arg(&script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent_bin = std::fs::read(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let dir = tempfile::tempdir().unwrap();
+    let mut rd = Initramfs::new();
+    rd.file("init", 0o755, agent_bin).unwrap();
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "rootfs",
+        "rootfs/bin",
+        "rootfs/proc",
+        "rootfs/dev",
+        "rootfs/sys",
+        "rootfs/tmp",
+    ] {
+        rd.dir(d, 0o755).unwrap();
+    }
+    rd.file("rootfs/bin/busybox", 0o755, busybox).unwrap();
+    for a in ["sh", "echo", "cat", "sleep"] {
+        rd.symlink(&format!("rootfs/bin/{a}"), "busybox").unwrap();
+    }
+    let initrd = dir.path().join("initrd.gz");
+    std::fs::write(&initrd, rd.to_bytes(Compression::Gzip).unwrap()).unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let serial = dir.path().join("serial.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runv-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--mem-mib", "512", "--vcpus", "2"])
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 rdinit=/init"])
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()))
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .spawn()
+        .unwrap();
+    let console = || std::fs::read_to_string(&serial).unwrap_or_default();
+    // Connect through the VMM until the agent listens (the guest is booting meanwhile).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        assert!(
+            Instant::now() < deadline,
+            "agent never answered on vsock; console:\n{}",
+            console()
+        );
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&uds) {
+            writeln!(s, "CONNECT 1024").unwrap();
+            let mut line = String::new();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            if BufReader::new(s.try_clone().unwrap())
+                .read_line(&mut line)
+                .is_ok()
+                && line.starts_with("OK")
+            {
+                break s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut c = agent::client::Client::from_stream(stream).unwrap();
+    assert!(matches!(
+        c.call(&Request::Ping).unwrap(),
+        Response::Pong { ready: true, .. }
+    ));
+    let mut spec = oci_spec::runtime::Spec::default();
+    let run = |c: &mut agent::client::Client,
+               id: &str,
+               args: &[&str],
+               spec: &mut oci_spec::runtime::Spec| {
+        let mut p = spec.process().clone().unwrap();
+        p.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+        p.set_terminal(Some(false));
+        spec.set_process(Some(p));
+        let r = c
+            .call(&Request::Create {
+                id: id.into(),
+                spec: Box::new(spec.clone()),
+                rootfs: RootfsSource::Bind {
+                    path: "/rootfs".into(),
+                },
+                stdio: StdioConfig::default(),
+            })
+            .unwrap();
+        let Response::Created { streams, .. } = r else {
+            panic!("{r:?}\n{}", console())
+        };
+        c.call(&Request::Start { id: id.into() }).unwrap();
+        let Response::Exited { status, .. } = c
+            .call(&Request::Wait {
+                id: id.into(),
+                exec_id: None,
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        let out = c
+            .read_to_close(streams.stdout, Duration::from_secs(10))
+            .unwrap();
+        c.call(&Request::Destroy { id: id.into() }).unwrap();
+        (String::from_utf8_lossy(&out).to_string(), status.code)
+    };
+    assert_eq!(
+        run(&mut c, "echo", &["echo", "hello"], &mut spec),
+        ("hello\n".into(), 0)
+    );
+    assert_eq!(
+        run(&mut c, "seven", &["sh", "-c", "exit 7"], &mut spec).1,
+        7
+    );
+    assert_eq!(
+        run(&mut c, "k", &["sh", "-c", "kill -9 $$"], &mut spec).1,
+        137
+    );
+    assert_eq!(
+        c.call(&Request::Reseed {
+            entropy: vec![7; 64]
+        })
+        .unwrap(),
+        Response::Ok
+    );
+    assert_eq!(
+        c.call(&Request::SetHostname {
+            hostname: "clone-1".into()
+        })
+        .unwrap(),
+        Response::Ok
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
