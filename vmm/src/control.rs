@@ -87,6 +87,32 @@ pub struct Connection {
     pub buf: Vec<u8>,
 }
 
+impl Connection {
+    /// Wraps an accepted stream, made non-blocking.
+    pub fn new(stream: UnixStream) -> std::io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        Ok(Self {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Reads whatever is available into `buf`; returns false once the peer closed or failed.
+    pub fn read_available(&mut self) -> bool {
+        use std::io::Read;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
 /// Removes the socket file when dropped.
 pub struct SocketFile(pub PathBuf);
 

@@ -7,7 +7,7 @@
 //! `runv-vmm --shell` keeps one waiting for a `restore` command on its control socket.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Instant;
@@ -18,7 +18,7 @@ use serde_json::json;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::config::{MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
-use crate::control::{self, Request, SocketFile};
+use crate::control::{self, Connection, Request, SocketFile};
 use crate::memory::GuestRam;
 use crate::vmm::{io_err, vm_err, Vmm, VmmError};
 
@@ -117,7 +117,7 @@ pub fn wait_for_restore(
     if let Some(fd) = term_fd {
         add(fd, TOKEN_TERM)?;
     }
-    let mut conns: HashMap<u64, (UnixStream, Vec<u8>)> = HashMap::new();
+    let mut conns: HashMap<u64, Connection> = HashMap::new();
     let mut events = vec![EpollEvent::default(); 8];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -130,27 +130,19 @@ pub fn wait_for_restore(
                 TOKEN_TERM => return Ok(ShellOutcome::Shutdown),
                 TOKEN_LISTENER => {
                     while let Ok((stream, _)) = listener.accept() {
-                        if stream.set_nonblocking(true).is_ok() {
-                            let token = stream.as_raw_fd() as u64;
-                            add(stream.as_raw_fd(), token)?;
-                            conns.insert(token, (stream, Vec::new()));
+                        if let Ok(c) = Connection::new(stream) {
+                            let token = c.stream.as_raw_fd() as u64;
+                            add(c.stream.as_raw_fd(), token)?;
+                            conns.insert(token, c);
                         }
                     }
                 }
                 token => {
-                    let Some((stream, buf)) = conns.get_mut(&token) else {
+                    let Some(conn) = conns.get_mut(&token) else {
                         continue;
                     };
-                    let mut chunk = [0u8; 4096];
-                    let open = loop {
-                        match stream.read(&mut chunk) {
-                            Ok(0) => break false,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
-                            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                            Err(_) => break false,
-                        }
-                    };
+                    let open = conn.read_available();
+                    let Connection { stream, buf } = conn;
                     let Some(pos) = buf.iter().position(|&b| b == b'\n') else {
                         if !open || buf.len() > control::MAX_REQUEST {
                             let _ = epoll.ctl(
@@ -176,7 +168,7 @@ pub fn wait_for_restore(
                             return Ok(ShellOutcome::Shutdown);
                         }
                         Ok(Request::Restore(opts)) => {
-                            let Some((mut stream, _)) = conns.remove(&token) else {
+                            let Some(Connection { mut stream, .. }) = conns.remove(&token) else {
                                 continue;
                             };
                             let _ = epoll.ctl(

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
@@ -789,18 +789,16 @@ impl DeviceLoop<'_> {
             add(b.fd, TOKEN_BACKEND_BASE + i as u64)?;
         }
         let mut conns: HashMap<u64, Connection> = HashMap::new();
-        for stream in initial {
-            if stream.set_nonblocking(true).is_ok() {
-                let token = stream.as_raw_fd() as u64;
-                add(stream.as_raw_fd(), token)?;
-                conns.insert(
-                    token,
-                    Connection {
-                        stream,
-                        buf: Vec::new(),
-                    },
-                );
+        let register = |conns: &mut HashMap<u64, Connection>, stream| {
+            if let Ok(c) = Connection::new(stream) {
+                let token = c.stream.as_raw_fd() as u64;
+                add(c.stream.as_raw_fd(), token)?;
+                conns.insert(token, c);
             }
+            Ok::<_, VmmError>(())
+        };
+        for stream in initial {
+            register(&mut conns, stream)?;
         }
         let mut events = vec![EpollEvent::default(); 16];
         while exit.reason().is_none() {
@@ -816,18 +814,7 @@ impl DeviceLoop<'_> {
                     TOKEN_LISTENER => {
                         if let Some(l) = listener {
                             while let Ok((stream, _)) = l.accept() {
-                                if stream.set_nonblocking(true).is_err() {
-                                    continue;
-                                }
-                                let token = stream.as_raw_fd() as u64;
-                                add(stream.as_raw_fd(), token)?;
-                                conns.insert(
-                                    token,
-                                    Connection {
-                                        stream,
-                                        buf: Vec::new(),
-                                    },
-                                );
+                                register(&mut conns, stream)?;
                             }
                         }
                     }
@@ -872,16 +859,7 @@ impl DeviceLoop<'_> {
     /// Reads what is available on a control connection and answers each complete line; returns
     /// false when the connection should be closed.
     fn serve_connection(&self, c: &mut Connection) -> bool {
-        let mut chunk = [0u8; 4096];
-        let open = loop {
-            match c.stream.read(&mut chunk) {
-                Ok(0) => break false,
-                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break false,
-            }
-        };
+        let open = c.read_available();
         while let Some(pos) = c.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = c.buf.drain(..=pos).collect();
             let reply = match control::parse(&line[..pos]) {
