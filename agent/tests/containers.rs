@@ -592,3 +592,31 @@ fn sigterm_reaches_a_container_shell_with_a_trap() {
     );
     c.call(&Request::Destroy { id: "trap".into() }).unwrap();
 }
+
+/// The default spec's capabilities (KILL, NET_BIND_SERVICE, AUDIT_WRITE), RLIMIT_NOFILE 1024 and
+/// noNewPrivileges reach the process.
+#[test]
+fn capabilities_rlimits_and_no_new_privs_applied() {
+    let Some(root) = rootfs("capabilities_rlimits_and_no_new_privs_applied") else {
+        return;
+    };
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let (out, err, st) = run(
+        &mut c,
+        "caps",
+        spec(&[
+            "sh",
+            "-c",
+            "ulimit -n; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status",
+        ]),
+        &root,
+    );
+    assert_eq!(st.code, 0, "{err}");
+    let want = (1u64 << 5) | (1 << 10) | (1 << 29);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1024", "{out}");
+    assert_eq!(lines[1], format!("CapEff:\t{want:016x}"), "{out}");
+    assert_eq!(lines[2], format!("CapBnd:\t{want:016x}"), "{out}");
+    assert_eq!(lines[3], "NoNewPrivs:\t1", "{out}");
+}
