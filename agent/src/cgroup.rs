@@ -108,6 +108,21 @@ impl CgroupRoot {
         }
     }
 
+    /// Removes the (empty) parent group; a group still holding containers stays.
+    pub fn remove_parent(&self) {
+        let dirs = if self.v2 {
+            vec![self.root.join(&self.group)]
+        } else {
+            ["memory", "pids", "cpu"]
+                .iter()
+                .map(|c| self.root.join(c).join(&self.group))
+                .collect()
+        };
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
     /// Creates the cgroup of container `id` with `limits`.
     pub fn create(&self, id: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
         let mk = |p: &Path| {

@@ -44,7 +44,7 @@ fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     let cgroups = agent::cgroup::CgroupRoot::detect(&args.cgroup_root, &args.cgroup_group);
-    let rt = agent::runtime::Runtime::new(args.state_dir.clone(), cgroups)
+    let rt = agent::runtime::Runtime::new(args.state_dir.clone(), cgroups.clone())
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     if let Some(path) = args.listen.strip_prefix("unix:") {
         let path = PathBuf::from(path);
@@ -60,7 +60,7 @@ fn main() -> Result<()> {
         }
         let l = std::os::unix::net::UnixListener::bind(&path)
             .with_context(|| format!("binding {}", path.display()))?;
-        terminate_on_signals(term_fd, path.clone());
+        terminate_on_signals(term_fd, path.clone(), cgroups);
         for conn in l.incoming() {
             match conn {
                 Ok(s) => {
@@ -73,7 +73,7 @@ fn main() -> Result<()> {
         Ok(())
     } else if let Some(port) = args.listen.strip_prefix("vsock:") {
         let port: u32 = port.parse().context("vsock port")?;
-        terminate_on_signals(term_fd, PathBuf::new());
+        terminate_on_signals(term_fd, PathBuf::new(), cgroups);
         serve_vsock(rt, port, pid1, started)
     } else {
         bail!("--listen {}: use unix:PATH or vsock:PORT", args.listen)
@@ -94,12 +94,13 @@ fn block_termination_signals() -> i32 {
 }
 
 /// Removes the socket and exits on SIGTERM/SIGINT (as PID 1: powers the guest off).
-fn terminate_on_signals(fd: i32, socket: PathBuf) {
+fn terminate_on_signals(fd: i32, socket: PathBuf, cgroups: agent::cgroup::CgroupRoot) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 128];
         // SAFETY: reading a signalfd_siginfo into a local buffer.
         unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         let _ = std::fs::remove_file(&socket);
+        cgroups.remove_parent();
         if std::process::id() == 1 {
             // SAFETY: sync and power off, as init does on shutdown.
             unsafe {

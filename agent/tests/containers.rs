@@ -554,6 +554,14 @@ fn two_hundred_containers_leak_nothing() {
         before, after,
         "(fds, threads, children, mounts, cgroup entries) before vs after"
     );
+    let group = agent.group.clone();
+    drop(c);
+    drop(agent);
+    assert!(
+        group_dirs(&group).is_empty(),
+        "the agent removes its cgroup on SIGTERM: {:?}",
+        group_dirs(&group)
+    );
 }
 
 #[test]

@@ -97,14 +97,20 @@ impl Agent {
     }
 }
 
+/// The agent's parent cgroup directories that exist.
+pub fn group_dirs(group: &str) -> Vec<PathBuf> {
+    ["", "memory", "pids", "cpu"]
+        .iter()
+        .map(|c| Path::new("/sys/fs/cgroup").join(c).join(group))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
-        for c in ["", "memory", "pids", "cpu"] {
-            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(&self.group));
-        }
     }
 }
 
