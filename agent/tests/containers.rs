@@ -9,11 +9,9 @@ use protocol::{Request, Response, StdioConfig};
 
 #[test]
 fn echo_exit_code_and_signal_death() {
-    let Some(root) = rootfs("echo_exit_code_and_signal_death") else {
+    let Some((root, _agent, mut c)) = setup("echo_exit_code_and_signal_death") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let (out, _, st) = run(&mut c, "echo", spec(&["echo", "hello"]), &root);
     assert_eq!((out.as_str(), st.code), ("hello\n", 0));
     let (_, _, st) = run(&mut c, "seven", spec(&["sh", "-c", "exit 7"]), &root);
@@ -22,11 +20,9 @@ fn echo_exit_code_and_signal_death() {
 
 #[test]
 fn kill_9_reports_137() {
-    let Some(root) = rootfs("kill_9_reports_137") else {
+    let Some((root, _agent, mut c)) = setup("kill_9_reports_137") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     launch(
         &mut c,
         "k",
@@ -53,11 +49,9 @@ fn kill_9_reports_137() {
 
 #[test]
 fn stdin_is_piped_through_cat() {
-    let Some(root) = rootfs("stdin_is_piped_through_cat") else {
+    let Some((root, _agent, mut c)) = setup("stdin_is_piped_through_cat") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let s = launch(
         &mut c,
         "cat",
@@ -85,11 +79,9 @@ fn stdin_is_piped_through_cat() {
 
 #[test]
 fn terminal_mode() {
-    let Some(root) = rootfs("terminal_mode") else {
+    let Some((root, _agent, mut c)) = setup("terminal_mode") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let s = launch(
         &mut c,
         "tty",
@@ -145,11 +137,9 @@ fn terminal_mode() {
 
 #[test]
 fn exec_joins_the_running_container() {
-    let Some(root) = rootfs("exec_joins_the_running_container") else {
+    let Some((root, _agent, mut c)) = setup("exec_joins_the_running_container") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let mut sp = spec(&["sleep", "100"]);
     sp.set_hostname(Some("boxy".into()));
     launch(&mut c, "ex", sp, &root, StdioConfig::default());
@@ -202,11 +192,9 @@ fn exec_joins_the_running_container() {
 
 #[test]
 fn hostname_env_cwd_user_and_mounts_applied() {
-    let Some(root) = rootfs("hostname_env_cwd_user_and_mounts_applied") else {
+    let Some((root, _agent, mut c)) = setup("hostname_env_cwd_user_and_mounts_applied") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let host_dir = tempfile::tempdir().unwrap();
     std::fs::write(host_dir.path().join("file"), "from-host\n").unwrap();
     let mut sp = spec(&[
@@ -285,11 +273,9 @@ fn with_resources(
 
 #[test]
 fn memory_limit_exceeded_is_reported_as_oom() {
-    let Some(root) = rootfs("memory_limit_exceeded_is_reported_as_oom") else {
+    let Some((root, _agent, mut c)) = setup("memory_limit_exceeded_is_reported_as_oom") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     // The shell itself holds 64 MiB in a variable: with a 16 MiB limit the kernel kills it.
     let sp = with_resources(
         spec(&[
@@ -307,11 +293,9 @@ fn memory_limit_exceeded_is_reported_as_oom() {
 
 #[test]
 fn pids_limit_stops_forks() {
-    let Some(root) = rootfs("pids_limit_stops_forks") else {
+    let Some((root, _agent, mut c)) = setup("pids_limit_stops_forks") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let sp = with_resources(
         spec(&[
             "sh",
@@ -330,11 +314,10 @@ fn pids_limit_stops_forks() {
 
 #[test]
 fn overlay_root_keeps_the_lower_directory_untouched() {
-    let Some(root) = rootfs("overlay_root_keeps_the_lower_directory_untouched") else {
+    let Some((root, _agent, mut c)) = setup("overlay_root_keeps_the_lower_directory_untouched")
+    else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let r = c
         .call(&Request::Create {
             id: "ov".into(),
@@ -517,11 +500,9 @@ fn children_of(pid: u32) -> usize {
 /// cgroup behind in the agent.
 #[test]
 fn two_hundred_containers_leak_nothing() {
-    let Some(root) = rootfs("two_hundred_containers_leak_nothing") else {
+    let Some((root, agent, mut c)) = setup("two_hundred_containers_leak_nothing") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let pid = agent.pid();
     let cg = |ctl: &str| {
         std::path::Path::new("/sys/fs/cgroup")
@@ -566,11 +547,9 @@ fn two_hundred_containers_leak_nothing() {
 
 #[test]
 fn sigterm_reaches_a_container_shell_with_a_trap() {
-    let Some(root) = rootfs("sigterm_reaches_a_container_shell_with_a_trap") else {
+    let Some((root, _agent, mut c)) = setup("sigterm_reaches_a_container_shell_with_a_trap") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let s = launch(
         &mut c,
         "trap",
@@ -605,11 +584,9 @@ fn sigterm_reaches_a_container_shell_with_a_trap() {
 /// noNewPrivileges reach the process.
 #[test]
 fn capabilities_rlimits_and_no_new_privs_applied() {
-    let Some(root) = rootfs("capabilities_rlimits_and_no_new_privs_applied") else {
+    let Some((root, _agent, mut c)) = setup("capabilities_rlimits_and_no_new_privs_applied") else {
         return;
     };
-    let agent = Agent::start();
-    let mut c = agent.client();
     let (out, err, st) = run(
         &mut c,
         "caps",

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,26 +44,6 @@ fn wait_for_report(dir: &Path, report: &str) {
         assert!(Instant::now() < deadline, "no {report} report");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn connect(path: &Path) -> (UnixStream, BufReader<UnixStream>) {
-    let deadline = Instant::now() + TIMEOUT;
-    let s = loop {
-        match UnixStream::connect(path) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("control socket: {e}"),
-        }
-    };
-    let r = BufReader::new(s.try_clone().unwrap());
-    (s, r)
-}
-
-fn request(s: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &str) -> serde_json::Value {
-    writeln!(s, "{line}").unwrap();
-    let mut reply = String::new();
-    r.read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{reply:?}: {e}"))
 }
 
 #[test]

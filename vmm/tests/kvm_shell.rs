@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,29 +23,9 @@ fn spec(dir: &Path, mem_mib: u64) -> ShellSpec {
 fn template(dir: &Path) -> PathBuf {
     let mut cfg = guest_config("rt.counter rt.idle", dir);
     cfg.mem_mib = 64;
-    let sock = dir.join("template.sock");
-    cfg.control = Some(sock.clone());
-    let vm = vmm::Vmm::build(cfg).unwrap();
-    let reports = vm.reports().unwrap();
-    let t = std::thread::spawn(move || vm.run(None));
-    reports
-        .iter()
-        .find(|r| r.starts_with("PASS counter_started"))
-        .unwrap();
+    cfg.control = Some(dir.join("template.sock"));
     let snap = dir.join("snap");
-    std::fs::create_dir_all(&snap).unwrap();
-    let mut s = UnixStream::connect(&sock).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    for req in [
-        format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap.display()),
-        r#"{"cmd":"shutdown"}"#.into(),
-    ] {
-        writeln!(s, "{req}").unwrap();
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        assert!(line.contains(r#""ok":true"#), "{line}");
-    }
-    t.join().unwrap().unwrap();
+    snapshot_counter_guest(cfg, &snap, Duration::ZERO);
     snap
 }
 

@@ -90,39 +90,9 @@ fn make_template(
     }
     let sock = dir.join("template.sock");
     cfg.control = Some(sock.clone());
-    let vm = vmm::Vmm::build(cfg).unwrap();
-    let reports = vm.reports().unwrap();
-    let t = std::thread::spawn(move || vm.run(None));
-    let started = reports
-        .iter()
-        .find(|r| r.starts_with("PASS counter_started") || r.starts_with("FAIL"))
-        .unwrap();
+    let started = snapshot_counter_guest(cfg, snap, Duration::from_millis(50));
     let addr = u64::from_str_radix(field(&started, "addr").expect(&started), 16).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    let (mut s, mut r) = connect(&sock);
-    std::fs::create_dir_all(snap).unwrap();
-    for req in [
-        format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap.display()),
-        r#"{"cmd":"shutdown"}"#.to_string(),
-    ] {
-        let reply = request(&mut s, &mut r, &req);
-        assert_eq!(reply["ok"], true, "{req}: {reply}");
-    }
-    assert_eq!(t.join().unwrap().unwrap(), vmm::ExitReason::Shutdown);
     Template { addr, _peer: peer }
-}
-
-fn connect(path: &Path) -> (UnixStream, BufReader<UnixStream>) {
-    let s = UnixStream::connect(path).unwrap();
-    let r = BufReader::new(s.try_clone().unwrap());
-    (s, r)
-}
-
-fn request(s: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &str) -> serde_json::Value {
-    writeln!(s, "{line}").unwrap();
-    let mut reply = String::new();
-    r.read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{line}: {e}: {reply:?}"))
 }
 
 fn snapshot_counter(snap: &Path, addr: u64) -> u64 {
@@ -413,24 +383,8 @@ fn kvm_snapshot_block_device_backing_file_replaced() {
     });
     let sock = dir.path().join("blk.sock");
     cfg.control = Some(sock.clone());
-    let vm = vmm::Vmm::build(cfg).unwrap();
-    let reports = vm.reports().unwrap();
-    let t = std::thread::spawn(move || vm.run(None));
-    reports
-        .iter()
-        .find(|r| r.starts_with("PASS counter_started"))
-        .unwrap();
     let snap = dir.path().join("snap");
-    std::fs::create_dir_all(&snap).unwrap();
-    let (mut s, mut r) = connect(&sock);
-    let reply = request(
-        &mut s,
-        &mut r,
-        &format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap.display()),
-    );
-    assert_eq!(reply["ok"], true, "{reply}");
-    request(&mut s, &mut r, r#"{"cmd":"shutdown"}"#);
-    t.join().unwrap().unwrap();
+    snapshot_counter_guest(cfg, &snap, Duration::ZERO);
 
     let other = dir.path().join("other.img");
     std::fs::write(&other, [2u8; 8192]).unwrap();

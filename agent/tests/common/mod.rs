@@ -121,6 +121,14 @@ fn rand_suffix() -> u64 {
     h.finish() % 1_000_000
 }
 
+/// The busybox rootfs, a started agent and a client of it; None when the test must skip.
+pub fn setup(test: &str) -> Option<(PathBuf, Agent, Client)> {
+    let root = rootfs(test)?;
+    let agent = Agent::start();
+    let client = agent.client();
+    Some((root, agent, client))
+}
+
 /// A spec running `args` in a rootfs (path in the RootfsSource), writable root.
 pub fn spec(args: &[&str]) -> oci_spec::runtime::Spec {
     let mut s = oci_spec::runtime::Spec::default();
