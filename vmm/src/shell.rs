@@ -15,12 +15,12 @@ use std::time::Instant;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde_json::json;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 
 use crate::config::{MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use crate::control::{self, Connection, Request, SocketFile};
 use crate::memory::GuestRam;
-use crate::vmm::{io_err, vm_err, Vmm, VmmError};
+use crate::vmm::{epoll_add, io_err, vm_err, Vmm, VmmError};
 
 /// A KVM VM without a guest yet.
 pub struct Shell {
@@ -104,15 +104,7 @@ pub fn wait_for_restore(
     term_fd: Option<RawFd>,
 ) -> Result<ShellOutcome, VmmError> {
     let epoll = Epoll::new().map_err(io_err("creating epoll"))?;
-    let add = |fd: RawFd, token: u64| {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(io_err("registering an fd with epoll"))
-    };
+    let add = |fd: RawFd, token: u64| epoll_add(&epoll, fd, token);
     add(listener.as_raw_fd(), TOKEN_LISTENER)?;
     if let Some(fd) = term_fd {
         add(fd, TOKEN_TERM)?;

@@ -632,28 +632,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn minor_faults_on_tmpfs_record_then_prefetch() {
-        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    /// Checks that a memory file in a directory under `base` selects `mode`, then runs
+    /// [`record_then_prefetch`] there.
+    fn in_dir(base: &str, mode: FaultMode) {
+        let dir = tempfile::tempdir_in(base).unwrap();
         let path = dir.path().join(snapshot::memory::MEMORY_FILE);
         std::fs::write(&path, b"x").unwrap();
-        assert_eq!(
-            mode_for(&File::open(&path).unwrap(), true),
-            FaultMode::Minor
-        );
-        record_then_prefetch(dir.path(), FaultMode::Minor);
+        assert_eq!(mode_for(&File::open(&path).unwrap(), true), mode);
+        record_then_prefetch(dir.path(), mode);
+    }
+
+    #[test]
+    fn minor_faults_on_tmpfs_record_then_prefetch() {
+        in_dir("/dev/shm", FaultMode::Minor);
     }
 
     #[test]
     fn missing_faults_on_anonymous_memory_record_then_prefetch() {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let path = dir.path().join(snapshot::memory::MEMORY_FILE);
-        std::fs::write(&path, b"x").unwrap();
-        assert_eq!(
-            mode_for(&File::open(&path).unwrap(), true),
-            FaultMode::Missing
-        );
-        record_then_prefetch(dir.path(), FaultMode::Missing);
+        in_dir(env!("CARGO_MANIFEST_DIR"), FaultMode::Missing);
     }
 
     #[test]

@@ -101,6 +101,17 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
     move |source| VmmError::Io { what, source }
 }
 
+/// Registers `fd` for input on `epoll` under `token`.
+pub(crate) fn epoll_add(epoll: &Epoll, fd: RawFd, token: u64) -> Result<(), VmmError> {
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+        .map_err(io_err("registering an fd with epoll"))
+}
+
 pub(crate) fn vm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::VmIoctl { op, source }
 }
@@ -766,15 +777,7 @@ impl DeviceLoop<'_> {
         let listener = self.vmm.control.as_ref().map(|c| &c.0);
         let (queue_events, backends) = (&self.vmm.queue_events, &self.vmm.backends);
         let epoll = Epoll::new().map_err(io_err("creating epoll"))?;
-        let add = |fd: RawFd, token: u64| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(io_err("registering an fd with epoll"))
-        };
+        let add = |fd: RawFd, token: u64| epoll_add(&epoll, fd, token);
         add(exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
         if let Some(fd) = term_fd {
             add(fd, TOKEN_TERM)?;
