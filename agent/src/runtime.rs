@@ -373,7 +373,7 @@ impl Runtime {
         });
         map.insert(id.to_string(), c.clone());
         drop(map);
-        self.watch_exit(c.clone(), init, None, on_exit);
+        self.watch_exit(c.clone(), init, on_exit);
         Ok(c)
     }
 
@@ -381,7 +381,6 @@ impl Runtime {
         self: &Arc<Self>,
         c: Arc<Container>,
         proc: Arc<Proc>,
-        exec_id: Option<String>,
         on_exit: impl FnOnce(&str, ExitStatus) + Send + 'static,
     ) {
         let rt = self.clone();
@@ -391,7 +390,6 @@ impl Runtime {
             // Let the output pumps drain before anyone hears of the exit.
             crate::server::ProcIo::finish(&proc.io, Duration::from_secs(2));
             proc.set_exit(status);
-            let _ = exec_id;
             on_exit(&c.id, status);
         });
     }
@@ -455,7 +453,7 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(exec_id.to_string(), proc.clone());
-        self.watch_exit(c.clone(), proc, Some(exec_id.to_string()), on_exit);
+        self.watch_exit(c.clone(), proc, on_exit);
         spawn::start(pending)?;
         Ok(pid)
     }

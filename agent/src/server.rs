@@ -219,16 +219,14 @@ impl Conn {
         let (stdout, stderr) = (self.stream_id(), self.stream_id());
         io.pumps.push(self.pump(stdout, File::from(out_r)));
         io.pumps.push(self.pump(stderr, File::from(err_r)));
-        let (in_fd, stdin, in_end): (OwnedFd, Option<u32>, Option<OwnedFd>) = if cfg.stdin {
+        let (in_fd, stdin): (OwnedFd, Option<u32>) = if cfg.stdin {
             let (in_r, in_w) = cloexec_pipe()?;
             let id = self.stream_id();
             io.stdin = Some(self.stdin_writer(id, File::from(in_w)));
-            (in_r, Some(id), None)
+            (in_r, Some(id))
         } else {
-            let null = File::open("/dev/null")?;
-            (OwnedFd::from(null), None, None)
+            (OwnedFd::from(File::open("/dev/null")?), None)
         };
-        let _ = in_end;
         Ok(Wiring {
             child: ChildStdio {
                 fds: [in_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
@@ -323,7 +321,13 @@ impl Conn {
                 rt.signal(&id, exec_id.as_deref(), signal, all)?;
                 Response::Ok
             }
-            Request::Wait { .. } => unreachable!("handled on its own thread"),
+            // `serve` answers waits on their own threads; never block the reader here.
+            Request::Wait { .. } => {
+                return Err(OpError::new(
+                    ErrorCode::Internal,
+                    "wait is served by the connection reader",
+                ))
+            }
             Request::State { id } => Response::State(rt.state(&id)?),
             Request::Ps { id } => Response::Processes {
                 pids: rt.ps(&id)?,

@@ -21,13 +21,18 @@ struct Template {
 }
 
 impl Template {
-    fn boot(dir: &Path) -> Self {
-        let sock = dir.join("template.sock");
-        let mut child = Command::new(release_bin("runv-vmm"))
-            .arg("--kernel")
-            .arg(test_guests::guest_path())
+    /// Boots the counter guest (256 MiB, `rt.counter` plus `cmdline`) with `initrd`, and waits
+    /// until it counts.
+    fn boot(dir: &Path, name: &str, cmdline: &str, initrd: Option<&Path>) -> Self {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(release_bin("runv-vmm"));
+        cmd.arg("--kernel").arg(test_guests::guest_path());
+        if let Some(i) = initrd {
+            cmd.arg("--initrd").arg(i);
+        }
+        let mut child = cmd
             .args(["--mem-mib", "256", "--serial", "none", "--debug-log", "-"])
-            .args(["--cmdline", "rt.counter"])
+            .args(["--cmdline", &format!("rt.counter {cmdline}")])
             .arg("--control")
             .arg(&sock)
             .stdout(Stdio::piped())
@@ -73,32 +78,8 @@ fn clone_template(dir: &Path, snap: &Path) {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&initrd, &data).unwrap();
-    let sock = dir.join("clone-template.sock");
-    let mut child = Command::new(release_bin("runv-vmm"))
-        .arg("--kernel")
-        .arg(test_guests::guest_path())
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--mem-mib", "256", "--serial", "none", "--debug-log", "-"])
-        .args(["--cmdline", "rt.counter rt.touch=256 rt.idle"])
-        .arg("--control")
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawning runv-vmm");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("counter_started") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "template died");
-    }
     std::fs::create_dir_all(snap).unwrap();
-    let mut t = Template {
-        control: UnixStream::connect(&sock).unwrap(),
-        replies: BufReader::new(UnixStream::connect(&sock).unwrap()),
-        child,
-    };
-    t.replies = BufReader::new(t.control.try_clone().unwrap());
+    let mut t = Template::boot(dir, "clone-template", "rt.touch=256 rt.idle", Some(&initrd));
     t.request(&format!(
         r#"{{"cmd":"snapshot","dir":"{}"}}"#,
         snap.display()
@@ -139,7 +120,7 @@ fn main() {
     let mut c = criterion();
     let dir = std::env::temp_dir().join(format!("runv-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut template = Template::boot(&dir);
+    let mut template = Template::boot(&dir, "template", "", None);
     let mut create = Recorder::median("snapshot_create_ms", "ms");
     let mut n = 0;
     c.bench_function("snapshot_create", |b| {

@@ -150,18 +150,24 @@ pub fn write_sparse_with(
 pub fn copy_into(dir: &Path, dst: &File) -> Result<MemoryStats, MemoryFileError> {
     let path = dir.join(MEMORY_FILE);
     let src = File::open(&path).map_err(err("open", &path))?;
-    let size = src.metadata().map_err(err("stat", &path))?.len();
+    copy_from(&src, &path, dst)
+}
+
+/// Copies the data extents of the memory file `src` (opened from `path`, named in errors) into
+/// `dst`.
+pub fn copy_from(src: &File, path: &Path, dst: &File) -> Result<MemoryStats, MemoryFileError> {
+    let size = src.metadata().map_err(err("stat", path))?.len();
     let mut stats = MemoryStats {
         size,
         data_bytes: 0,
     };
     let mut buf = vec![0u8; CHUNK];
-    for (start, end) in data_extents(&src, size).map_err(err("scan", &path))? {
+    for (start, end) in data_extents(src, size).map_err(err("scan", path))? {
         let mut off = start;
         while off < end {
             let n = ((end - off) as usize).min(CHUNK);
             src.read_exact_at(&mut buf[..n], off)
-                .map_err(err("read", &path))?;
+                .map_err(err("read", path))?;
             dst.write_all_at(&buf[..n], off)
                 .map_err(err("write", Path::new("guest memory")))?;
             stats.data_bytes += n as u64;

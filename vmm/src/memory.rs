@@ -122,25 +122,20 @@ impl GuestRam {
         Ok(file)
     }
 
-    /// Replaces the contents with the memory file at `path` mapped copy-on-write
-    /// (`MAP_PRIVATE`): every clone mapping the same file shares its page cache.
-    pub fn map_file_private(&mut self, path: &std::path::Path) -> Result<Arc<File>, MemoryError> {
-        let file = File::open(path).map_err(|source| MemoryError::Memfd {
-            size_mib: self.size >> 20,
-            source,
-        })?;
+    /// Replaces the contents with the memory file `file` mapped copy-on-write (`MAP_PRIVATE`):
+    /// every clone mapping the same file shares its page cache. The file must be exactly as
+    /// large as guest RAM (a shorter one would fault the guest with SIGBUS past its end).
+    pub fn map_file_private(&mut self, file: Arc<File>) -> Result<(), MemoryError> {
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         if len != self.size {
             return Err(MemoryError::Map(format!(
-                "{} is {len} bytes, the snapshot's guest RAM is {}",
-                path.display(),
+                "the memory file is {len} bytes, guest RAM is {}",
                 self.size
             )));
         }
-        let file = Arc::new(file);
         self.map_over(&file, libc::MAP_PRIVATE | libc::MAP_NORESERVE)?;
-        self.backing = Backing::PrivateFile(file.clone());
-        Ok(file)
+        self.backing = Backing::PrivateFile(file);
+        Ok(())
     }
 
     /// Replaces the contents with fresh, untouched anonymous memory (for userfaultfd `MISSING`

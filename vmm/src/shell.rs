@@ -7,7 +7,7 @@
 //! `runv-vmm --shell` keeps one waiting for a `restore` command on its control socket.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Instant;
@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 use crate::config::{MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use crate::control::{self, Connection, Request, SocketFile};
 use crate::memory::GuestRam;
-use crate::vmm::{epoll_add, io_err, vm_err, Vmm, VmmError};
+use crate::vmm::{epoll_add, epoll_wait, io_err, register_connection, vm_err, Vmm, VmmError};
 
 /// A KVM VM without a guest yet.
 pub struct Shell {
@@ -33,6 +33,11 @@ pub struct Shell {
 impl Shell {
     /// Creates a VM with `mem_mib` MiB of reserved RAM and `vcpus` fresh vCPUs.
     pub fn create(mem_mib: u64, vcpus: u8) -> Result<Self, VmmError> {
+        Self::with_kvm(Kvm::new().map_err(VmmError::Kvm)?, mem_mib, vcpus)
+    }
+
+    /// [`Shell::create`] on an already opened `/dev/kvm`.
+    pub fn with_kvm(kvm: Kvm, mem_mib: u64, vcpus: u8) -> Result<Self, VmmError> {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) || !(1..=MAX_VCPUS).contains(&vcpus) {
             return Err(VmmError::Mismatch(format!(
                 "a shell of {mem_mib} MiB and {vcpus} vCPUs: use {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB and 1..={MAX_VCPUS} vCPUs"
@@ -40,7 +45,6 @@ impl Shell {
         }
         let t0 = Instant::now();
         let ram = GuestRam::reserve(mem_mib << 20)?;
-        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
         let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(0xfffb_d000)
             .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
@@ -112,21 +116,13 @@ pub fn wait_for_restore(
     let mut conns: HashMap<u64, Connection> = HashMap::new();
     let mut events = vec![EpollEvent::default(); 8];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("waiting on epoll")(e)),
-        };
+        let n = epoll_wait(&epoll, &mut events)?;
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_TERM => return Ok(ShellOutcome::Shutdown),
                 TOKEN_LISTENER => {
                     while let Ok((stream, _)) = listener.accept() {
-                        if let Ok(c) = Connection::new(stream) {
-                            let token = c.stream.as_raw_fd() as u64;
-                            add(c.stream.as_raw_fd(), token)?;
-                            conns.insert(token, c);
-                        }
+                        register_connection(&epoll, &mut conns, stream)?;
                     }
                 }
                 token => {
@@ -211,4 +207,20 @@ fn reply_line(stream: &mut UnixStream, v: &serde_json::Value) -> std::io::Result
     stream.set_nonblocking(false)?;
     stream.write_all(&out)?;
     stream.set_nonblocking(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_shells_are_refused() {
+        for (mem, vcpus) in [(8, 1), (1 << 20, 1), (64, 0), (64, 9)] {
+            let e = Shell::create(mem, vcpus)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.contains("MiB") && e.contains("vCPUs"), "{e}");
+        }
+    }
 }

@@ -156,6 +156,24 @@ pub struct PageServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Maps [host, host+len) of a file mapping into the page tables in bulk (`MADV_POPULATE_READ`).
+fn populate(host: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: [host, host+len) lies inside a guest RAM mapping that outlives this call;
+    // MADV_POPULATE_READ only faults pages in, it never changes their contents.
+    let rc = unsafe {
+        libc::madvise(
+            host as *mut libc::c_void,
+            len as usize,
+            libc::MADV_POPULATE_READ,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn errno(e: &userfaultfd::Error) -> Option<i32> {
     match e {
         userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) => {
@@ -187,76 +205,47 @@ impl Pages {
             .host_of(offset)
             .ok_or_else(|| format!("offset {offset:#x} outside guest RAM"))?;
         let Some(uffd) = &self.uffd else {
-            // SAFETY: [host, host+len) lies inside a guest RAM mapping that outlives this call;
-            // MADV_POPULATE_READ only faults pages in, it never changes their contents.
-            let rc = unsafe {
-                libc::madvise(
+            return populate(host, len)
+                .map_err(|e| format!("MADV_POPULATE_READ at {offset:#x}: {e}"));
+        };
+        let (what, r) = if self.mode == FaultMode::Missing {
+            buf.resize(len as usize, 0);
+            self.file
+                .read_exact_at(buf, offset)
+                .map_err(|e| format!("reading {} at {offset:#x}: {e}", self.path.display()))?;
+            // SAFETY: `buf` holds `len` readable bytes; [host, host+len) lies inside a guest
+            // RAM region registered with this userfaultfd, which outlives this call.
+            let r = unsafe {
+                uffd.copy(
+                    buf.as_ptr() as *const libc::c_void,
                     host as *mut libc::c_void,
                     len as usize,
-                    libc::MADV_POPULATE_READ,
+                    true,
                 )
             };
-            return if rc == 0 {
-                Ok(())
-            } else {
-                Err(format!(
-                    "MADV_POPULATE_READ at {offset:#x}: {}",
-                    std::io::Error::last_os_error()
-                ))
-            };
+            ("UFFDIO_COPY", r.map(drop))
+        } else {
+            let r = uffd.r#continue(host as *mut libc::c_void, len as usize, true);
+            ("UFFDIO_CONTINUE", r.map(drop))
         };
-        match self.mode {
-            FaultMode::Minor | FaultMode::Populate => {
-                match uffd.r#continue(host as *mut libc::c_void, len as usize, true) {
-                    Ok(_) => Ok(()),
-                    Err(e) if errno(&e) == Some(libc::EEXIST) && len > PAGE_SIZE => {
-                        // Part of the run is mapped already: go page by page.
-                        for p in (0..len).step_by(PAGE_SIZE as usize) {
-                            self.install(offset + p, PAGE_SIZE, buf)?;
-                        }
-                        Ok(())
-                    }
-                    Err(e) if errno(&e) == Some(libc::EEXIST) => {
-                        let _ = uffd.wake(host as *mut libc::c_void, len as usize);
-                        Ok(())
-                    }
-                    Err(e) => Err(format!("UFFDIO_CONTINUE at {offset:#x}: {e:?}")),
-                }
+        match r {
+            Ok(()) => Ok(()),
+            Err(userfaultfd::Error::PartiallyCopied(n)) => {
+                let n = n as u64 & !(PAGE_SIZE - 1);
+                self.install(offset + n, len - n, buf)
             }
-            FaultMode::Missing => {
-                buf.resize(len as usize, 0);
-                self.file
-                    .read_exact_at(buf, offset)
-                    .map_err(|e| format!("reading {} at {offset:#x}: {e}", self.path.display()))?;
-                // SAFETY: `buf` holds `len` readable bytes; [host, host+len) lies inside a guest
-                // RAM region registered with this userfaultfd, which outlives this call.
-                let r = unsafe {
-                    uffd.copy(
-                        buf.as_ptr() as *const libc::c_void,
-                        host as *mut libc::c_void,
-                        len as usize,
-                        true,
-                    )
-                };
-                match r {
-                    Ok(_) => Ok(()),
-                    Err(e) if errno(&e) == Some(libc::EEXIST) && len > PAGE_SIZE => {
-                        for p in (0..len).step_by(PAGE_SIZE as usize) {
-                            self.install(offset + p, PAGE_SIZE, buf)?;
-                        }
-                        Ok(())
-                    }
-                    Err(userfaultfd::Error::PartiallyCopied(n)) => {
-                        let n = n as u64 & !(PAGE_SIZE - 1);
-                        self.install(offset + n, len - n, buf)
-                    }
-                    Err(e) if errno(&e) == Some(libc::EEXIST) => {
-                        let _ = uffd.wake(host as *mut libc::c_void, len as usize);
-                        Ok(())
-                    }
-                    Err(e) => Err(format!("UFFDIO_COPY at {offset:#x}: {e:?}")),
+            Err(e) if errno(&e) == Some(libc::EEXIST) && len > PAGE_SIZE => {
+                // Part of the run is mapped already: go page by page.
+                for p in (0..len).step_by(PAGE_SIZE as usize) {
+                    self.install(offset + p, PAGE_SIZE, buf)?;
                 }
+                Ok(())
             }
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                let _ = uffd.wake(host as *mut libc::c_void, len as usize);
+                Ok(())
+            }
+            Err(e) => Err(format!("{what} at {offset:#x}: {e:?}")),
         }
     }
 
@@ -521,11 +510,13 @@ fn serve(pages: &Pages, counters: &Counters, stop: &EventFd, mut recording: Opti
                         tracing::error!("uffd fault at {host:#x} outside guest RAM");
                         continue;
                     };
+                    // Counted before the page is installed: installing wakes the faulting
+                    // thread, which may read the counters right away.
+                    counters.faults.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = pages.install(offset, PAGE_SIZE, &mut buf) {
                         // The vCPU stays blocked on this page; nothing else can serve it.
                         tracing::error!("serving a guest page fault: {e}");
                     }
-                    counters.faults.fetch_add(1, Ordering::Relaxed);
                     counters
                         .serve_ns
                         .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -566,16 +557,16 @@ mod tests {
         data
     }
 
-    fn clone_ram(dir: &Path, mode: FaultMode) -> (GuestRam, Arc<File>) {
-        let path = dir.join(snapshot::memory::MEMORY_FILE);
+    /// A clone's RAM over the template in `dir`, served by a page server in `mode`.
+    fn clone(dir: &Path, mode: FaultMode) -> (GuestRam, PageServer) {
+        let file = Arc::new(File::open(dir.join(snapshot::memory::MEMORY_FILE)).unwrap());
         let mut ram = GuestRam::reserve(SIZE).unwrap();
         match mode {
             FaultMode::Missing => ram.map_anonymous().unwrap(),
-            _ => {
-                ram.map_file_private(&path).unwrap();
-            }
+            _ => ram.map_file_private(file.clone()).unwrap(),
         }
-        (ram, Arc::new(File::open(&path).unwrap()))
+        let server = PageServer::start(&ram, file, dir, mode, Duration::from_secs(30)).unwrap();
+        (ram, server)
     }
 
     /// Reads 200 scattered pages from a separate thread; returns what it read.
@@ -600,8 +591,7 @@ mod tests {
         let expect: Vec<u8> = (0..200u64)
             .map(|i| data[(i * 37 * PAGE_SIZE % SIZE + 5) as usize])
             .collect();
-        let (ram, file) = clone_ram(dir, mode);
-        let server = PageServer::start(&ram, file, dir, mode, Duration::from_secs(30)).unwrap();
+        let (ram, server) = clone(dir, mode);
         assert_eq!(
             touch(&ram),
             expect,
@@ -619,8 +609,7 @@ mod tests {
         ram.mem.write_obj(0xffu8, GuestAddress(5)).unwrap_or(());
         drop(ram);
 
-        let (ram, file) = clone_ram(dir, mode);
-        let server = PageServer::start(&ram, file, dir, mode, Duration::from_secs(30)).unwrap();
+        let (ram, server) = clone(dir, mode);
         assert_eq!(touch(&ram), expect);
         let second = server.stats();
         assert!(second.prefetched_pages >= 200, "{second:?}");
@@ -656,30 +645,14 @@ mod tests {
     fn populate_mode_records_from_page_tables() {
         let dir = tempfile::tempdir().unwrap();
         let data = template(dir.path());
-        let (ram, file) = clone_ram(dir.path(), FaultMode::Populate);
-        let server = PageServer::start(
-            &ram,
-            file,
-            dir.path(),
-            FaultMode::Populate,
-            Duration::from_secs(30),
-        )
-        .unwrap();
+        let (ram, server) = clone(dir.path(), FaultMode::Populate);
         touch(&ram);
         assert!(server.stats().faults >= 200, "{:?}", server.stats());
         drop(server);
         drop(ram);
         let set = workingset::read(dir.path(), SIZE).unwrap().unwrap();
         assert!(set.len() >= 200, "{} pages recorded", set.len());
-        let (ram, file) = clone_ram(dir.path(), FaultMode::Populate);
-        let server = PageServer::start(
-            &ram,
-            file,
-            dir.path(),
-            FaultMode::Populate,
-            Duration::from_secs(30),
-        )
-        .unwrap();
+        let (ram, server) = clone(dir.path(), FaultMode::Populate);
         touch(&ram);
         let s = server.stats();
         assert_eq!(s.prefetched_pages, set.len() as u64, "{s:?}");

@@ -77,9 +77,6 @@ pub enum VmmError {
     /// A snapshot does not fit the shell or the restore options.
     #[error("{0}")]
     Mismatch(String),
-    /// Not supported yet.
-    #[error("{0}")]
-    Unsupported(&'static str),
     /// The vsock device.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -110,6 +107,31 @@ pub(crate) fn epoll_add(epoll: &Epoll, fd: RawFd, token: u64) -> Result<(), VmmE
             EpollEvent::new(EventSet::IN, token),
         )
         .map_err(io_err("registering an fd with epoll"))
+}
+
+/// Waits for events (no timeout), retrying on EINTR; returns how many arrived.
+pub(crate) fn epoll_wait(epoll: &Epoll, events: &mut [EpollEvent]) -> Result<usize, VmmError> {
+    loop {
+        match epoll.wait(-1, events) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("waiting on epoll")(e)),
+        }
+    }
+}
+
+/// Makes an accepted control stream a [`Connection`] watched by `epoll` under its fd.
+pub(crate) fn register_connection(
+    epoll: &Epoll,
+    conns: &mut HashMap<u64, Connection>,
+    stream: std::os::unix::net::UnixStream,
+) -> Result<(), VmmError> {
+    if let Ok(c) = Connection::new(stream) {
+        let token = c.stream.as_raw_fd() as u64;
+        epoll_add(epoll, c.stream.as_raw_fd(), token)?;
+        conns.insert(token, c);
+    }
+    Ok(())
 }
 
 pub(crate) fn vm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -260,11 +282,12 @@ pub struct MachineSnapshot {
     pub block_bytes: Vec<u64>,
 }
 
-/// Reads the snapshot state in `dir`, checking it was taken on a compatible host.
-pub fn read_snapshot(dir: &std::path::Path) -> Result<MachineSnapshot, VmmError> {
-    let kvm = Kvm::new().map_err(VmmError::Kvm)?;
-    let host = snapshot::HostFingerprint::current(kvm.get_api_version());
-    let (_, snap) = snapshot::read_state(dir, Some(&host))?;
+/// Reads the snapshot state in `dir`, checking it was taken on a host like `host`.
+pub fn read_snapshot(
+    dir: &std::path::Path,
+    host: &snapshot::HostFingerprint,
+) -> Result<MachineSnapshot, VmmError> {
+    let (_, snap) = snapshot::read_state(dir, Some(host))?;
     Ok(snap)
 }
 
@@ -284,10 +307,12 @@ impl Vmm {
 
     /// Restores a snapshot into a new VM; see [`Vmm::restore_into`].
     pub fn restore(opts: &RestoreOptions) -> Result<Self, VmmError> {
-        let snap = read_snapshot(&opts.dir)?;
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let host = snapshot::HostFingerprint::current(kvm.get_api_version());
+        let snap = read_snapshot(&opts.dir, &host)?;
         let control = bind_control(opts.control.as_deref())?;
-        let shell = Shell::create(snap.config.mem_mib, snap.config.vcpus)?;
-        Self::restore_snapshot(shell, snap, opts, control)
+        let shell = Shell::with_kvm(kvm, snap.config.mem_mib, snap.config.vcpus)?;
+        Self::restore_snapshot(shell, snap, &host, opts, control)
     }
 
     /// Restores the snapshot in `opts.dir` into a pre-created `shell` whose vCPUs never ran:
@@ -298,13 +323,15 @@ impl Vmm {
         opts: &RestoreOptions,
         control: Option<(UnixListener, SocketFile)>,
     ) -> Result<Self, VmmError> {
-        let snap = read_snapshot(&opts.dir)?;
-        Self::restore_snapshot(shell, snap, opts, control)
+        let host = snapshot::HostFingerprint::current(shell.kvm.get_api_version());
+        let snap = read_snapshot(&opts.dir, &host)?;
+        Self::restore_snapshot(shell, snap, &host, opts, control)
     }
 
     fn restore_snapshot(
         mut shell: Shell,
         snap: MachineSnapshot,
+        host: &snapshot::HostFingerprint,
         opts: &RestoreOptions,
         control: Option<(UnixListener, SocketFile)>,
     ) -> Result<Self, VmmError> {
@@ -365,8 +392,11 @@ impl Vmm {
             )));
         }
         let mem_path = opts.dir.join(snapshot::memory::MEMORY_FILE);
-        let mem_len = std::fs::metadata(&mem_path)
-            .map_err(io_err(format!("opening {}", mem_path.display())))?
+        let mem_file = std::fs::File::open(&mem_path)
+            .map_err(io_err(format!("opening {}", mem_path.display())))?;
+        let mem_len = mem_file
+            .metadata()
+            .map_err(io_err(format!("reading {}", mem_path.display())))?
             .len();
         if mem_len != shell.ram.size {
             return Err(VmmError::Mismatch(format!(
@@ -375,37 +405,33 @@ impl Vmm {
                 shell.ram.size
             )));
         }
+        let mem_file = Arc::new(mem_file);
         let pages = match opts.mem_mode {
             MemoryMode::Copy => {
                 let memfd = shell.ram.map_memfd()?;
-                snapshot::memory::copy_into(&opts.dir, &memfd)?;
+                snapshot::memory::copy_from(&mem_file, &mem_path, &memfd)?;
                 None
             }
             MemoryMode::Cow => {
-                shell.ram.map_file_private(&mem_path)?;
+                shell.ram.map_file_private(mem_file)?;
                 None
             }
             MemoryMode::Uffd => {
-                let file = std::fs::File::open(&mem_path)
-                    .map_err(io_err(format!("opening {}", mem_path.display())))?;
-                let file = Arc::new(file);
                 // PVM-like hosts emulate guest code with accesses that never wait on
                 // userfaultfd (an unserved page reads as all-ones): no lazy serving there.
-                let host = snapshot::HostFingerprint::current(shell.kvm.get_api_version());
-                let mode = uffd::mode_for(&file, !host.pvm_like);
+                let mode = uffd::mode_for(&mem_file, !host.pvm_like);
                 if mode == uffd::FaultMode::Missing {
                     shell.ram.map_anonymous()?;
                 } else {
-                    shell.ram.map_file_private(&mem_path)?;
+                    shell.ram.map_file_private(mem_file.clone())?;
                 }
-                let server = PageServer::start(
+                Some(PageServer::start(
                     &shell.ram,
-                    file,
+                    mem_file,
                     &opts.dir,
                     mode,
                     std::time::Duration::from_millis(opts.record_ms),
-                )?;
-                Some(server)
+                )?)
             }
         };
         let mut vmm = Self::assemble(config, shell, control)?;
@@ -792,24 +818,12 @@ impl DeviceLoop<'_> {
             add(b.fd, TOKEN_BACKEND_BASE + i as u64)?;
         }
         let mut conns: HashMap<u64, Connection> = HashMap::new();
-        let register = |conns: &mut HashMap<u64, Connection>, stream| {
-            if let Ok(c) = Connection::new(stream) {
-                let token = c.stream.as_raw_fd() as u64;
-                add(c.stream.as_raw_fd(), token)?;
-                conns.insert(token, c);
-            }
-            Ok::<_, VmmError>(())
-        };
         for stream in initial {
-            register(&mut conns, stream)?;
+            register_connection(&epoll, &mut conns, stream)?;
         }
         let mut events = vec![EpollEvent::default(); 16];
         while exit.reason().is_none() {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("waiting on epoll")(e)),
-            };
+            let n = epoll_wait(&epoll, &mut events)?;
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_EXIT => {}
@@ -817,7 +831,7 @@ impl DeviceLoop<'_> {
                     TOKEN_LISTENER => {
                         if let Some(l) = listener {
                             while let Ok((stream, _)) = l.accept() {
-                                register(&mut conns, stream)?;
+                                register_connection(&epoll, &mut conns, stream)?;
                             }
                         }
                     }

@@ -35,6 +35,28 @@ fn skip_reason() -> Option<String> {
     None
 }
 
+/// A `runv-vmm` command booting `kernel` with `rd` (written gzipped into `dir`), 2 vCPUs,
+/// `mem_mib` of RAM, the console in `dir/serial.log`.
+fn boot_linux(
+    kernel: &std::ffi::OsStr,
+    rd: &Initramfs,
+    dir: &std::path::Path,
+    mem_mib: u64,
+) -> Command {
+    let initrd = dir.join("initrd.gz");
+    std::fs::write(&initrd, rd.to_bytes(Compression::Gzip).unwrap()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runv-vmm"));
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--mem-mib", &mem_mib.to_string(), "--vcpus", "2"])
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 rdinit=/init"])
+        .arg("--serial")
+        .arg(format!("file:{}", dir.join("serial.log").display()));
+    cmd
+}
+
 #[test]
 fn kvm_linux_boot_to_marker() {
     if let Some(why) = skip_reason() {
@@ -56,20 +78,8 @@ fn kvm_linux_boot_to_marker() {
             .into_bytes(),
     )
     .unwrap();
-    let initrd = dir.path().join("initrd.gz");
-    std::fs::write(&initrd, rd.to_bytes(Compression::Gzip).unwrap()).unwrap();
     let serial = dir.path().join("serial.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runv-vmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--mem-mib", "256", "--vcpus", "2"])
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 rdinit=/init"])
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
-        .spawn()
-        .unwrap();
+    let mut child = boot_linux(&kernel, &rd, dir.path(), 256).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -134,21 +144,11 @@ fn kvm_linux_agent_over_vsock() {
     for a in ["sh", "echo", "cat", "sleep"] {
         rd.symlink(&format!("rootfs/bin/{a}"), "busybox").unwrap();
     }
-    let initrd = dir.path().join("initrd.gz");
-    std::fs::write(&initrd, rd.to_bytes(Compression::Gzip).unwrap()).unwrap();
     let uds = dir.path().join("vsock.sock");
     let serial = dir.path().join("serial.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runv-vmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--mem-mib", "512", "--vcpus", "2"])
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 rdinit=/init"])
+    let mut child = boot_linux(&kernel, &rd, dir.path(), 512)
         .arg("--vsock")
         .arg(format!("cid=3,uds={}", uds.display()))
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
         .spawn()
         .unwrap();
     let console = || std::fs::read_to_string(&serial).unwrap_or_default();

@@ -117,7 +117,8 @@ fn clone_run(snap: &Path, dir: &Path, mode: MemoryMode, id: &str, want: usize) -
     opts.debug_log = Some(dir.join(format!("{id}.log")).display().to_string());
     let sock = dir.join(format!("{id}.sock"));
     opts.control = Some(sock.clone());
-    if vmm::read_snapshot(snap).unwrap().config.vsock.is_some() {
+    let (_, state): (_, vmm::MachineSnapshot) = snapshot::read_state(snap, None).unwrap();
+    if state.config.vsock.is_some() {
         opts.vsock_uds = Some(dir.join(format!("{id}.vsock")));
     }
     let vm = vmm::Vmm::restore(&opts).unwrap_or_else(|e| panic!("restoring {id}: {e}"));

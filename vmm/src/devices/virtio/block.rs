@@ -7,7 +7,7 @@ use std::path::Path;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{device_type, VirtioDevice};
+use super::{device_type, used_if, VirtioDevice};
 use crate::memory::GuestMemory;
 
 const SECTOR: u64 = 512;
@@ -201,11 +201,9 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMemory,
     ) -> Vec<usize> {
-        if queues.get_mut(index).is_some_and(|q| self.process(q, mem)) {
-            vec![index]
-        } else {
-            Vec::new()
-        }
+        used_if(queues, index, |q| self.process(q, mem))
+            .into_iter()
+            .collect()
     }
 }
 

@@ -515,4 +515,33 @@ mod tests {
         t.read(0x1000, &mut beyond);
         assert_eq!(beyond, [0; 4]);
     }
+
+    #[test]
+    fn saved_state_round_trips_and_bad_state_is_refused() {
+        let (mut t, _f) = transport();
+        let st = negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0x1000, 0x2000, 0x3000);
+        wr(&mut t, 0x70, st | status::DRIVER_OK);
+        let saved = t.save();
+        let (mut fresh, _g) = transport();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.save(), saved);
+        assert_ne!(rd(&mut fresh, 0x70) & status::DRIVER_OK, 0);
+
+        let mut wrong_type = saved.clone();
+        wrong_type.device_type = 19;
+        let e = fresh.restore(&wrong_type).unwrap_err();
+        assert!(e.contains("type 19"), "{e}");
+        let mut wrong_max = saved.clone();
+        wrong_max.queues[0].max_size = 7;
+        assert!(fresh.restore(&wrong_max).unwrap_err().contains("max size"));
+        let mut bad_size = saved.clone();
+        bad_size.queues[0].size = 3;
+        assert!(fresh.restore(&bad_size).unwrap_err().contains("queue 0"));
+        // A queue outside guest memory restores as NEEDS_RESET, as if the driver had set it.
+        let mut outside = saved;
+        outside.queues[0].desc_table = 1 << 40;
+        fresh.restore(&outside).unwrap();
+        assert_ne!(rd(&mut fresh, 0x70) & status::NEEDS_RESET, 0);
+    }
 }

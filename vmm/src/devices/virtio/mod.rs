@@ -65,6 +65,15 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Runs `f` on queue `index` (when it exists); `Some(index)` when `f` says the used ring changed.
+pub fn used_if(
+    queues: &mut [Queue],
+    index: usize,
+    f: impl FnOnce(&mut Queue) -> bool,
+) -> Option<usize> {
+    queues.get_mut(index).is_some_and(f).then_some(index)
+}
+
 /// Copies `src[offset..]` into `data`, zero-filling beyond the end.
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{device_type, VirtioDevice};
+use super::{device_type, used_if, VirtioDevice};
 use crate::control::{bind_unix, ControlError, SocketFile};
 use crate::memory::GuestMemory;
 
@@ -623,36 +623,22 @@ impl VirtioDevice for Vsock {
         queues: &mut [Queue],
         mem: &GuestMemory,
     ) -> Vec<usize> {
-        let mut used = Vec::new();
-        if index == TX && queues.get_mut(TX).is_some_and(|q| self.process_tx(q, mem)) {
-            used.push(TX);
-        }
-        if queues.get_mut(RX).is_some_and(|q| self.fill_rx(q, mem)) {
-            used.push(RX);
-        }
-        if index == EVENT
-            && queues
-                .get_mut(EVENT)
-                .is_some_and(|q| self.deliver_events(q, mem))
-        {
-            used.push(EVENT);
-        }
-        used
+        let tx = (index == TX)
+            .then(|| used_if(queues, TX, |q| self.process_tx(q, mem)))
+            .flatten();
+        let rx = used_if(queues, RX, |q| self.fill_rx(q, mem));
+        let event = (index == EVENT)
+            .then(|| used_if(queues, EVENT, |q| self.deliver_events(q, mem)))
+            .flatten();
+        [tx, rx, event].into_iter().flatten().collect()
     }
 
     fn restored(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
         // Every connection the guest had ended with the snapshot: tell its driver to drop them.
         self.pending_reset = true;
-        match queues.get_mut(EVENT) {
-            Some(q) => {
-                if self.deliver_events(q, mem) {
-                    vec![EVENT]
-                } else {
-                    Vec::new()
-                }
-            }
-            None => Vec::new(),
-        }
+        used_if(queues, EVENT, |q| self.deliver_events(q, mem))
+            .into_iter()
+            .collect()
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
@@ -683,16 +669,9 @@ impl VirtioDevice for Vsock {
                 }
             }
         }
-        match queues.get_mut(RX) {
-            Some(q) => {
-                if self.fill_rx(q, mem) {
-                    vec![RX]
-                } else {
-                    Vec::new()
-                }
-            }
-            None => Vec::new(),
-        }
+        used_if(queues, RX, |q| self.fill_rx(q, mem))
+            .into_iter()
+            .collect()
     }
 }
 
