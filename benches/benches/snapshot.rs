@@ -4,20 +4,18 @@
 //! shells refilled in the background); `clone_private_mib` (median private memory of 100 idle
 //! clones of a 256 MiB template, from smaps_rollup).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use benches::{criterion, release_bin, Recorder};
+use pool_manager::vmm_api::{ControlClient, MemoryMode, RestoreOptions, SerialOutput};
 use pool_manager::{ShellPool, ShellProcess, ShellSpec};
-use serde_json::json;
 
 struct Template {
     child: Child,
-    control: UnixStream,
-    replies: BufReader<UnixStream>,
+    control: ControlClient,
 }
 
 impl Template {
@@ -44,27 +42,20 @@ impl Template {
             line.clear();
             assert!(out.read_line(&mut line).unwrap() > 0, "template died");
         }
-        let control = UnixStream::connect(&sock).unwrap();
-        let replies = BufReader::new(control.try_clone().unwrap());
-        Self {
-            child,
-            control,
-            replies,
-        }
+        let control = ControlClient::connect(&sock, Duration::from_secs(10)).unwrap();
+        Self { child, control }
     }
 
-    fn request(&mut self, req: &str) -> String {
-        writeln!(self.control, "{req}").unwrap();
-        let mut line = String::new();
-        self.replies.read_line(&mut line).unwrap();
-        assert!(line.contains(r#""ok":true"#), "{req}: {line}");
-        line
+    fn snapshot(&mut self, dir: &Path) {
+        if let Err(e) = self.control.snapshot(dir) {
+            panic!("snapshot into {}: {e}", dir.display());
+        }
     }
 }
 
 impl Drop for Template {
     fn drop(&mut self) {
-        let _ = writeln!(self.control, r#"{{"cmd":"shutdown"}}"#);
+        let _ = self.control.shutdown();
         let _ = self.child.wait();
     }
 }
@@ -80,29 +71,32 @@ fn clone_template(dir: &Path, snap: &Path) {
     std::fs::write(&initrd, &data).unwrap();
     std::fs::create_dir_all(snap).unwrap();
     let mut t = Template::boot(dir, "clone-template", "rt.touch=256 rt.idle", Some(&initrd));
-    t.request(&format!(
-        r#"{{"cmd":"snapshot","dir":"{}"}}"#,
-        snap.display()
-    ));
+    t.snapshot(snap);
     drop(t);
     let _ = std::fs::remove_file(initrd);
 }
 
 /// Restores `snap` into a ready shell; returns the time from the restore command to the guest's
 /// first report after resume, and the clone (still running, idle).
-fn restore_into(pool: &ShellPool, snap: &Path, mode: &str, id: usize) -> (Duration, ShellProcess) {
+fn restore_into(
+    pool: &ShellPool,
+    snap: &Path,
+    mode: MemoryMode,
+    id: usize,
+) -> (Duration, ShellProcess) {
     let mut shell = pool.take(Duration::from_secs(10)).expect("a ready shell");
+    let mut opts = RestoreOptions::new(snap, mode);
+    opts.clone_id = format!("c{id}");
+    opts.serial = SerialOutput::None;
+    opts.debug_log = Some("-".into());
     let start = Instant::now();
-    shell
-        .restore(
-            snap,
-            mode,
-            json!({"clone_id": format!("c{id}"), "serial": "none", "debug_log": "-"}),
-        )
-        .unwrap();
+    shell.restore(&opts).unwrap();
     let line = shell.next_stdout_line().unwrap();
     let elapsed = start.elapsed();
-    assert!(line.starts_with("REPORT PASS resumed"), "{mode}: {line:?}");
+    assert!(
+        line.starts_with("REPORT PASS resumed"),
+        "{mode:?}: {line:?}"
+    );
     (elapsed, shell)
 }
 
@@ -131,12 +125,9 @@ fn main() {
                 n += 1;
                 std::fs::create_dir_all(&snap).unwrap();
                 let start = Instant::now();
-                template.request(&format!(
-                    r#"{{"cmd":"snapshot","dir":"{}"}}"#,
-                    snap.display()
-                ));
+                template.snapshot(&snap);
                 let d = start.elapsed();
-                template.request(r#"{"cmd":"resume"}"#);
+                template.control.resume().unwrap();
                 create.push_duration(d);
                 total += d;
             }
@@ -157,15 +148,19 @@ fn main() {
     };
     let pool = ShellPool::new(spec.clone(), 4, 2);
     let mut id = 0;
-    for mode in ["copy", "cow", "uffd"] {
-        let mut rec = Recorder::median(&format!("restore_{mode}_ms"), "ms");
+    for (name, mode) in [
+        ("copy", MemoryMode::Copy),
+        ("cow", MemoryMode::Cow),
+        ("uffd", MemoryMode::Uffd),
+    ] {
+        let mut rec = Recorder::median(&format!("restore_{name}_ms"), "ms");
         let mut p99 = Recorder::p99("restore_uffd_p99_ms", "ms");
         // The first uffd clone records the working set the others prefetch.
-        if mode == "uffd" {
+        if mode == MemoryMode::Uffd {
             let _ = std::fs::remove_file(snap.join("workingset.bin"));
             restore_into(&pool, &snap, mode, id).1.shutdown().unwrap();
         }
-        c.bench_function(&format!("restore_{mode}"), |b| {
+        c.bench_function(&format!("restore_{name}"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -180,7 +175,7 @@ fn main() {
             })
         });
         rec.write();
-        if mode == "uffd" {
+        if mode == MemoryMode::Uffd {
             p99.write();
         }
     }
@@ -200,7 +195,7 @@ fn main() {
         for _ in 0..count {
             id += 1;
             reap_tx
-                .send(restore_into(&pool, &snap, "cow", id).1)
+                .send(restore_into(&pool, &snap, MemoryMode::Cow, id).1)
                 .unwrap();
         }
         rate.push(f64::from(count) / start.elapsed().as_secs_f64());
@@ -213,7 +208,7 @@ fn main() {
     // Density: 100 idle cow clones of the 256 MiB template, all alive at once.
     let pool = ShellPool::new(spec, 8, 2);
     let clones: Vec<ShellProcess> = (0..100)
-        .map(|i| restore_into(&pool, &snap, "cow", 10_000 + i).1)
+        .map(|i| restore_into(&pool, &snap, MemoryMode::Cow, 10_000 + i).1)
         .collect();
     drop(pool);
     std::thread::sleep(Duration::from_millis(200));

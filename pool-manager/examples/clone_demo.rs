@@ -2,12 +2,12 @@
 //!
 //! `cargo run --release -p pool-manager --example clone_demo -- RUNV_VMM GUEST_ELF`
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pool_manager::vmm_api::{ControlClient, MemoryMode, RestoreOptions, SerialOutput};
 use pool_manager::{ShellPool, ShellSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -44,17 +44,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             return Err("the template VM exited".into());
         }
     }
-    let mut ctl = UnixStream::connect(&sock)?;
-    let mut replies = BufReader::new(ctl.try_clone()?);
-    for req in [
-        format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap.display()),
-        r#"{"cmd":"shutdown"}"#.to_string(),
-    ] {
-        writeln!(ctl, "{req}")?;
-        let mut reply = String::new();
-        replies.read_line(&mut reply)?;
-        println!("template: {req} -> {}", reply.trim());
-    }
+    let mut ctl = ControlClient::connect(&sock, Duration::from_secs(5))?;
+    println!("template: snapshot -> {:?}", ctl.snapshot(&snap)?);
+    println!("template: shutdown -> {:?}", ctl.shutdown()?);
     template.wait()?;
 
     let pool = ShellPool::new(
@@ -68,17 +60,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         2,
     );
     let mut clones = Vec::new();
-    for (i, mode) in ["cow", "uffd", "uffd", "cow", "copy"].iter().enumerate() {
+    use MemoryMode::{Copy, Cow, Uffd};
+    for (i, mode) in [Cow, Uffd, Uffd, Cow, Copy].into_iter().enumerate() {
         let mut shell = pool.take(Duration::from_secs(10))?;
         let t0 = Instant::now();
-        shell.restore(
-            &snap,
-            mode,
-            serde_json::json!({"clone_id": format!("clone-{i}"), "serial": "none", "debug_log": "-"}),
-        )?;
+        let mut opts = RestoreOptions::new(&snap, mode);
+        opts.clone_id = format!("clone-{i}");
+        opts.serial = SerialOutput::None;
+        opts.debug_log = Some("-".into());
+        shell.restore(&opts)?;
         let report = shell.next_stdout_line()?;
         println!(
-            "clone-{i} ({mode:4}): running again after {:.2} ms: {}",
+            "clone-{i} ({mode:?}): running again after {:.2} ms: {}",
             t0.elapsed().as_secs_f64() * 1e3,
             report.trim()
         );

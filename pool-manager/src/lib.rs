@@ -10,3 +10,4 @@ pub mod shell;
 
 pub use pool::ShellPool;
 pub use shell::{ShellError, ShellProcess, ShellSpec};
+pub use vmm_api;

@@ -1,12 +1,24 @@
 //! One `runv-vmm --shell` process and its control connection.
+//!
+//! The shell inherits one end of a socketpair as its control connection (`--control-fd 3`), so
+//! the first request can be written as soon as the process exists and is answered once the
+//! shell is ready: readiness holds by construction, with no polling of `connect`. The shell also
+//! listens on `<run_dir>/<name>.sock` for other clients.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::Value;
+use vmm_api::{ClientError, ControlClient, RestoreOptions, RestoreReply, StatusReply};
+
+/// The fd number a shell's inherited control connection gets.
+const CONTROL_FD: i32 = 3;
+/// How long a new shell may take to answer its first `status`.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Error driving a shell.
 #[derive(Debug, thiserror::Error)]
@@ -19,17 +31,14 @@ pub enum ShellError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The shell answered with an error.
-    #[error("{request} refused by the VMM: {reply}")]
-    Refused {
-        /// The request.
-        request: String,
-        /// The reply.
-        reply: String,
+    /// A control request failed or was refused.
+    #[error("shell {name}: {source}")]
+    Control {
+        /// The shell's name.
+        name: String,
+        /// Cause.
+        source: ClientError,
     },
-    /// The shell did not become ready in time.
-    #[error("shell at {0} did not answer within {1:?}: is runv-vmm working (try it by hand with --shell)?")]
-    Timeout(PathBuf, Duration),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShellError {
@@ -46,15 +55,15 @@ pub struct ShellSpec {
     pub mem_mib: u64,
     /// vCPUs (must match the template's).
     pub vcpus: u8,
-    /// Directory for control sockets.
+    /// Directory for the shells' control sockets.
     pub run_dir: PathBuf,
 }
 
 /// A running shell (and, after [`ShellProcess::restore`], the clone it became).
 pub struct ShellProcess {
+    name: String,
     child: Child,
-    control: UnixStream,
-    replies: BufReader<UnixStream>,
+    control: ControlClient,
     stdout: Option<BufReader<ChildStdout>>,
     socket: PathBuf,
 }
@@ -63,86 +72,87 @@ impl ShellProcess {
     /// Starts a shell named `name` and waits until it answers `status`.
     pub fn spawn(spec: &ShellSpec, name: &str) -> Result<Self, ShellError> {
         let socket = spec.run_dir.join(format!("{name}.sock"));
-        let mut child = Command::new(&spec.vmm)
-            .arg("--shell")
+        let (ours, theirs) = UnixStream::pair().map_err(io("creating a socketpair"))?;
+        let their_fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(&spec.vmm);
+        cmd.arg("--shell")
             .args(["--mem-mib", &spec.mem_mib.to_string()])
             .args(["--vcpus", &spec.vcpus.to_string()])
             .arg("--control")
             .arg(&socket)
+            .args(["--control-fd", &CONTROL_FD.to_string()])
             .stdout(Stdio::piped())
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // async-signal-safe functions (dup2, fcntl) on fds it inherited.
+        unsafe {
+            cmd.pre_exec(move || {
+                if their_fd == CONTROL_FD {
+                    // dup2 onto itself keeps close-on-exec: clear it instead.
+                    if libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(their_fd, CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let mut child = cmd
             .spawn()
             .map_err(io(format!("spawning {}", spec.vmm.display())))?;
+        drop(theirs);
         let stdout = child.stdout.take().map(BufReader::new);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let control = loop {
-            match UnixStream::connect(&socket) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        return Err(ShellError::Io {
-                            what: format!("shell {name}"),
-                            source: std::io::Error::other(format!("exited early: {status}")),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(ShellError::Timeout(socket, Duration::from_secs(10)));
-                }
+        let control = match ControlClient::from_stream(ours) {
+            Ok(c) => c,
+            Err(source) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ShellError::Control {
+                    name: name.into(),
+                    source,
+                });
             }
         };
-        let replies = BufReader::new(control.try_clone().map_err(io("cloning a socket"))?);
         let mut shell = Self {
+            name: name.into(),
             child,
             control,
-            replies,
             stdout,
             socket,
         };
-        shell.request(r#"{"cmd":"status"}"#)?;
+        shell
+            .control
+            .set_timeout(READY_TIMEOUT)
+            .map_err(|e| shell.err(e))?;
+        shell.status()?;
+        shell
+            .control
+            .set_timeout(vmm_api::DEFAULT_TIMEOUT)
+            .map_err(|e| shell.err(e))?;
         Ok(shell)
     }
 
-    /// Sends one control request and returns the reply (an error reply is an error).
-    pub fn request(&mut self, req: &str) -> Result<Value, ShellError> {
-        writeln!(self.control, "{req}").map_err(io("writing to the shell"))?;
-        let mut line = String::new();
-        self.replies
-            .read_line(&mut line)
-            .map_err(io("reading the shell's reply"))?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| ShellError::Refused {
-            request: req.into(),
-            reply: format!("{line:?} ({e})"),
-        })?;
-        if v["ok"] != true {
-            return Err(ShellError::Refused {
-                request: req.into(),
-                reply: line.trim().into(),
-            });
+    fn err(&self, source: ClientError) -> ShellError {
+        ShellError::Control {
+            name: self.name.clone(),
+            source,
         }
-        Ok(v)
     }
 
-    /// Restores `snapshot` into this shell. `extra` is merged into the request (per-clone
-    /// settings: `clone_id`, `serial`, `debug_log`, `vsock_uds`, `block`).
-    pub fn restore(
-        &mut self,
-        snapshot: &Path,
-        mem_mode: &str,
-        extra: Value,
-    ) -> Result<Value, ShellError> {
-        let mut req = serde_json::json!({
-            "cmd": "restore",
-            "dir": snapshot,
-            "mem_mode": mem_mode,
-        });
-        if let (Some(r), Value::Object(e)) = (req.as_object_mut(), extra) {
-            r.extend(e);
-        }
-        self.request(&req.to_string())
+    /// The typed control connection (requests other than the ones below).
+    pub fn client(&mut self) -> &mut ControlClient {
+        &mut self.control
+    }
+
+    /// `status` of the shell or the clone it became.
+    pub fn status(&mut self) -> Result<StatusReply, ShellError> {
+        self.control.status().map_err(|e| self.err(e))
+    }
+
+    /// Restores a snapshot into this shell (per-clone settings in `opts`).
+    pub fn restore(&mut self, opts: &RestoreOptions) -> Result<RestoreReply, ShellError> {
+        self.control.restore(opts).map_err(|e| self.err(e))
     }
 
     /// Reads the next line the clone writes on stdout (its debug reports with `debug_log: "-"`).
@@ -170,9 +180,16 @@ impl ShellProcess {
         self.child.id()
     }
 
+    /// The control socket other clients can connect to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// Asks the VMM to shut down and waits for it.
     pub fn shutdown(mut self) -> Result<std::process::ExitStatus, ShellError> {
-        let _ = writeln!(self.control, r#"{{"cmd":"shutdown"}}"#);
+        // A VMM that already exited (e.g. after a failed restore) cannot answer; waiting is
+        // what matters.
+        let _ = self.control.shutdown();
         self.child.wait().map_err(io("waiting for the VMM"))
     }
 }

@@ -11,49 +11,7 @@ pub const MAX_MEM_MIB: u64 = 64 << 10;
 /// Most vCPUs per VM.
 pub const MAX_VCPUS: u8 = 8;
 
-/// Where the guest's serial console goes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum SerialOutput {
-    /// The VMM's stdout.
-    #[default]
-    Stdout,
-    /// Discarded.
-    None,
-    /// Appended to a file.
-    File(PathBuf),
-}
-
-impl TryFrom<String> for SerialOutput {
-    type Error = ConfigError;
-    fn try_from(s: String) -> Result<Self, ConfigError> {
-        s.parse()
-    }
-}
-
-impl From<SerialOutput> for String {
-    fn from(s: SerialOutput) -> String {
-        match s {
-            SerialOutput::Stdout => "stdout".into(),
-            SerialOutput::None => "none".into(),
-            SerialOutput::File(p) => format!("file:{}", p.display()),
-        }
-    }
-}
-
-impl std::str::FromStr for SerialOutput {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        match s {
-            "stdout" => Ok(Self::Stdout),
-            "none" => Ok(Self::None),
-            _ => match s.strip_prefix("file:") {
-                Some(p) if !p.is_empty() => Ok(Self::File(p.into())),
-                _ => Err(ConfigError::Serial(s.into())),
-            },
-        }
-    }
-}
+pub use vmm_api::SerialOutput;
 
 /// How an ELF kernel is entered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -218,8 +176,8 @@ pub enum ConfigError {
     #[error("{0} virtio devices requested: at most {1} fit")]
     TooManyDevices(usize, usize),
     /// Bad serial spec.
-    #[error("serial output {0:?} not understood: use stdout, none or file:PATH")]
-    Serial(String),
+    #[error("{0}")]
+    Serial(#[from] vmm_api::BadSerialOutput),
 }
 
 impl VmConfig {

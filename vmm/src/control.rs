@@ -1,25 +1,27 @@
-//! The control socket: JSON lines over a Unix stream socket (contract in docs/ARCHITECTURE.md).
+//! Unix sockets the VMM listens on (control, vsock host side): binding them safely and removing
+//! them at exit. The control protocol itself is the `vmm-api` crate; serving it is [`crate::serve`].
 
 use std::io::ErrorKind;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use serde_json::{json, Value};
-
-/// Longest request line accepted; a longer one gets an error and the connection is closed.
-pub const MAX_REQUEST: usize = 64 * 1024;
-
-/// Error binding the control socket.
+/// Error binding a Unix socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Another process listens on the path.
-    #[error(
-        "control socket {0} is in use by a running process: choose another path or stop that VMM"
-    )]
+    #[error("socket {0} is in use by a running process: choose another path or stop that process")]
     InUse(String),
+    /// Something that is not a socket is at the path; it is never removed.
+    #[error("{path} exists and is not a socket ({kind}): remove it or choose another path")]
+    NotASocket {
+        /// Path.
+        path: String,
+        /// What is there.
+        kind: &'static str,
+    },
     /// Bind failed.
-    #[error("binding control socket {path}: {source}")]
+    #[error("binding socket {path}: {source}")]
     Bind {
         /// Path.
         path: String,
@@ -28,92 +30,53 @@ pub enum ControlError {
     },
 }
 
-/// Binds a Unix listener at `path`, replacing a stale socket file that nobody listens on.
+fn kind_of(t: std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else {
+        "a device or other special file"
+    }
+}
+
+/// Binds a non-blocking Unix listener at `path`. A stale socket file (a socket nobody listens
+/// on) is replaced; anything else at the path (a live socket, a regular file, a link, a FIFO,
+/// a directory) is an error and is left untouched.
 pub fn bind_unix(path: &Path) -> Result<UnixListener, ControlError> {
     let name = path.display().to_string();
-    if path.exists() {
-        match UnixStream::connect(path) {
+    let bind_err = |source| ControlError::Bind {
+        path: name.clone(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => return Err(bind_err(source)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ControlError::NotASocket {
+                path: name,
+                kind: kind_of(meta.file_type()),
+            })
+        }
+        Ok(_) => match UnixStream::connect(path) {
             Ok(_) => return Err(ControlError::InUse(name)),
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                let _ = std::fs::remove_file(path);
+                std::fs::remove_file(path).map_err(bind_err)?;
             }
-            Err(source) => {
-                return Err(ControlError::Bind { path: name, source });
-            }
-        }
+            Err(source) => return Err(bind_err(source)),
+        },
     }
-    let l = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: name, source })?;
-    l.set_nonblocking(true)
-        .map_err(|source| ControlError::Bind {
-            path: path.display().to_string(),
-            source,
-        })?;
+    let l = UnixListener::bind(path).map_err(bind_err)?;
+    l.set_nonblocking(true).map_err(bind_err)?;
     Ok(l)
 }
 
-/// A parsed control request.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
-    /// VM state.
-    Status,
-    /// Park every vCPU.
-    Pause,
-    /// Unpark the vCPUs.
-    Resume,
-    /// End the VM cleanly.
-    Shutdown,
-    /// Pause (if running) and write a snapshot into an existing directory.
-    Snapshot {
-        /// Snapshot directory.
-        dir: PathBuf,
-    },
-    /// Restore a snapshot into this (idle) shell.
-    Restore(crate::RestoreOptions),
-}
-
-/// Parses one request line; the error is the reply to send.
-pub fn parse(line: &[u8]) -> Result<Request, Value> {
-    serde_json::from_slice(line).map_err(|e| {
-        json!({"ok": false, "error": format!("bad request: {e}; expected {{\"cmd\": \"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"restore\", ...}}")})
-    })
-}
-
-/// A control connection with its partial input.
-pub struct Connection {
-    /// The socket (non-blocking).
-    pub stream: UnixStream,
-    /// Bytes read but not yet a full line.
-    pub buf: Vec<u8>,
-}
-
-impl Connection {
-    /// Wraps an accepted stream, made non-blocking.
-    pub fn new(stream: UnixStream) -> std::io::Result<Self> {
-        stream.set_nonblocking(true)?;
-        Ok(Self {
-            stream,
-            buf: Vec::new(),
-        })
-    }
-
-    /// Reads whatever is available into `buf`; returns false once the peer closed or failed.
-    pub fn read_available(&mut self) -> bool {
-        use std::io::Read;
-        let mut chunk = [0u8; 4096];
-        loop {
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return false,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
-        }
-    }
-}
-
 /// Removes the socket file when dropped.
+#[derive(Debug)]
 pub struct SocketFile(pub PathBuf);
 
 impl Drop for SocketFile {
@@ -127,38 +90,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_requests_and_rejects_garbage() {
-        assert!(matches!(
-            parse(br#"{"cmd":"status"}"#).unwrap(),
-            Request::Status
-        ));
-        assert!(matches!(
-            parse(br#"{"cmd":"pause"}"#).unwrap(),
-            Request::Pause
-        ));
-        match parse(br#"{"cmd":"restore","dir":"/s","mem_mode":"uffd","clone_id":"c1","block":[{"index":0,"path":"/b"}]}"#)
-            .unwrap()
-        {
-            Request::Restore(o) => {
-                assert_eq!(o.mem_mode, crate::MemoryMode::Uffd);
-                assert_eq!((o.clone_id.as_str(), o.block.len()), ("c1", 1));
-            }
-            other => panic!("parsed as {other:?}"),
-        }
-        for bad in [
-            &b"nope"[..],
-            br#"{"cmd":"fly"}"#,
-            br#"{"cmd":"restore"}"#,
-            br#"{"cmd":"restore","dir":"/s","mem_mode":"teleport"}"#,
-            br#"{"nocmd":1}"#,
-            b"\xff",
-        ] {
-            let e = parse(bad).unwrap_err();
-            assert_eq!(e["ok"], false);
-        }
-    }
-
-    #[test]
     fn stale_socket_replaced_live_socket_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.sock");
@@ -166,5 +97,49 @@ mod tests {
         assert!(matches!(bind_unix(&p), Err(ControlError::InUse(_))));
         drop(l);
         bind_unix(&p).unwrap();
+    }
+
+    #[test]
+    fn non_sockets_are_never_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("precious");
+        std::fs::write(&file, b"data").unwrap();
+        let e = bind_unix(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("not a socket") && e.contains("regular file"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(matches!(
+            bind_unix(&link),
+            Err(ControlError::NotASocket {
+                kind: "a symbolic link",
+                ..
+            })
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+
+        let fifo = dir.path().join("fifo");
+        nix_mkfifo(&fifo);
+        assert!(matches!(
+            bind_unix(&fifo),
+            Err(ControlError::NotASocket { kind: "a FIFO", .. })
+        ));
+        assert!(matches!(
+            bind_unix(dir.path()),
+            Err(ControlError::NotASocket {
+                kind: "a directory",
+                ..
+            })
+        ));
+    }
+
+    fn nix_mkfifo(p: &Path) {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     }
 }

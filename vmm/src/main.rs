@@ -33,9 +33,13 @@ struct Args {
     /// Serial console: stdout, none or file:PATH.
     #[arg(long)]
     serial: Option<SerialOutput>,
-    /// Control socket path (JSON lines).
+    /// Control socket path (JSON lines, see the vmm-api crate).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// An inherited, connected control socket (e.g. a socketpair end made by the spawner):
+    /// requests can be sent before the VMM is ready and are answered once it is.
+    #[arg(long, value_name = "FD")]
+    control_fd: Option<i32>,
     /// Enable the debug report port; write reports to PATH (`-` = stdout).
     #[arg(long)]
     debug_log: Option<String>,
@@ -48,20 +52,21 @@ struct Args {
     /// Restore the snapshot in DIR instead of booting (serial, control and debug log apply).
     #[arg(long, conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "block", "vsock"])]
     restore: Option<PathBuf>,
-    /// Memory mode of a restore.
-    #[arg(long, value_enum, default_value = "cow", requires = "restore")]
-    mem_mode: vmm::MemoryMode,
-    /// Clone id the restored guest sees in its identity page.
-    #[arg(long, default_value = "", requires = "restore")]
-    clone_id: String,
+    /// Memory mode of a restore: copy, cow (default) or uffd.
+    #[arg(long, requires = "restore")]
+    mem_mode: Option<vmm::MemoryMode>,
+    /// Clone id the restored guest sees in its identity page (at most 63 bytes).
+    #[arg(long, requires = "restore")]
+    clone_id: Option<String>,
     /// Host-side Unix socket of the restored vsock device.
     #[arg(long, requires = "restore")]
     vsock_uds: Option<PathBuf>,
     /// Replace a restored block device's backing file: INDEX=PATH (repeatable).
     #[arg(long, requires = "restore", value_parser = parse_block_override)]
     restore_block: Vec<vmm::BlockOverride>,
-    /// Create an idle VM shell (--mem-mib, --vcpus) and wait on --control for a `restore`.
-    #[arg(long, requires = "control", conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "block", "vsock", "restore"])]
+    /// Create an idle VM shell (--mem-mib, --vcpus) and wait on --control/--control-fd for a
+    /// `restore`.
+    #[arg(long, conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "block", "vsock", "restore"])]
     shell: bool,
 }
 
@@ -98,10 +103,7 @@ fn config(args: Args) -> Result<VmConfig> {
         cfg.mem_mib = m;
     }
     if let Some(v) = args.vcpus {
-        cfg.vcpus = u8::try_from(v).unwrap_or(u8::MAX);
-        if u64::from(cfg.vcpus) != v {
-            bail!("{v} vCPUs requested: use 1..={}", vmm::config::MAX_VCPUS);
-        }
+        cfg.vcpus = vcpus_flag(v)?;
     }
     if let Some(s) = args.serial {
         cfg.serial = s;
@@ -117,6 +119,58 @@ fn config(args: Args) -> Result<VmConfig> {
         cfg.vsock = args.vsock;
     }
     Ok(cfg)
+}
+
+/// Checks a vCPU count flag against what a VM supports.
+fn vcpus_flag(v: u64) -> Result<u8> {
+    match u8::try_from(v) {
+        Ok(n) if (1..=vmm::config::MAX_VCPUS).contains(&n) => Ok(n),
+        _ => bail!("{v} vCPUs requested: use 1..={}", vmm::config::MAX_VCPUS),
+    }
+}
+
+/// The control plane of a shell or restored VM from `--control` and `--control-fd`.
+fn control_plane(path: Option<&PathBuf>, fd: Option<i32>) -> Result<vmm::ControlPlane> {
+    let inherited = match fd {
+        Some(fd) => Some(inherited_socket(fd)?),
+        None => None,
+    };
+    let listener = match path {
+        Some(p) => Some((
+            vmm::control::bind_unix(p)?,
+            vmm::control::SocketFile(p.clone()),
+        )),
+        None => None,
+    };
+    Ok(vmm::ControlPlane::new(listener, inherited)?)
+}
+
+/// Takes ownership of the inherited control socket `fd`, checking that it is a stream socket.
+fn inherited_socket(fd: i32) -> Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+    if fd < 3 {
+        bail!("--control-fd {fd}: use an inherited socket fd above 2 (0-2 are stdio)");
+    }
+    // SAFETY: only borrowed for the duration of the check; fcntl/getsockopt reject a bad fd.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
+        .with_context(|| format!("--control-fd {fd}: not an open file descriptor"))?;
+    let kind = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::SockType)
+        .with_context(|| format!("--control-fd {fd}: not a socket"))?;
+    if kind != nix::sys::socket::SockType::Stream {
+        bail!("--control-fd {fd}: not a stream socket");
+    }
+    // Keep it out of children: it is ours now.
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .with_context(|| format!("--control-fd {fd}: setting close-on-exec"))?;
+    // SAFETY: the fd is open, a stream socket, inherited for us alone (the spawner's contract),
+    // and owned by nothing else in this process.
+    Ok(std::os::unix::net::UnixStream::from(unsafe {
+        OwnedFd::from_raw_fd(fd)
+    }))
 }
 
 /// Blocks SIGTERM/SIGINT in every thread and returns a signalfd that reports them.
@@ -148,37 +202,38 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let term = termination_signalfd()?;
     let term_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&term));
-    let mut connections = Vec::new();
     let vm = if args.shell {
-        let control = args.control.clone().context("--shell needs --control")?;
-        let vcpus = u8::try_from(args.vcpus.unwrap_or(1)).context("--vcpus out of range")?;
-        let listener = vmm::control::bind_unix(&control)?;
-        let socket = vmm::control::SocketFile(control);
+        if args.control.is_none() && args.control_fd.is_none() {
+            bail!("--shell needs --control PATH or --control-fd FD: a shell waits for a restore request there");
+        }
+        let vcpus = vcpus_flag(args.vcpus.unwrap_or(1))?;
+        let plane = control_plane(args.control.as_ref(), args.control_fd)?;
         let shell = vmm::Shell::create(args.mem_mib.unwrap_or(128), vcpus)
             .context("creating the VM shell")?;
-        match vmm::shell::wait_for_restore(shell, listener, socket, term_fd)
+        match vmm::serve::shell_loop::wait_for_restore(shell, plane, term_fd)
             .context("restoring into the shell")?
         {
-            vmm::ShellOutcome::Restored(vm, conn) => {
-                connections.push(conn);
-                *vm
-            }
+            vmm::ShellOutcome::Restored(vm) => *vm,
             vmm::ShellOutcome::Shutdown => return Ok(()),
         }
     } else if let Some(dir) = &args.restore {
-        let mut opts = vmm::RestoreOptions::new(dir.clone(), args.mem_mode);
-        opts.clone_id = args.clone_id.clone();
+        let mut opts = vmm::RestoreOptions::new(dir.clone(), args.mem_mode.unwrap_or_default());
+        opts.clone_id = args.clone_id.clone().unwrap_or_default();
         opts.serial = args.serial.clone().unwrap_or_default();
         opts.debug_log = args.debug_log.clone();
-        opts.control = args.control.clone();
         opts.vsock_uds = args.vsock_uds.clone();
         opts.block = args.restore_block.clone();
-        vmm::Vmm::restore(&opts)
+        opts.control = args.control.clone();
+        let plane = control_plane(None, args.control_fd)?;
+        vmm::Vmm::restore_with(&opts, plane)
             .with_context(|| format!("restoring the snapshot in {}", dir.display()))?
     } else {
+        if args.control_fd.is_some() {
+            bail!("--control-fd is for --shell and --restore; a booted VM uses --control PATH");
+        }
         vmm::Vmm::build(config(args)?).context("building the VM")?
     };
-    let reason = vm.run_with(term_fd, connections)?;
+    let reason = vm.run(term_fd)?;
     tracing::info!(?reason, "VM ended");
     match reason {
         vmm::ExitReason::Error(msg) => bail!("VM failed: {msg}"),

@@ -43,18 +43,7 @@ const MAX_RECORDED: usize = 1 << 18;
 /// Largest run installed by one prefetch ioctl.
 const MAX_RUN: u64 = 1 << 20;
 
-/// How faults are raised and answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FaultMode {
-    /// MINOR faults on a `MAP_PRIVATE` shmem mapping, answered with `UFFDIO_CONTINUE`.
-    Minor,
-    /// MISSING faults on anonymous memory, answered with `UFFDIO_COPY` from the file.
-    Missing,
-    /// No lazy serving (the host's KVM does not wait on userfaultfd): copy-on-write mapping,
-    /// working set from the page tables, prefetch with `MADV_POPULATE_READ`.
-    Populate,
-}
+pub use vmm_api::{FaultMode, UffdStats};
 
 /// Error setting up userfaultfd.
 #[derive(Debug, thiserror::Error)]
@@ -105,23 +94,6 @@ struct Counters {
     recorded_pages: AtomicU64,
     prefetch_us: AtomicU64,
     serve_ns: AtomicU64,
-}
-
-/// A snapshot of a page server's counters.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct UffdStats {
-    /// Fault mode.
-    pub mode: FaultMode,
-    /// Faults served by the handler thread.
-    pub faults: u64,
-    /// Pages installed in bulk from the working set before the vCPUs ran.
-    pub prefetched_pages: u64,
-    /// Pages this clone recorded as the new working set (0 when it prefetched one).
-    pub recorded_pages: u64,
-    /// Time spent prefetching, in microseconds.
-    pub prefetch_us: u64,
-    /// Mean time to serve one fault, in microseconds.
-    pub mean_fault_us: f64,
 }
 
 /// Guest RAM region as the handler sees it.

@@ -127,13 +127,11 @@ fn run_once(fd: &mut VcpuFd, pio: &Bus, mmio: &Bus) -> Option<ExitReason> {
         Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
         Ok(VcpuExit::Hlt) => Some(ExitReason::GuestHalt),
         Ok(VcpuExit::Shutdown) => {
-            // A triple fault: Linux's last-resort reboot, but also how a broken guest dies.
+            // A triple fault: how a broken guest dies (Linux reboots through the i8042 first).
             let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
-            tracing::warn!(
-                rip = format_args!("{rip:#x}"),
-                "guest triple fault (KVM_EXIT_SHUTDOWN); treating as reset"
-            );
-            Some(ExitReason::GuestReset)
+            Some(ExitReason::Error(format!(
+                "the guest crashed: triple fault (KVM_EXIT_SHUTDOWN) at rip {rip:#x}"
+            )))
         }
         Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use vmm_api::{Request, VmState};
 
 fn spawn(args: &[&str], dir: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_runv-vmm"))
@@ -74,30 +75,24 @@ fn kvm_control_socket_status_pause_resume_shutdown() {
         dir.path(),
     );
     wait_for_report(dir.path(), "READY");
-    let (mut s, mut r) = connect(&sock);
-    let st = request(&mut s, &mut r, r#"{"cmd":"status"}"#);
-    assert_eq!(
-        (st["ok"].as_bool(), st["state"].as_str()),
-        (Some(true), Some("running"))
-    );
-    assert_eq!(st["mem_mib"], 32);
-    let bad = request(&mut s, &mut r, r#"{"cmd":"explode"}"#);
+    let mut ctl = control(&sock);
+    let st = ctl.status().unwrap();
+    assert_eq!(st.state, VmState::Running);
+    assert_eq!(st.version, vmm_api::PROTOCOL_VERSION);
+    assert_eq!(st.mem_mib, 32);
+    // An unknown command (a valid request with its name replaced) and garbage.
+    let unknown = String::from_utf8(vmm_api::encode_request(&Request::Status {}).unwrap())
+        .unwrap()
+        .replace("status", "explode");
+    let bad = ctl.call_raw(unknown.as_bytes()).unwrap();
     assert_eq!(bad["ok"], false);
     assert!(bad["error"].as_str().unwrap().contains("bad request"));
-    let bad = request(&mut s, &mut r, "not json");
+    assert_eq!(bad["kind"], "bad_request");
+    let bad = ctl.call_raw(b"not json\n").unwrap();
     assert_eq!(bad["ok"], false);
-    assert_eq!(
-        request(&mut s, &mut r, r#"{"cmd":"pause"}"#)["state"],
-        "paused"
-    );
-    assert_eq!(
-        request(&mut s, &mut r, r#"{"cmd":"status"}"#)["state"],
-        "paused"
-    );
-    assert_eq!(
-        request(&mut s, &mut r, r#"{"cmd":"resume"}"#)["state"],
-        "running"
-    );
+    assert_eq!(ctl.pause().unwrap().state, VmState::Paused);
+    assert_eq!(ctl.status().unwrap().state, VmState::Paused);
+    assert_eq!(ctl.resume().unwrap().state, VmState::Running);
     // A second path user is refused while this VMM lives.
     let dir2 = tempfile::tempdir().unwrap();
     let mut c2 = spawn(&["--control", sock.to_str().unwrap()], dir2.path());
@@ -106,7 +101,7 @@ fn kvm_control_socket_status_pause_resume_shutdown() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut c2.stderr.take().unwrap(), &mut err).unwrap();
     assert!(err.contains("in use"), "{err}");
-    assert_eq!(request(&mut s, &mut r, r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert_eq!(ctl.shutdown().unwrap().state, VmState::Stopping);
     assert!(wait_exit(&mut c).success());
     assert!(!sock.exists(), "control socket file left behind");
 }

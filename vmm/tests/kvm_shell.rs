@@ -8,7 +8,16 @@ use std::time::Duration;
 
 use common::*;
 use pool_manager::{ShellPool, ShellProcess, ShellSpec};
-use serde_json::json;
+use vmm_api::{MemoryMode, RestoreOptions, SerialOutput, VmState};
+
+/// Restore options for a clone named `id` that reports on stdout.
+fn clone_opts(snap: &Path, mode: MemoryMode, id: &str) -> RestoreOptions {
+    let mut o = RestoreOptions::new(snap, mode);
+    o.clone_id = id.into();
+    o.serial = SerialOutput::None;
+    o.debug_log = Some("-".into());
+    o
+}
 
 fn spec(dir: &Path, mem_mib: u64) -> ShellSpec {
     ShellSpec {
@@ -37,34 +46,30 @@ fn kvm_shell_becomes_a_clone_on_restore() {
     let dir = tempfile::tempdir().unwrap();
     let snap = template(dir.path());
     let mut shell = ShellProcess::spawn(&spec(dir.path(), 64), "a").unwrap();
-    let status = shell.request(r#"{"cmd":"status"}"#).unwrap();
-    assert_eq!(status["state"], "shell", "{status}");
-    assert_eq!(status["mem_mib"], 64, "{status}");
-    let e = shell.request(r#"{"cmd":"pause"}"#).unwrap_err().to_string();
+    let status = shell.status().unwrap();
+    assert_eq!(status.state, VmState::Shell, "{status:?}");
+    assert_eq!(status.mem_mib, 64, "{status:?}");
+    let e = shell.client().pause().unwrap_err().to_string();
     assert!(e.contains("no VM yet"), "{e}");
     let reply = shell
-        .restore(
-            &snap,
-            "cow",
-            json!({"clone_id": "shell-clone", "serial": "none", "debug_log": "-"}),
-        )
+        .restore(&clone_opts(&snap, MemoryMode::Cow, "shell-clone"))
         .unwrap();
-    assert_eq!(reply["state"], "running", "{reply}");
-    assert!(reply["restore_ms"].as_f64().unwrap() > 0.0, "{reply}");
+    assert_eq!(reply.state, VmState::Running, "{reply:?}");
+    assert!(reply.restore_ms > 0.0, "{reply:?}");
     let line = shell.next_stdout_line().unwrap();
     assert!(
         line.starts_with("REPORT PASS resumed") && line.contains("clone=shell-clone"),
         "{line}"
     );
     // The same connection now drives the clone.
-    let status = shell.request(r#"{"cmd":"status"}"#).unwrap();
+    let status = shell.status().unwrap();
     assert_eq!(
-        (status["state"].as_str(), status["generation"].as_u64()),
-        (Some("running"), Some(1)),
-        "{status}"
+        (status.state, status.generation),
+        (VmState::Running, Some(1)),
+        "{status:?}"
     );
     let e = shell
-        .restore(&snap, "cow", json!({}))
+        .restore(&RestoreOptions::new(&snap, MemoryMode::Cow))
         .unwrap_err()
         .to_string();
     assert!(e.contains("already runs a VM"), "{e}");
@@ -82,10 +87,9 @@ fn kvm_shell_refuses_a_mismatched_snapshot_and_exits() {
     let dir = tempfile::tempdir().unwrap();
     let snap = template(dir.path());
     let mut shell = ShellProcess::spawn(&spec(dir.path(), 32), "small").unwrap();
-    let e = shell
-        .restore(&snap, "cow", json!({"serial": "none"}))
-        .unwrap_err()
-        .to_string();
+    let mut opts = RestoreOptions::new(&snap, MemoryMode::Cow);
+    opts.serial = SerialOutput::None;
+    let e = shell.restore(&opts).unwrap_err().to_string();
     assert!(e.contains("shell has 32 MiB"), "{e}");
     assert!(
         !shell.shutdown().unwrap().success(),
@@ -96,7 +100,10 @@ fn kvm_shell_refuses_a_mismatched_snapshot_and_exits() {
     // A missing snapshot is a clear error too.
     let mut shell = ShellProcess::spawn(&spec(dir.path(), 64), "missing").unwrap();
     let e = shell
-        .restore(&dir.path().join("nope"), "uffd", json!({}))
+        .restore(&RestoreOptions::new(
+            dir.path().join("nope"),
+            MemoryMode::Uffd,
+        ))
         .unwrap_err()
         .to_string();
     assert!(e.contains("nope"), "{e}");
@@ -120,12 +127,8 @@ fn kvm_shell_idle_sigterm_and_pool_cleanup() {
     let mut clones = Vec::new();
     for i in 0..5 {
         let mut s = pool.take(TIMEOUT).unwrap();
-        s.restore(
-            &snap,
-            "cow",
-            json!({"clone_id": format!("p{i}"), "serial": "none", "debug_log": "-"}),
-        )
-        .unwrap();
+        s.restore(&clone_opts(&snap, MemoryMode::Cow, &format!("p{i}")))
+            .unwrap();
         let line = s.next_stdout_line().unwrap();
         assert!(line.contains(&format!("clone=p{i}")), "{line}");
         clones.push(s);

@@ -2,9 +2,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -136,8 +136,7 @@ fn clone_run(snap: &Path, dir: &Path, mode: MemoryMode, id: &str, want: usize) -
             break;
         }
     }
-    let (mut s, mut r) = connect(&sock);
-    let status = request(&mut s, &mut r, r#"{"cmd":"status"}"#);
+    let status = serde_json::to_value(control(&sock).status().unwrap()).unwrap();
     exit.exit(vmm::ExitReason::Shutdown);
     t.join().unwrap().unwrap();
     CloneRun {
@@ -338,7 +337,7 @@ fn kvm_snapshot_damaged_or_mismatched_is_refused() {
     std::fs::write(snap.join("state.bin"), &state).unwrap();
     // A shell of another size is refused before anything is mapped.
     let small = vmm::Shell::create(32, 1).unwrap();
-    let e = vmm::Vmm::restore_into(small, &opts, None)
+    let e = vmm::Vmm::restore_into(small, &opts, vmm::ControlPlane::default())
         .err()
         .unwrap()
         .to_string();
@@ -437,17 +436,9 @@ fn kvm_snapshot_of_a_cow_clone_keeps_its_writes() {
     std::thread::sleep(Duration::from_millis(50));
     let snap2 = dir.path().join("snap2");
     std::fs::create_dir_all(&snap2).unwrap();
-    let mut s = UnixStream::connect(&sock).unwrap();
-    let mut rd = BufReader::new(s.try_clone().unwrap());
-    for req in [
-        format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap2.display()),
-        r#"{"cmd":"shutdown"}"#.to_string(),
-    ] {
-        writeln!(s, "{req}").unwrap();
-        let mut line = String::new();
-        rd.read_line(&mut line).unwrap();
-        assert!(line.contains(r#""ok":true"#), "{line}");
-    }
+    let mut c = control(&sock);
+    c.snapshot(&snap2).unwrap();
+    c.shutdown().unwrap();
     t.join().unwrap().unwrap();
     let r = clone_once(&snap2, dir.path(), MemoryMode::Cow, "second");
     assert_eq!(field(&r, "gen"), Some("2"), "{r}");

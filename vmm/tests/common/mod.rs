@@ -1,10 +1,8 @@
 //! Helpers shared by the KVM integration tests.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm::config::{SerialOutput, VmConfig};
 
@@ -60,26 +58,10 @@ pub fn field<'a>(report: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// Connects to a control socket (retrying until it exists) and splits it for line replies.
-pub fn connect(path: &Path) -> (UnixStream, BufReader<UnixStream>) {
-    let deadline = Instant::now() + TIMEOUT;
-    let s = loop {
-        match UnixStream::connect(path) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("control socket {}: {e}", path.display()),
-        }
-    };
-    let r = BufReader::new(s.try_clone().unwrap());
-    (s, r)
-}
-
-/// Sends one control request line and parses the reply.
-pub fn request(s: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &str) -> serde_json::Value {
-    writeln!(s, "{line}").unwrap();
-    let mut reply = String::new();
-    r.read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{line}: {e}: {reply:?}"))
+/// Connects a typed control client to `path` (retrying until the socket exists).
+pub fn control(path: &Path) -> vmm_api::ControlClient {
+    vmm_api::ControlClient::connect(path, TIMEOUT)
+        .unwrap_or_else(|e| panic!("control socket {}: {e}", path.display()))
 }
 
 /// Builds `cfg` (which must have a control socket and run `rt.counter`), waits for its
@@ -97,14 +79,10 @@ pub fn snapshot_counter_guest(cfg: VmConfig, snap: &Path, settle: Duration) -> S
     assert!(started.starts_with("PASS"), "{started}");
     std::thread::sleep(settle);
     std::fs::create_dir_all(snap).unwrap();
-    let (mut s, mut r) = connect(&sock);
-    for req in [
-        format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap.display()),
-        r#"{"cmd":"shutdown"}"#.to_string(),
-    ] {
-        let reply = request(&mut s, &mut r, &req);
-        assert_eq!(reply["ok"], true, "{req}: {reply}");
-    }
+    let mut c = control(&sock);
+    c.snapshot(snap)
+        .unwrap_or_else(|e| panic!("snapshot {}: {e}", snap.display()));
+    c.shutdown().unwrap();
     assert_eq!(t.join().unwrap().unwrap(), vmm::ExitReason::Shutdown);
     started
 }

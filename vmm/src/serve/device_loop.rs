@@ -1,0 +1,148 @@
+//! The running VM's device loop: exit events, termination signals, virtio queue notifications,
+//! device back-ends and the control plane, all on one thread.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
+
+use vmm_api::{
+    encode_error, encode_ok, ApiError, ErrorKind, Request, SnapshotReply, StateReply, StatusReply,
+    VmState, PROTOCOL_VERSION,
+};
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
+
+use super::{epoll_add, epoll_wait, ControlPlane, Dispatch};
+use crate::error::{io_err, VmmError};
+use crate::sync::LockOrRecover;
+use crate::vcpu::{self, RunControl, VcpuThread};
+use crate::vmm::Vmm;
+use crate::ExitReason;
+
+/// Back-end `i` uses token `TOKEN_BACKEND_BASE + i`.
+const TOKEN_BACKEND_BASE: u64 = 1 << 40;
+/// Queue event `i` uses token `TOKEN_QUEUE_BASE + i` (connections use their fd, below 2^32).
+const TOKEN_QUEUE_BASE: u64 = 1 << 32;
+const TOKEN_EXIT: u64 = u64::MAX;
+const TOKEN_TERM: u64 = u64::MAX - 1;
+
+/// What the device loop serves.
+pub(crate) struct DeviceLoop<'a> {
+    pub(crate) vmm: &'a Vmm,
+    pub(crate) ctl: &'a RunControl,
+    pub(crate) threads: &'a [VcpuThread],
+}
+
+impl DeviceLoop<'_> {
+    /// Waits for the exit event, termination signals, queue notifications and control requests
+    /// until the VM must end.
+    pub(crate) fn run(
+        &self,
+        term_fd: Option<RawFd>,
+        plane: &mut ControlPlane,
+    ) -> Result<(), VmmError> {
+        let exit = &*self.vmm.exit;
+        let (queue_events, backends) = (&self.vmm.queue_events, &self.vmm.backends);
+        let epoll = Epoll::new().map_err(io_err("creating epoll"))?;
+        let add = |fd: RawFd, token: u64| {
+            epoll_add(&epoll, fd, token).map_err(io_err("registering an fd with epoll"))
+        };
+        add(exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
+        if let Some(fd) = term_fd {
+            add(fd, TOKEN_TERM)?;
+        }
+        for (i, q) in queue_events.iter().enumerate() {
+            add(q.evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
+        }
+        for (i, b) in backends.iter().enumerate() {
+            add(b.fd, TOKEN_BACKEND_BASE + i as u64)?;
+        }
+        plane
+            .register(&epoll)
+            .map_err(io_err("registering the control socket with epoll"))?;
+        let mut handle = |req| Dispatch::Reply(self.handle(req));
+        plane.serve_buffered(&epoll, &mut handle);
+        let mut events = vec![EpollEvent::default(); 16];
+        while exit.reason().is_none() {
+            let n = epoll_wait(&epoll, &mut events).map_err(io_err("waiting on epoll"))?;
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => {}
+                    TOKEN_TERM => exit.exit(ExitReason::Signal),
+                    token if plane.owns(token) => {
+                        plane.on_event(&epoll, token, &mut handle);
+                    }
+                    token if token >= TOKEN_BACKEND_BASE => {
+                        if let Some(b) = backends.get((token - TOKEN_BACKEND_BASE) as usize) {
+                            b.transport.lock_or_recover().backend_event();
+                        }
+                    }
+                    token if token >= TOKEN_QUEUE_BASE => {
+                        if let Some(q) = queue_events.get((token - TOKEN_QUEUE_BASE) as usize) {
+                            let _ = q.evt.read();
+                            q.transport.lock_or_recover().notify(q.queue);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        plane.flush_all();
+        Ok(())
+    }
+
+    fn handle(&self, req: Request) -> Vec<u8> {
+        let vmm = self.vmm;
+        let (ctl, threads) = (self.ctl, self.threads);
+        let state = || {
+            if ctl.is_paused() {
+                VmState::Paused
+            } else {
+                VmState::Running
+            }
+        };
+        match req {
+            Request::Status {} => encode_ok(&StatusReply {
+                version: PROTOCOL_VERSION,
+                state: state(),
+                vcpus: vmm.config.vcpus,
+                mem_mib: vmm.ram.size >> 20,
+                generation: Some(vmm.generation),
+                mem_mode: vmm.mem_mode,
+                uffd: vmm.uffd_stats(),
+            }),
+            Request::Restore(_) => encode_error(&ApiError::new(
+                ErrorKind::InvalidState,
+                "this VMM already runs a VM; restore into an idle shell (runv-vmm --shell)",
+            )),
+            Request::Pause {} => {
+                vcpu::pause(ctl, threads);
+                encode_ok(&StateReply {
+                    state: VmState::Paused,
+                })
+            }
+            Request::Resume {} => {
+                vcpu::resume(ctl);
+                encode_ok(&StateReply {
+                    state: VmState::Running,
+                })
+            }
+            Request::Shutdown {} => {
+                vmm.exit.exit(ExitReason::Shutdown);
+                encode_ok(&StateReply {
+                    state: VmState::Stopping,
+                })
+            }
+            Request::Snapshot { dir } => {
+                vcpu::pause(ctl, threads);
+                let t0 = Instant::now();
+                match vmm.snapshot(&dir) {
+                    Ok(mem) => encode_ok(&SnapshotReply {
+                        state: VmState::Paused,
+                        ms: t0.elapsed().as_secs_f64() * 1e3,
+                        memory_bytes: mem.data_bytes,
+                    }),
+                    Err(e) => encode_error(&ApiError::new(ErrorKind::Failed, e.to_string())),
+                }
+            }
+        }
+    }
+}
