@@ -614,5 +614,10 @@ void guest_main(const u8 *info, int pvh) {
     if (find_token("rt.counter")) task_counter(&bi);
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);
+    if (a && prefix(a, "=crash")) {
+        /* An empty IDT, then an exception: #UD -> #DF -> triple fault (a dead guest). */
+        static const struct { u16 limit; u64 base; } __attribute__((packed)) none = {0, 0};
+        __asm__ volatile("lidt %0; ud2" : : "m"(none));
+    }
     /* rt.exit=halt or nothing: halt forever with interrupts off (start.S). */
 }

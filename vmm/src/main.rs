@@ -200,6 +200,19 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.restore.is_none() {
+        // clap drops `requires` when a conflicting flag (e.g. --kernel) is present: check here.
+        for (set, flag) in [
+            (args.mem_mode.is_some(), "--mem-mode"),
+            (args.clone_id.is_some(), "--clone-id"),
+            (args.vsock_uds.is_some(), "--vsock-uds"),
+            (!args.restore_block.is_empty(), "--restore-block"),
+        ] {
+            if set {
+                bail!("{flag} applies to a restore: add --restore DIR, or drop {flag}");
+            }
+        }
+    }
     let term = termination_signalfd()?;
     let term_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&term));
     let vm = if args.shell {

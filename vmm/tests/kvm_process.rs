@@ -4,48 +4,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use vmm_api::{Request, VmState};
-
-fn spawn(args: &[&str], dir: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_runv-vmm"))
-        .arg("--kernel")
-        .arg(test_guests::guest_path())
-        .args(["--serial", "none", "--mem-mib", "32"])
-        .arg("--debug-log")
-        .arg(dir.join("debug.log"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "runv-vmm did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn wait_for_report(dir: &Path, report: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !std::fs::read_to_string(dir.join("debug.log"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l == format!("REPORT {report}"))
-    {
-        assert!(Instant::now() < deadline, "no {report} report");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn kvm_exit_on_guest_reset() {

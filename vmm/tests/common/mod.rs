@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use vmm::config::{SerialOutput, VmConfig};
 
@@ -85,4 +86,44 @@ pub fn snapshot_counter_guest(cfg: VmConfig, snap: &Path, settle: Duration) -> S
     c.shutdown().unwrap();
     assert_eq!(t.join().unwrap().unwrap(), vmm::ExitReason::Shutdown);
     started
+}
+
+/// Spawns `runv-vmm` booting the test guest (32 MiB, debug log in `dir`) with extra `args`.
+pub fn spawn(args: &[&str], dir: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_runv-vmm"))
+        .arg("--kernel")
+        .arg(test_guests::guest_path())
+        .args(["--serial", "none", "--mem-mib", "32"])
+        .arg("--debug-log")
+        .arg(dir.join("debug.log"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (bounded) for `child` to exit.
+pub fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "runv-vmm did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits (bounded) until the debug log in `dir` holds `REPORT <report>`.
+pub fn wait_for_report(dir: &Path, report: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !std::fs::read_to_string(dir.join("debug.log"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == format!("REPORT {report}"))
+    {
+        assert!(Instant::now() < deadline, "no {report} report");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
