@@ -2,11 +2,10 @@
 //!
 //! `runv-agent` runs OCI containers on request ([`runtime`], [`spawn`], [`cgroup`]) for clients
 //! speaking the [`protocol`] over a connection ([`server`]); as PID 1 in a guest it also mounts
-//! the basic file systems and serves the clone hooks ([`pid1`]). [`client`] is the blocking
-//! client the tests and benchmarks use; [`initramfs`] builds the guest's boot image.
+//! the basic file systems and serves the clone hooks ([`pid1`]). [`initramfs`] builds the guest's boot image.
+//! The host-side client lives in `protocol::client`.
 
 pub mod cgroup;
-pub mod client;
 pub mod initramfs;
 pub mod pid1;
 pub mod runtime;

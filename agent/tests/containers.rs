@@ -369,7 +369,7 @@ fn malformed_frames_versions_disconnects_and_missing_rootfs() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let closed = loop {
         match c.pump() {
-            Err(agent::client::ClientError::Closed) => break true,
+            Err(protocol::client::ClientError::Closed) => break true,
             _ if std::time::Instant::now() > deadline => break false,
             _ => {}
         }

@@ -7,7 +7,7 @@ use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use agent::client::Client;
+use protocol::client::Client;
 use protocol::{ExitStatus, Request, Response, RootfsSource, StdioConfig};
 
 /// Busybox applets linked into the rootfs.
