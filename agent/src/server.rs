@@ -376,11 +376,13 @@ impl Conn {
 }
 
 fn stdio_error(e: std::io::Error) -> OpError {
-    let code = match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM) => {
-            ErrorCode::ResourceExhausted
-        }
-        _ => ErrorCode::Io,
+    use std::io::ErrorKind;
+    let exhausted = matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::OutOfMemory)
+        || matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+    let code = if exhausted {
+        ErrorCode::ResourceExhausted
+    } else {
+        ErrorCode::Io
     };
     OpError::new(code, format!("stdio: {e}"))
 }
