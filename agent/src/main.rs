@@ -64,8 +64,7 @@ fn main() -> Result<()> {
     if let Some(path) = args.listen.strip_prefix("unix:") {
         let path = PathBuf::from(path);
         remove_stale_socket(&path)?;
-        let l = std::os::unix::net::UnixListener::bind(&path)
-            .with_context(|| format!("binding {}", path.display()))?;
+        let l = listen_unix(&path)?;
         terminate_on_signals(term_fd, path.clone(), cgroups)?;
         for conn in l.incoming() {
             match conn {
@@ -85,6 +84,22 @@ fn main() -> Result<()> {
     } else {
         bail!("--listen {}: use unix:PATH or vsock:PORT", args.listen)
     }
+}
+
+/// Listens on `path`. The socket is bound under a temporary name and renamed into place once
+/// it listens, so a client that sees the path never meets a socket that refuses connections.
+fn listen_unix(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let l = std::os::unix::net::UnixListener::bind(&tmp)
+        .with_context(|| format!("binding {}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()));
+    }
+    Ok(l)
 }
 
 /// Makes room for the listening socket at `path`: only a stale socket (one nobody listens on)

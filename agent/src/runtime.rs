@@ -98,7 +98,6 @@ pub struct Proc {
     /// Agent-side pid.
     pub pid: i32,
     exit: Mutex<Exit>,
-    cv: Condvar,
     /// Resources to release when the process is gone (stream pumps, stdin).
     pub io: Mutex<ProcIo>,
 }
@@ -108,20 +107,8 @@ impl Proc {
         Arc::new(Self {
             pid,
             exit: Mutex::new(Exit::default()),
-            cv: Condvar::new(),
             io: Mutex::new(io),
         })
-    }
-
-    /// Blocks until the process exited.
-    pub fn wait(&self) -> ExitStatus {
-        let mut e = self.exit.lock_or_recover();
-        loop {
-            if let Some(s) = e.status {
-                return s;
-            }
-            e = self.cv.wait(e).unwrap_or_else(|p| p.into_inner());
-        }
     }
 
     /// Runs `f` with the exit status once the process exited (right away if it has), on the
@@ -148,7 +135,6 @@ impl Proc {
             e.status = Some(s);
             std::mem::take(&mut e.waiters)
         };
-        self.cv.notify_all();
         for w in waiters {
             w(s);
         }
