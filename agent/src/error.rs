@@ -5,7 +5,8 @@ use protocol::ErrorCode;
 use crate::spawn;
 
 /// An error with its protocol class.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct OpError {
     /// Class.
     pub code: ErrorCode,
@@ -33,14 +34,6 @@ impl OpError {
         )
     }
 }
-
-impl std::fmt::Display for OpError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for OpError {}
 
 impl From<spawn::SpawnError> for OpError {
     fn from(e: spawn::SpawnError) -> Self {

@@ -45,14 +45,6 @@ impl PidsCgroup {
     fn add(&self, pid: u32) {
         std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
     }
-
-    fn current(&self) -> u32 {
-        std::fs::read_to_string(self.dir.join("pids.current"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
 }
 
 impl Drop for PidsCgroup {
@@ -164,7 +156,6 @@ fn pids_limited_agent_refuses_instead_of_aborting() {
             e.message
         );
     }
-    assert!(cg.current() <= 24);
     // At the limit, a create gets a clear error and leaves nothing behind.
     let r = c
         .call(&Request::Create {
