@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agent::client::Client;
+use protocol::client::Client;
 use protocol::{Request, Response, RootfsSource, StdioConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,11 +1,17 @@
 //! `runv-agent`: serves the agent protocol on `--listen unix:PATH` (host) or `vsock:PORT` (guest).
 
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use agent::server::Server;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 
 #[derive(Parser)]
 #[command(
@@ -25,13 +31,16 @@ struct Args {
     /// Parent cgroup of the containers.
     #[arg(long, default_value = "runv")]
     cgroup_group: String,
+    /// Time a peer may take to finish a frame it started, in ms (tests shorten it).
+    #[arg(long, hide = true, default_value_t = agent::limits::FRAME_TIMEOUT.as_millis() as u64)]
+    frame_timeout_ms: u64,
 }
 
 fn main() -> Result<()> {
     let started = Instant::now();
     // Before any thread exists, so that every thread inherits the mask and only the signalfd
     // sees SIGTERM/SIGINT.
-    let term_fd = block_termination_signals();
+    let term_fd = block_termination_signals().context("blocking SIGTERM/SIGINT")?;
     let pid1 = std::process::id() == 1;
     if pid1 {
         for e in agent::pid1::mount_basics() {
@@ -46,125 +55,149 @@ fn main() -> Result<()> {
     let cgroups = agent::cgroup::CgroupRoot::detect(&args.cgroup_root, &args.cgroup_group);
     let rt = agent::runtime::Runtime::new(args.state_dir.clone(), cgroups.clone())
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let server = Server::new(
+        rt,
+        pid1,
+        started,
+        Duration::from_millis(args.frame_timeout_ms),
+    );
     if let Some(path) = args.listen.strip_prefix("unix:") {
         let path = PathBuf::from(path);
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                bail!(
-                    "{} is in use by a running agent: pick another path",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing stale {}", path.display()))?;
-        }
-        let l = std::os::unix::net::UnixListener::bind(&path)
-            .with_context(|| format!("binding {}", path.display()))?;
-        terminate_on_signals(term_fd, path.clone(), cgroups);
+        remove_stale_socket(&path)?;
+        let l = listen_unix(&path)?;
+        terminate_on_signals(term_fd, path.clone(), cgroups)?;
         for conn in l.incoming() {
             match conn {
-                Ok(s) => {
-                    let rt = rt.clone();
-                    std::thread::spawn(move || agent::server::serve(rt, s, pid1, started));
+                Ok(s) => server.accept(s),
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    // EMFILE and the like: do not spin.
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => tracing::warn!("accept: {e}"),
             }
         }
         Ok(())
     } else if let Some(port) = args.listen.strip_prefix("vsock:") {
         let port: u32 = port.parse().context("vsock port")?;
-        terminate_on_signals(term_fd, PathBuf::new(), cgroups);
-        serve_vsock(rt, port, pid1, started)
+        terminate_on_signals(term_fd, PathBuf::new(), cgroups)?;
+        serve_vsock(&server, port)
     } else {
         bail!("--listen {}: use unix:PATH or vsock:PORT", args.listen)
     }
 }
 
-/// Blocks SIGTERM/SIGINT and returns a signalfd reporting them.
-fn block_termination_signals() -> i32 {
-    // SAFETY: building a signal set on a local and blocking it for this (only) thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
+/// Listens on `path`. The socket is bound under a temporary name and renamed into place once
+/// it listens, so a client that sees the path never meets a socket that refuses connections.
+fn listen_unix(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let l = std::os::unix::net::UnixListener::bind(&tmp)
+        .with_context(|| format!("binding {}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()));
     }
+    Ok(l)
+}
+
+/// Makes room for the listening socket at `path`: only a stale socket (one nobody listens on)
+/// is removed; anything else there is an error, never deleted.
+fn remove_stale_socket(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        let what = if meta.file_type().is_symlink() {
+            "a symbolic link"
+        } else if meta.is_dir() {
+            "a directory"
+        } else if meta.is_file() {
+            "a regular file"
+        } else {
+            "not a socket"
+        };
+        bail!(
+            "--listen {}: the path exists and is {what}, not a stale socket; the agent does not \
+             delete it: remove it yourself or pick another path",
+            path.display()
+        );
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => bail!(
+            "{} is in use by a running agent: pick another path",
+            path.display()
+        ),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display())),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "{} is a socket the agent cannot probe: remove it or pick another path",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// Blocks SIGTERM/SIGINT and returns a signalfd reporting them.
+fn block_termination_signals() -> nix::Result<SignalFd> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block()?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC)
 }
 
 /// Removes the socket and exits on SIGTERM/SIGINT (as PID 1: powers the guest off).
-fn terminate_on_signals(fd: i32, socket: PathBuf, cgroups: agent::cgroup::CgroupRoot) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 128];
-        // SAFETY: reading a signalfd_siginfo into a local buffer.
-        unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+fn terminate_on_signals(
+    fd: SignalFd,
+    socket: PathBuf,
+    cgroups: agent::cgroup::CgroupRoot,
+) -> Result<()> {
+    agent::threads::spawn("signals", move || {
+        let _ = fd.read_signal();
         let _ = std::fs::remove_file(&socket);
         cgroups.remove_parent();
         if std::process::id() == 1 {
-            // SAFETY: sync and power off, as init does on shutdown.
-            unsafe {
-                libc::sync();
-                libc::reboot(libc::RB_POWER_OFF);
-            }
+            // Sync and power off, as init does on shutdown.
+            nix::unistd::sync();
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
         }
         // SAFETY: _exit skips atexit handlers and stdio locks that other threads may hold.
         unsafe { libc::_exit(0) };
-    });
+    })
+    .context("starting the signal thread")?;
+    Ok(())
 }
 
-fn serve_vsock(
-    rt: Arc<agent::runtime::Runtime>,
-    port: u32,
-    pid1: bool,
-    started: Instant,
-) -> Result<()> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: socket(2) with constant arguments; the result is checked and then owned.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("creating an AF_VSOCK socket (is this a VM with virtio-vsock?)");
-    }
-    // SAFETY: fd was just created.
-    let listener = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let addr = libc::sockaddr_vm {
-        svm_family: libc::AF_VSOCK as libc::sa_family_t,
-        svm_reserved1: 0,
-        svm_port: port,
-        svm_cid: libc::VMADDR_CID_ANY,
-        svm_zero: [0; 4],
-    };
-    // SAFETY: bind/listen with a valid sockaddr_vm of the stated size.
-    unsafe {
-        if libc::bind(
-            fd,
-            (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as u32,
-        ) != 0
-            || libc::listen(fd, 16) != 0
-        {
-            return Err(std::io::Error::last_os_error())
-                .context(format!("listening on vsock port {port}"));
-        }
-    }
+fn serve_vsock(server: &Arc<Server>, port: u32) -> Result<()> {
+    let listener = socket::socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("creating an AF_VSOCK socket (is this a VM with virtio-vsock?)")?;
+    socket::bind(
+        listener.as_raw_fd(),
+        &VsockAddr::new(libc::VMADDR_CID_ANY, port),
+    )
+    .and_then(|()| socket::listen(&listener, Backlog::new(16)?))
+    .with_context(|| format!("listening on vsock port {port}"))?;
     loop {
-        // SAFETY: accept on our listening socket; the result is checked and owned.
-        let c = unsafe {
-            libc::accept4(
-                std::os::fd::AsRawFd::as_raw_fd(&listener),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
+        let c = match socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("vsock accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
         };
-        if c < 0 {
-            tracing::warn!("vsock accept: {}", std::io::Error::last_os_error());
-            continue;
-        }
-        // SAFETY: c is a fresh connected socket we own; a File is a plain fd wrapper.
-        let stream = unsafe { std::fs::File::from_raw_fd(c) };
-        let rt = rt.clone();
-        std::thread::spawn(move || agent::server::serve(rt, stream, pid1, started));
+        // SAFETY: accept4 returned a fresh connected socket that nothing else owns.
+        let stream = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(c) });
+        server.accept(stream);
     }
 }

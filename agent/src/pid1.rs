@@ -2,6 +2,23 @@
 
 use std::ffi::CString;
 
+/// Why a clone hook failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Pid1Error {
+    /// The entropy is empty or too large.
+    #[error("{0} bytes of entropy: send 1..=512")]
+    EntropySize(usize),
+    /// `/dev/urandom` cannot be opened.
+    #[error("opening /dev/urandom to add entropy: {0}; is devtmpfs mounted on /dev?")]
+    OpenUrandom(#[source] std::io::Error),
+    /// The kernel refused the entropy.
+    #[error("RNDADDENTROPY: {0}; crediting entropy needs CAP_SYS_ADMIN")]
+    AddEntropy(#[source] nix::Error),
+    /// The kernel refused the clock.
+    #[error("clock_settime(CLOCK_REALTIME): {0}; setting the clock needs CAP_SYS_TIME")]
+    SetClock(#[source] nix::Error),
+}
+
 /// Mounts what a guest's init must provide; already-mounted targets are skipped.
 pub fn mount_basics() -> Vec<String> {
     let mut errors = Vec::new();
@@ -81,14 +98,14 @@ pub fn mount_basics() -> Vec<String> {
 }
 
 /// Mixes `entropy` (at most 512 bytes) into the kernel RNG and credits it (`RNDADDENTROPY`).
-pub fn add_entropy(entropy: &[u8]) -> Result<(), String> {
+pub fn add_entropy(entropy: &[u8]) -> Result<(), Pid1Error> {
     if entropy.is_empty() || entropy.len() > 512 {
-        return Err(format!("{} bytes of entropy: send 1..=512", entropy.len()));
+        return Err(Pid1Error::EntropySize(entropy.len()));
     }
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/urandom")
-        .map_err(|e| format!("opening /dev/urandom: {e}"))?;
+        .map_err(Pid1Error::OpenUrandom)?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut info = vec![0u8; 8 + entropy.len().div_ceil(4) * 4];
     info[..4].copy_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
@@ -104,26 +121,28 @@ pub fn add_entropy(entropy: &[u8]) -> Result<(), String> {
         )
     };
     if rc != 0 {
-        return Err(format!(
-            "RNDADDENTROPY: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(Pid1Error::AddEntropy(nix::Error::last()));
     }
     Ok(())
 }
 
 /// Sets the wall clock.
-pub fn set_clock(unix_nanos: i64) -> Result<(), String> {
-    let ts = libc::timespec {
-        tv_sec: unix_nanos.div_euclid(1_000_000_000),
-        tv_nsec: unix_nanos.rem_euclid(1_000_000_000),
-    };
-    // SAFETY: a valid timespec; the result is checked.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        return Err(format!(
-            "clock_settime: {}",
-            std::io::Error::last_os_error()
-        ));
+pub fn set_clock(unix_nanos: i64) -> Result<(), Pid1Error> {
+    let ts = nix::sys::time::TimeSpec::new(
+        unix_nanos.div_euclid(1_000_000_000),
+        unix_nanos.rem_euclid(1_000_000_000),
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(Pid1Error::SetClock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entropy_size_is_checked_before_any_system_call() {
+        assert!(matches!(add_entropy(&[]), Err(Pid1Error::EntropySize(0))));
+        let e = add_entropy(&[0; 513]).unwrap_err();
+        assert!(e.to_string().contains("513 bytes"), "{e}");
     }
-    Ok(())
 }

@@ -8,36 +8,11 @@ use std::time::{Duration, Instant};
 use protocol::{ContainerState, ContainerStats, ContainerStatus, ErrorCode, ExitStatus};
 
 use crate::cgroup::{Cgroup, CgroupRoot, Limits};
+use crate::error::OpError;
 use crate::spawn::{self, ChildStdio, Pending, Plan};
-
-/// An error with its protocol class.
-#[derive(Debug)]
-pub struct OpError {
-    /// Class.
-    pub code: ErrorCode,
-    /// What failed and what to do.
-    pub message: String,
-}
-
-impl OpError {
-    /// An error of class `code`.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<spawn::SpawnError> for OpError {
-    fn from(e: spawn::SpawnError) -> Self {
-        let code = match e {
-            spawn::SpawnError::Invalid(_) => ErrorCode::BadRequest,
-            _ => ErrorCode::Spawn,
-        };
-        Self::new(code, e.to_string())
-    }
-}
+use crate::stdio::ProcIo;
+use crate::sync::LockOrRecover;
+use crate::threads;
 
 /// Collects the exit statuses of every child (`waitpid(-1)`), as PID 1 must, and hands them to
 /// whoever waits for a pid; statuses nobody claims (orphans re-parented to us) are dropped.
@@ -54,45 +29,38 @@ struct ReaperState {
 
 impl Reaper {
     /// Starts the reaper thread.
-    pub fn start() -> Arc<Self> {
+    pub fn start() -> std::io::Result<Arc<Self>> {
         let r = Arc::new(Self {
             state: Mutex::new(ReaperState::default()),
             cv: Condvar::new(),
         });
         let r2 = r.clone();
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || loop {
-                let mut status = 0;
-                // SAFETY: waitpid with a valid status pointer.
-                let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-                if pid <= 0 {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                let mut st = r2.state.lock().unwrap_or_else(|p| p.into_inner());
-                if st.watched.remove(&pid) {
-                    st.exited.insert(pid, status);
-                    r2.cv.notify_all();
-                }
-            })
-            .expect("spawning the reaper thread");
-        r
+        threads::spawn("reaper", move || loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid status pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid <= 0 {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            let mut st = r2.state.lock_or_recover();
+            if st.watched.remove(&pid) {
+                st.exited.insert(pid, status);
+                r2.cv.notify_all();
+            }
+        })?;
+        Ok(r)
     }
 
     /// Registers interest in `pid` (before it can exit unobserved: call right after spawning).
     pub fn watch(&self, pid: i32) {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .watched
-            .insert(pid);
+        self.state.lock_or_recover().watched.insert(pid);
     }
 
     /// Waits for `pid`'s raw wait status, up to `timeout`.
     pub fn wait(&self, pid: i32, timeout: Option<Duration>) -> Option<i32> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_or_recover();
         loop {
             if let Some(s) = st.exited.remove(&pid) {
                 return Some(s);
@@ -115,45 +83,61 @@ impl Reaper {
     }
 }
 
+/// Called once with a process's exit status.
+pub type ExitWaiter = Box<dyn FnOnce(ExitStatus) + Send>;
+
+/// A process's exit status once known, and who waits for it.
+#[derive(Default)]
+struct Exit {
+    status: Option<ExitStatus>,
+    waiters: Vec<ExitWaiter>,
+}
+
 /// A process of a container (its init or an exec).
 pub struct Proc {
     /// Agent-side pid.
     pub pid: i32,
-    exit: Mutex<Option<ExitStatus>>,
-    cv: Condvar,
+    exit: Mutex<Exit>,
     /// Resources to release when the process is gone (stream pumps, stdin).
-    pub io: Mutex<crate::server::ProcIo>,
+    pub io: Mutex<ProcIo>,
 }
 
 impl Proc {
-    fn new(pid: i32, io: crate::server::ProcIo) -> Arc<Self> {
+    fn new(pid: i32, io: ProcIo) -> Arc<Self> {
         Arc::new(Self {
             pid,
-            exit: Mutex::new(None),
-            cv: Condvar::new(),
+            exit: Mutex::new(Exit::default()),
             io: Mutex::new(io),
         })
     }
 
-    /// Blocks until the process exited.
-    pub fn wait(&self) -> ExitStatus {
-        let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(s) = *e {
-                return s;
+    /// Runs `f` with the exit status once the process exited (right away if it has), on the
+    /// thread that saw the exit: no thread per waiter.
+    pub fn when_exited(&self, f: ExitWaiter) {
+        let mut e = self.exit.lock_or_recover();
+        match e.status {
+            Some(s) => {
+                drop(e);
+                f(s);
             }
-            e = self.cv.wait(e).unwrap_or_else(|p| p.into_inner());
+            None => e.waiters.push(f),
         }
     }
 
     /// Exit status, if exited.
     pub fn exited(&self) -> Option<ExitStatus> {
-        *self.exit.lock().unwrap_or_else(|p| p.into_inner())
+        self.exit.lock_or_recover().status
     }
 
     fn set_exit(&self, s: ExitStatus) {
-        *self.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-        self.cv.notify_all();
+        let waiters = {
+            let mut e = self.exit.lock_or_recover();
+            e.status = Some(s);
+            std::mem::take(&mut e.waiters)
+        };
+        for w in waiters {
+            w(s);
+        }
     }
 }
 
@@ -174,12 +158,7 @@ impl Container {
     fn status(&self) -> ContainerStatus {
         if self.init.exited().is_some() {
             ContainerStatus::Stopped
-        } else if self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
+        } else if self.pending.lock_or_recover().is_some() {
             ContainerStatus::Created
         } else {
             ContainerStatus::Running
@@ -190,18 +169,12 @@ impl Container {
     pub fn process(&self, exec_id: Option<&str>) -> Result<Arc<Proc>, OpError> {
         match exec_id {
             None => Ok(self.init.clone()),
-            Some(e) => self
-                .execs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(e)
-                .cloned()
-                .ok_or_else(|| {
-                    OpError::new(
-                        ErrorCode::NotFound,
-                        format!("container {} has no exec {e}", self.id),
-                    )
-                }),
+            Some(e) => self.execs.lock_or_recover().get(e).cloned().ok_or_else(|| {
+                OpError::new(
+                    ErrorCode::NotFound,
+                    format!("container {} has no exec {e}", self.id),
+                )
+            }),
         }
     }
 }
@@ -257,7 +230,7 @@ impl Runtime {
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         Ok(Arc::new(Self {
             containers: Mutex::new(HashMap::new()),
-            reaper: Reaper::start(),
+            reaper: Reaper::start()?,
             cgroups,
             state_dir,
         }))
@@ -266,8 +239,7 @@ impl Runtime {
     /// The container `id`.
     pub fn get(&self, id: &str) -> Result<Arc<Container>, OpError> {
         self.containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_or_recover()
             .get(id)
             .cloned()
             .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no container {id}")))
@@ -275,13 +247,7 @@ impl Runtime {
 
     /// Ids of all containers.
     pub fn list(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let mut v: Vec<String> = self.containers.lock_or_recover().keys().cloned().collect();
         v.sort();
         v
     }
@@ -294,7 +260,7 @@ impl Runtime {
         spec: &oci_spec::runtime::Spec,
         source: &protocol::RootfsSource,
         stdio: &ChildStdio,
-        io: crate::server::ProcIo,
+        io: ProcIo,
         on_exit: impl FnOnce(&str, ExitStatus) + Send + 'static,
     ) -> Result<Arc<Container>, OpError> {
         valid_id(id)?;
@@ -308,7 +274,7 @@ impl Runtime {
                 format!("root file system {dir} does not exist or is not a directory: unpack the bundle first"),
             ));
         }
-        let mut map = self.containers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.containers.lock_or_recover();
         if map.contains_key(id) {
             return Err(OpError::new(
                 ErrorCode::AlreadyExists,
@@ -371,43 +337,52 @@ impl Runtime {
             pending: Mutex::new(Some(pending)),
             execs: Mutex::new(HashMap::new()),
         });
+        if let Err(e) = self.watch_exit(c.clone(), init, on_exit) {
+            // Nobody would ever collect this process: take it down before refusing.
+            drop(c.pending.lock_or_recover().take());
+            // SAFETY: kill(2) on the process we just cloned.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            self.reaper.wait(pid, Some(Duration::from_secs(5)));
+            c.cgroup.remove();
+            if let Some(s) = &c.scratch {
+                let _ = std::fs::remove_dir(s);
+            }
+            return Err(OpError::no_thread(&format!("watching container {id}"), &e));
+        }
         map.insert(id.to_string(), c.clone());
         drop(map);
-        self.watch_exit(c.clone(), init, on_exit);
         Ok(c)
     }
 
+    /// Starts the thread that waits for `proc`'s exit, lets its output drain, then tells its
+    /// waiters and `on_exit`.
     fn watch_exit(
         self: &Arc<Self>,
         c: Arc<Container>,
         proc: Arc<Proc>,
         on_exit: impl FnOnce(&str, ExitStatus) + Send + 'static,
-    ) {
+    ) -> std::io::Result<()> {
         let rt = self.clone();
-        std::thread::spawn(move || {
+        threads::spawn("exit-watcher", move || {
             let raw = rt.reaper.wait(proc.pid, None).unwrap_or(0);
             let status = to_exit(raw, c.cgroup.oom_kills());
             // Let the output pumps drain before anyone hears of the exit.
-            crate::server::ProcIo::finish(&proc.io, Duration::from_secs(2));
+            ProcIo::finish(&proc.io, Duration::from_secs(2));
             proc.set_exit(status);
             on_exit(&c.id, status);
-        });
+        })?;
+        Ok(())
     }
 
     /// Starts a created container.
     pub fn start(&self, id: &str) -> Result<(), OpError> {
         let c = self.get(id)?;
-        let pending = c
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| {
-                OpError::new(
-                    ErrorCode::InvalidState,
-                    format!("container {id} was already started"),
-                )
-            })?;
+        let pending = c.pending.lock_or_recover().take().ok_or_else(|| {
+            OpError::new(
+                ErrorCode::InvalidState,
+                format!("container {id} was already started"),
+            )
+        })?;
         spawn::start(pending)?;
         Ok(())
     }
@@ -419,7 +394,7 @@ impl Runtime {
         exec_id: &str,
         process: &oci_spec::runtime::Process,
         stdio: &ChildStdio,
-        io: crate::server::ProcIo,
+        io: ProcIo,
         on_exit: impl FnOnce(&str, ExitStatus) + Send + 'static,
     ) -> Result<i32, OpError> {
         valid_id(exec_id)?;
@@ -430,11 +405,7 @@ impl Runtime {
                 format!("container {id} is not running"),
             ));
         }
-        if c.execs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(exec_id)
-        {
+        if c.execs.lock_or_recover().contains_key(exec_id) {
             return Err(OpError::new(
                 ErrorCode::AlreadyExists,
                 format!("exec {exec_id} exists in {id}"),
@@ -449,11 +420,15 @@ impl Runtime {
             .add(pid)
             .map_err(|e| OpError::new(ErrorCode::Io, e.to_string()))?;
         let proc = Proc::new(pid, io);
-        c.execs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(exec_id.to_string(), proc.clone());
-        self.watch_exit(c.clone(), proc, on_exit);
+        if let Err(e) = self.watch_exit(c.clone(), proc.clone(), on_exit) {
+            // Never started: its start pipe closes and it exits; the reaper collects it.
+            drop(pending);
+            // SAFETY: kill(2) on the process we just cloned.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            self.reaper.wait(pid, Some(Duration::from_secs(5)));
+            return Err(OpError::no_thread(&format!("watching exec {exec_id}"), &e));
+        }
+        c.execs.lock_or_recover().insert(exec_id.to_string(), proc);
         spawn::start(pending)?;
         Ok(pid)
     }
@@ -525,12 +500,11 @@ impl Runtime {
     pub fn destroy(&self, id: &str) -> Result<(), OpError> {
         let c = self
             .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_or_recover()
             .remove(id)
             .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no container {id}")))?;
         // A never-started process sees its start pipe close and exits.
-        drop(c.pending.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(c.pending.lock_or_recover().take());
         c.cgroup.kill_all_and_remove();
         // SAFETY: kill(2) on the container's init, in case it escaped the cgroup.
         unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
@@ -538,13 +512,7 @@ impl Runtime {
         while c.init.exited().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let execs: Vec<_> = c
-            .execs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let execs: Vec<_> = c.execs.lock_or_recover().values().cloned().collect();
         for e in execs {
             while e.exited().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));

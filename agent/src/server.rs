@@ -1,247 +1,183 @@
-//! Serving one connection: frames in, requests dispatched, responses, events and stdio out.
+//! Serving connections: frames in, requests dispatched, responses and events out.
 //!
-//! Threads per connection: the reader (decodes frames, answers quick requests inline, spawns a
-//! thread per `Wait`), one pump per output stream (pipe or pty → `Data` frames, bounded by the
-//! peer's credit), one writer per stdin stream. All frames go out through one locked writer, so
-//! frames never interleave. A peer that sends garbage gets an error reply and is disconnected;
-//! one that disappears only loses its streams: containers keep running.
+//! Threads per connection: the reader (decodes frames, answers requests inline); stdio threads
+//! come from [`crate::stdio`]. A `wait` takes no thread: the process's exit watcher answers it.
+//! Connections, pending waits and the time a peer may take to finish a started frame are
+//! bounded ([`crate::limits`]); at a bound, or when no thread can be started, the peer gets an
+//! error reply (`resource_exhausted`) instead of the agent aborting. A peer that sends garbage
+//! gets an error reply and is disconnected; one that disappears only loses its streams:
+//! containers keep running.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::frame::{read_frame, FrameError};
-use protocol::stream::{self, SendWindow};
-use protocol::{
-    ErrorCode, Event, Frame, FrameKind, Request, Response, StdioConfig, Streams, PROTOCOL_VERSION,
-};
+use protocol::{ErrorCode, Event, FrameKind, Request, Response, PROTOCOL_VERSION};
 
-use crate::runtime::{OpError, Runtime};
-use crate::spawn::ChildStdio;
+use crate::error::OpError;
+use crate::limits::{self, Slot, Slots};
+use crate::runtime::Runtime;
+use crate::stall::{self, StallGuard};
+use crate::stdio::{Out, StreamTable};
+use crate::sync::LockOrRecover;
+use crate::threads;
 
-/// The locked writer half of a connection.
-#[derive(Clone)]
-pub struct Out(Arc<Mutex<Box<dyn Write + Send>>>);
-
-impl Out {
-    /// Sends a frame; false when the peer is gone.
-    pub fn send(&self, f: &Frame) -> bool {
-        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        w.write_all(&f.to_bytes()).is_ok()
-    }
-}
-
-/// Credit of one output stream, shared by its pump and the reader that receives `Window`s.
-#[derive(Default)]
-struct Credit {
-    window: Mutex<(SendWindow, bool)>,
-    cv: Condvar,
-}
-
-/// Agent-side resources of a process's stdio.
-#[derive(Default)]
-pub struct ProcIo {
-    pumps: Vec<JoinHandle<()>>,
-    stdin: Option<StdinTx>,
-    pty: Option<Arc<OwnedFd>>,
-}
-
-/// The sender feeding a stdin writer thread; dropping it ends the thread and closes stdin.
-type StdinTx = Arc<Mutex<Option<mpsc::Sender<Option<Vec<u8>>>>>>;
-
-impl ProcIo {
-    /// Waits (up to `timeout`) for the output pumps to send everything, then drops the rest.
-    pub fn finish(io: &Mutex<ProcIo>, timeout: Duration) {
-        let pumps = std::mem::take(&mut io.lock().unwrap_or_else(|p| p.into_inner()).pumps);
-        let deadline = Instant::now() + timeout;
-        for p in pumps {
-            while !p.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if p.is_finished() {
-                let _ = p.join();
-            }
-        }
-        let mut g = io.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = g.stdin.take() {
-            tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        }
-        g.pty = None;
-    }
+/// What every connection of an agent shares: the runtime and the limits.
+pub struct Server {
+    rt: Arc<Runtime>,
+    pid1: bool,
+    started: Instant,
+    frame_timeout: Duration,
+    connections: Arc<Slots>,
+    waits: Arc<Slots>,
 }
 
 /// Per-connection state.
 struct Conn {
-    rt: Arc<Runtime>,
+    server: Arc<Server>,
     out: Out,
-    next_stream: Mutex<u32>,
-    credits: Mutex<HashMap<u32, Arc<Credit>>>,
-    stdins: Mutex<HashMap<u32, StdinTx>>,
-    started: Instant,
-    pid1: bool,
+    streams: StreamTable,
+    waits: Arc<Slots>,
 }
 
-fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: valid 2-int array; checked.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
+impl Server {
+    /// A server for `rt`; `frame_timeout` bounds the time a peer may take to finish a frame
+    /// ([`limits::FRAME_TIMEOUT`] unless testing).
+    pub fn new(
+        rt: Arc<Runtime>,
+        pid1: bool,
+        started: Instant,
+        frame_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            rt,
+            pid1,
+            started,
+            frame_timeout,
+            connections: Slots::new(limits::MAX_CONNECTIONS),
+            waits: Slots::new(limits::MAX_WAITS),
+        })
     }
-    // SAFETY: fresh fds owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+
+    /// Serves an accepted connection on its own thread. At the connection limit, or when no
+    /// thread can be started, the peer gets an error frame (request id 0) and is closed.
+    pub fn accept<S: Connection>(self: &Arc<Self>, stream: S) {
+        let Some(slot) = self.connections.try_take() else {
+            refuse(
+                stream,
+                OpError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "the agent serves at most {} connections at once: close idle ones or \
+                         retry later",
+                        self.connections.max()
+                    ),
+                ),
+            );
+            return;
+        };
+        let me = self.clone();
+        if let Err((e, back)) =
+            threads::spawn_with("connection", (stream, slot), move |(s, slot)| {
+                me.serve(s);
+                drop(slot);
+            })
+        {
+            tracing::warn!("no thread for a connection: {e}");
+            if let Some((s, _slot)) = back {
+                refuse(s, OpError::no_thread("a connection", &e));
+            }
+        }
+    }
+
+    /// Serves one connection on this thread until the peer closes it, sends something
+    /// undecodable, or stalls inside a frame.
+    pub fn serve<S: Connection>(self: &Arc<Self>, stream: S) {
+        let writer = match stream.try_clone_stream() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("cloning a connection: {e}");
+                return;
+            }
+        };
+        if let Err(e) = stream.set_read_timeout(Some(stall::poll_interval(self.frame_timeout))) {
+            tracing::warn!("setting a connection's receive timeout: {e}");
+            return;
+        }
+        let out = Out::new(writer);
+        let conn = Conn {
+            server: self.clone(),
+            streams: StreamTable::new(out.clone()),
+            out,
+            waits: Slots::new(limits::MAX_WAITS_PER_CONNECTION),
+        };
+        let mut reader = StallGuard::new(stream, self.frame_timeout);
+        loop {
+            let frame = match read_frame(&mut reader) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    tracing::warn!("dropping a connection: {e}");
+                    conn.reply(
+                        0,
+                        Err(OpError::new(
+                            ErrorCode::BadFrame,
+                            format!("{e}: send whole frames; closing the connection"),
+                        )),
+                    );
+                    break;
+                }
+                Err(FrameError::Io(_)) => break,
+                Err(e) => {
+                    let code = match e {
+                        FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+                        _ => ErrorCode::BadFrame,
+                    };
+                    conn.reply(0, Err(OpError::new(code, e.to_string())));
+                    break;
+                }
+            };
+            reader.frame_done();
+            match frame.kind {
+                FrameKind::Request => match Request::from_frame(&frame) {
+                    Ok(Request::Wait { id, exec_id }) => conn.wait(frame.id, id, exec_id),
+                    Ok(req) => conn.reply(frame.id, conn.handle(req)),
+                    Err(e) => conn.reply(
+                        frame.id,
+                        Err(OpError::new(
+                            ErrorCode::BadRequest,
+                            format!("undecodable request: {e}"),
+                        )),
+                    ),
+                },
+                FrameKind::Data => conn.streams.data(frame.id, frame.payload),
+                FrameKind::Close => conn.streams.close(frame.id),
+                FrameKind::Window => conn.streams.window(&frame),
+                FrameKind::Response | FrameKind::Event => conn.reply(
+                    frame.id,
+                    Err(OpError::new(
+                        ErrorCode::BadRequest,
+                        "the agent accepts requests, stdin data and credit only",
+                    )),
+                ),
+            }
+        }
+        conn.streams.disconnect();
+    }
 }
 
-/// The fds a child gets and what the agent keeps.
-struct Wiring {
-    child: ChildStdio,
-    // Kept open until the child has them (dropped after spawn).
-    _child_ends: Vec<OwnedFd>,
-    io: ProcIo,
-    streams: Streams,
+/// Answers a connection the agent will not serve, then closes it.
+fn refuse<S: Connection>(stream: S, e: OpError) {
+    if let Ok(mut w) = stream.try_clone_stream() {
+        // A fresh connection's send buffer is empty: this small frame does not block.
+        let _ = w.write_all(&Response::error(e.code, e.message).to_frame(0).to_bytes());
+    }
 }
 
 impl Conn {
-    fn stream_id(&self) -> u32 {
-        let mut n = self.next_stream.lock().unwrap_or_else(|p| p.into_inner());
-        *n += 1;
-        *n
-    }
-
-    fn pump(&self, id: u32, src: File) -> JoinHandle<()> {
-        let credit = Arc::new(Credit::default());
-        self.credits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, credit.clone());
-        let out = self.out.clone();
-        std::thread::spawn(move || {
-            let mut src = src;
-            let mut buf = vec![0u8; stream::MAX_DATA_CHUNK];
-            let mut connected = true;
-            loop {
-                let n = match src.read(&mut buf) {
-                    Ok(0) | Err(_) => break, // EOF, or EIO from a pty whose process is gone
-                    Ok(n) => n,
-                };
-                let mut sent = 0;
-                while sent < n && connected {
-                    let mut w = credit.window.lock().unwrap_or_else(|p| p.into_inner());
-                    while w.0.can_send() == 0 && !w.1 {
-                        w = credit
-                            .cv
-                            .wait_timeout(w, Duration::from_millis(200))
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    }
-                    if w.1 {
-                        connected = false;
-                        break;
-                    }
-                    let k = (n - sent).min(w.0.can_send());
-                    w.0.consume(k);
-                    drop(w);
-                    connected = out.send(&Frame::new(
-                        FrameKind::Data,
-                        id,
-                        buf[sent..sent + k].to_vec(),
-                    ));
-                    sent += k;
-                }
-                // A gone peer: keep draining so the process never blocks on a full pipe.
-            }
-            if connected {
-                out.send(&stream::close_frame(id));
-            }
-        })
-    }
-
-    fn stdin_writer(&self, id: u32, dst: File) -> StdinTx {
-        let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
-        let out = self.out.clone();
-        std::thread::spawn(move || {
-            let mut dst = dst;
-            while let Ok(Some(chunk)) = rx.recv() {
-                if dst.write_all(&chunk).is_err() {
-                    break;
-                }
-                out.send(&stream::window_frame(id, chunk.len() as u32));
-            }
-        });
-        let tx = Arc::new(Mutex::new(Some(tx)));
-        self.stdins
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx.clone());
-        tx
-    }
-
-    fn wire(&self, cfg: StdioConfig) -> std::io::Result<Wiring> {
-        let mut io = ProcIo::default();
-        if cfg.terminal {
-            let pty = nix::pty::openpty(None, None).map_err(std::io::Error::from)?;
-            let (master, slave) = (pty.master, pty.slave);
-            // SAFETY: fcntl on an fd we own.
-            unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-            let out_id = self.stream_id();
-            let master = Arc::new(master);
-            io.pumps
-                .push(self.pump(out_id, File::from(master.try_clone()?)));
-            let stdin = if cfg.stdin {
-                let id = self.stream_id();
-                io.stdin = Some(self.stdin_writer(id, File::from(master.try_clone()?)));
-                Some(id)
-            } else {
-                None
-            };
-            io.pty = Some(master);
-            let fd = slave.as_raw_fd();
-            return Ok(Wiring {
-                child: ChildStdio {
-                    fds: [fd, fd, fd],
-                    controlling_tty: true,
-                },
-                _child_ends: vec![slave],
-                io,
-                streams: Streams {
-                    stdin,
-                    stdout: out_id,
-                    stderr: None,
-                },
-            });
-        }
-        let (out_r, out_w) = cloexec_pipe()?;
-        let (err_r, err_w) = cloexec_pipe()?;
-        let (stdout, stderr) = (self.stream_id(), self.stream_id());
-        io.pumps.push(self.pump(stdout, File::from(out_r)));
-        io.pumps.push(self.pump(stderr, File::from(err_r)));
-        let (in_fd, stdin): (OwnedFd, Option<u32>) = if cfg.stdin {
-            let (in_r, in_w) = cloexec_pipe()?;
-            let id = self.stream_id();
-            io.stdin = Some(self.stdin_writer(id, File::from(in_w)));
-            (in_r, Some(id))
-        } else {
-            (OwnedFd::from(File::open("/dev/null")?), None)
-        };
-        Ok(Wiring {
-            child: ChildStdio {
-                fds: [in_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-                controlling_tty: false,
-            },
-            _child_ends: vec![in_fd, out_w, err_w],
-            io,
-            streams: Streams {
-                stdin,
-                stdout,
-                stderr: Some(stderr),
-            },
-        })
-    }
-
     fn on_exit(
         &self,
         exec_id: Option<String>,
@@ -259,12 +195,65 @@ impl Conn {
         }
     }
 
+    /// Answers request `rid` (a `wait`) when the process exits; no thread waits for it.
+    fn wait(&self, rid: u32, id: String, exec_id: Option<String>) {
+        let p = match self
+            .server
+            .rt
+            .get(&id)
+            .and_then(|c| c.process(exec_id.as_deref()))
+        {
+            Ok(p) => p,
+            Err(e) => return self.reply(rid, Err(e)),
+        };
+        let slots = match self.wait_slots() {
+            Ok(s) => s,
+            Err(e) => return self.reply(rid, Err(e)),
+        };
+        let out = self.out.clone();
+        p.when_exited(Box::new(move |status| {
+            out.send(
+                &Response::Exited {
+                    status,
+                    id,
+                    exec_id,
+                }
+                .to_frame(rid),
+            );
+            drop(slots);
+        }));
+    }
+
+    /// A slot for one more pending wait of this connection and of the agent.
+    fn wait_slots(&self) -> Result<(Slot, Slot), OpError> {
+        let mine = self.waits.try_take().ok_or_else(|| {
+            OpError::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "{} waits are pending on this connection, the limit: wait for some to \
+                     finish or use another connection",
+                    self.waits.max()
+                ),
+            )
+        })?;
+        let all = self.server.waits.try_take().ok_or_else(|| {
+            OpError::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "{} waits are pending in the agent, the limit: retry when processes exit",
+                    self.server.waits.max()
+                ),
+            )
+        })?;
+        Ok((mine, all))
+    }
+
     fn handle(&self, req: Request) -> Result<Response, OpError> {
-        let rt = &self.rt;
+        let rt = &self.server.rt;
         Ok(match req {
             Request::Ping => Response::Pong {
                 version: PROTOCOL_VERSION,
-                uptime_ms: self.started.elapsed().as_millis() as u64,
+                uptime_ms: self.server.started.elapsed().as_millis() as u64,
                 ready: true,
                 agent_version: env!("CARGO_PKG_VERSION").into(),
             },
@@ -274,9 +263,7 @@ impl Conn {
                 rootfs,
                 stdio,
             } => {
-                let w = self
-                    .wire(stdio)
-                    .map_err(|e| OpError::new(ErrorCode::Io, format!("stdio: {e}")))?;
+                let w = self.streams.wire(stdio).map_err(stdio_error)?;
                 let c = rt.create(&id, &spec, &rootfs, &w.child, w.io, self.on_exit(None))?;
                 Response::Created {
                     id,
@@ -294,9 +281,7 @@ impl Conn {
                 process,
                 stdio,
             } => {
-                let w = self
-                    .wire(stdio)
-                    .map_err(|e| OpError::new(ErrorCode::Io, format!("stdio: {e}")))?;
+                let w = self.streams.wire(stdio).map_err(stdio_error)?;
                 let pid = rt.exec(
                     &id,
                     &exec_id,
@@ -321,7 +306,7 @@ impl Conn {
                 rt.signal(&id, exec_id.as_deref(), signal, all)?;
                 Response::Ok
             }
-            // `serve` answers waits on their own threads; never block the reader here.
+            // `serve` registers waits with the process; never block the reader here.
             Request::Wait { .. } => {
                 return Err(OpError::new(
                     ErrorCode::Internal,
@@ -345,39 +330,22 @@ impl Conn {
                 cols,
             } => {
                 let p = rt.get(&id)?.process(exec_id.as_deref())?;
-                let io = p.io.lock().unwrap_or_else(|p| p.into_inner());
-                let pty = io.pty.as_ref().ok_or_else(|| {
-                    OpError::new(ErrorCode::InvalidState, "the process has no terminal")
-                })?;
-                let ws = libc::winsize {
-                    ws_row: rows,
-                    ws_col: cols,
-                    ws_xpixel: 0,
-                    ws_ypixel: 0,
-                };
-                // SAFETY: TIOCSWINSZ with a valid winsize on a pty master we own.
-                if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
-                    return Err(OpError::new(
-                        ErrorCode::Io,
-                        format!("TIOCSWINSZ: {}", std::io::Error::last_os_error()),
-                    ));
-                }
+                let io = p.io.lock_or_recover();
+                io.resize(rows, cols)?;
                 Response::Ok
             }
             Request::CloseStdin { id, exec_id } => {
                 let p = rt.get(&id)?.process(exec_id.as_deref())?;
-                if let Some(tx) = p.io.lock().unwrap_or_else(|p| p.into_inner()).stdin.take() {
-                    tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-                }
+                p.io.lock_or_recover().close_stdin();
                 Response::Ok
             }
             Request::Reseed { entropy } => {
-                crate::pid1::add_entropy(&entropy).map_err(|e| OpError::new(ErrorCode::Io, e))?;
+                crate::pid1::add_entropy(&entropy).map_err(pid1_error)?;
                 Response::Ok
             }
             Request::SetClock { unix_nanos } => {
                 self.require_pid1("set the clock")?;
-                crate::pid1::set_clock(unix_nanos).map_err(|e| OpError::new(ErrorCode::Io, e))?;
+                crate::pid1::set_clock(unix_nanos).map_err(pid1_error)?;
                 Response::Ok
             }
             Request::SetHostname { hostname } => {
@@ -391,7 +359,7 @@ impl Conn {
     }
 
     fn require_pid1(&self, what: &str) -> Result<(), OpError> {
-        if self.pid1 {
+        if self.server.pid1 {
             Ok(())
         } else {
             Err(OpError::new(
@@ -407,151 +375,57 @@ impl Conn {
     }
 }
 
-/// Serves one connection until the peer closes it or sends something undecodable.
-pub fn serve<S>(rt: Arc<Runtime>, stream: S, pid1: bool, started: Instant)
-where
-    S: Read + Write + Send + 'static + TryCloneStream,
-{
-    let writer = match stream.try_clone_stream() {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!("cloning a connection: {e}");
-            return;
-        }
+fn stdio_error(e: std::io::Error) -> OpError {
+    use std::io::ErrorKind;
+    let exhausted = matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::OutOfMemory)
+        || matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+    let code = if exhausted {
+        ErrorCode::ResourceExhausted
+    } else {
+        ErrorCode::Io
     };
-    let conn = Arc::new(Conn {
-        rt,
-        out: Out(Arc::new(Mutex::new(writer))),
-        next_stream: Mutex::new(0),
-        credits: Mutex::new(HashMap::new()),
-        stdins: Mutex::new(HashMap::new()),
-        started,
-        pid1,
-    });
-    let mut reader = stream;
-    loop {
-        let frame = match read_frame(&mut reader) {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(FrameError::Io(_)) => break,
-            Err(e) => {
-                let code = match e {
-                    FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
-                    _ => ErrorCode::BadFrame,
-                };
-                conn.out
-                    .send(&Response::error(code, e.to_string()).to_frame(0));
-                break;
-            }
-        };
-        match frame.kind {
-            FrameKind::Request => match Request::from_frame(&frame) {
-                Ok(Request::Wait { id, exec_id }) => {
-                    let c = conn.clone();
-                    std::thread::spawn(move || {
-                        let r =
-                            c.rt.get(&id)
-                                .and_then(|ct| ct.process(exec_id.as_deref()))
-                                .map(|p| Response::Exited {
-                                    status: p.wait(),
-                                    id,
-                                    exec_id,
-                                });
-                        c.reply(frame.id, r);
-                    });
-                }
-                Ok(req) => conn.reply(frame.id, conn.handle(req)),
-                Err(e) => conn.reply(
-                    frame.id,
-                    Err(OpError::new(
-                        ErrorCode::BadRequest,
-                        format!("undecodable request: {e}"),
-                    )),
-                ),
-            },
-            FrameKind::Data => {
-                let tx = conn
-                    .stdins
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&frame.id)
-                    .cloned();
-                if let Some(tx) = tx {
-                    if let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                        let _ = tx.send(Some(frame.payload));
-                    }
-                }
-            }
-            FrameKind::Close => {
-                let tx = conn
-                    .stdins
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&frame.id);
-                if let Some(tx) = tx {
-                    tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-                }
-            }
-            FrameKind::Window => {
-                let credit = conn
-                    .credits
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&frame.id)
-                    .cloned();
-                if let (Some(c), Ok(n)) = (credit, stream::parse_window(&frame)) {
-                    let mut w = c.window.lock().unwrap_or_else(|p| p.into_inner());
-                    if w.0.grant(n).is_err() {
-                        w.1 = true;
-                    }
-                    c.cv.notify_all();
-                }
-            }
-            FrameKind::Response | FrameKind::Event => {
-                conn.reply(
-                    frame.id,
-                    Err(OpError::new(
-                        ErrorCode::BadRequest,
-                        "the agent accepts requests, stdin data and credit only",
-                    )),
-                );
-            }
-        }
-    }
-    // The peer is gone: output pumps stop sending (and keep draining), stdin ends.
-    for c in conn
-        .credits
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-    {
-        c.window.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
-        c.cv.notify_all();
-    }
-    for tx in conn
-        .stdins
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-    {
-        tx.1.lock().unwrap_or_else(|p| p.into_inner()).take();
-    }
+    OpError::new(code, format!("stdio: {e}"))
 }
 
-/// Streams that can be split into a reader and a writer.
-pub trait TryCloneStream {
+fn pid1_error(e: crate::pid1::Pid1Error) -> OpError {
+    let code = match e {
+        crate::pid1::Pid1Error::EntropySize(_) => ErrorCode::BadRequest,
+        _ => ErrorCode::Io,
+    };
+    OpError::new(code, e.to_string())
+}
+
+/// A connection the agent can serve: split into a reader and a writer, reads time out.
+pub trait Connection: Read + Send + 'static {
     /// A second handle for writing.
     fn try_clone_stream(&self) -> std::io::Result<Box<dyn Write + Send>>;
+    /// Makes blocked reads fail with `WouldBlock`/`TimedOut` after `t`.
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
 }
 
-impl TryCloneStream for std::os::unix::net::UnixStream {
+impl Connection for UnixStream {
     fn try_clone_stream(&self) -> std::io::Result<Box<dyn Write + Send>> {
         Ok(Box::new(self.try_clone()?))
     }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
 }
 
-impl TryCloneStream for File {
+/// A connected socket of another family (AF_VSOCK), as a plain fd.
+impl Connection for File {
     fn try_clone_stream(&self) -> std::io::Result<Box<dyn Write + Send>> {
         Ok(Box::new(self.try_clone()?))
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        let t = t.unwrap_or_default();
+        let tv = nix::sys::time::TimeVal::new(
+            t.as_secs() as nix::libc::time_t,
+            t.subsec_micros() as nix::libc::suseconds_t,
+        );
+        nix::sys::socket::setsockopt(self, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+            .map_err(std::io::Error::from)
     }
 }

@@ -369,7 +369,7 @@ fn malformed_frames_versions_disconnects_and_missing_rootfs() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let closed = loop {
         match c.pump() {
-            Err(agent::client::ClientError::Closed) => break true,
+            Err(protocol::client::ClientError::Closed) => break true,
             _ if std::time::Instant::now() > deadline => break false,
             _ => {}
         }
@@ -523,6 +523,9 @@ fn two_hundred_containers_leak_nothing() {
     };
     // One container first so the agent's lazily created state (cgroup parent) exists.
     run(&mut c, "warm", spec(&["true"]), &root);
+    // Its exit watcher answers `wait` and then still sends the `exited` event before it ends;
+    // settle as before the second snapshot.
+    std::thread::sleep(Duration::from_millis(200));
     let before = snapshot();
     for i in 0..200 {
         let sp = with_resources(spec(&["sh", "-c", "echo $$"]), Some(64 << 20), Some(32));

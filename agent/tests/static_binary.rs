@@ -66,7 +66,7 @@ fn static_agent_has_no_interpreter_and_serves() {
         assert!(Instant::now() < deadline, "static agent did not listen");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut c = agent::client::Client::connect(&sock).unwrap();
+    let mut c = protocol::client::Client::connect(&sock).unwrap();
     let r = c.call(&protocol::Request::Ping).unwrap();
     assert!(
         matches!(

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::client::Client;
 use benches::{criterion, target_dir, Recorder};
+use protocol::client::Client;
 use protocol::{Request, Response, RootfsSource, StdioConfig};
 
 /// A busybox bundle: `rootfs/` from Debian's busybox-static and a `config.json` running `args`.

@@ -5,10 +5,12 @@
 //! and a bounded payload. Requests, responses and events carry JSON ([`message`]); stdio travels
 //! as raw `Data` frames per stream, with per-stream credit ([`stream`]). Nothing read from the
 //! peer is trusted: every length is bounded before allocation and every error is a value.
+//! [`client`] is a blocking client for the host side.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod frame;
 pub mod message;
 pub mod stream;

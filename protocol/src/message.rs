@@ -314,6 +314,9 @@ pub enum ErrorCode {
     Io,
     /// A bug.
     Internal,
+    /// The agent is at a limit (threads it may start, connections, pending waits): retry later
+    /// or close idle connections.
+    ResourceExhausted,
 }
 
 /// An unsolicited event.
@@ -559,6 +562,7 @@ mod tests {
                 ids: vec!["c".into(), "d".into()],
             },
             Response::error(ErrorCode::NotFound, "no container c"),
+            Response::error(ErrorCode::ResourceExhausted, "no thread"),
         ]
     }
 

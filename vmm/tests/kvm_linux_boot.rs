@@ -174,13 +174,13 @@ fn kvm_linux_agent_over_vsock() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let mut c = agent::client::Client::from_stream(stream).unwrap();
+    let mut c = protocol::client::Client::from_stream(stream).unwrap();
     assert!(matches!(
         c.call(&Request::Ping).unwrap(),
         Response::Pong { ready: true, .. }
     ));
     let mut spec = oci_spec::runtime::Spec::default();
-    let run = |c: &mut agent::client::Client,
+    let run = |c: &mut protocol::client::Client,
                id: &str,
                args: &[&str],
                spec: &mut oci_spec::runtime::Spec| {

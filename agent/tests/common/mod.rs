@@ -7,7 +7,7 @@ use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use agent::client::Client;
+use protocol::client::Client;
 use protocol::{ExitStatus, Request, Response, RootfsSource, StdioConfig};
 
 /// Busybox applets linked into the rootfs.
@@ -64,6 +64,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// An agent with extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let group = format!("runv-test-{}-{}", std::process::id(), rand_suffix());
@@ -73,6 +78,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(["--cgroup-group", &group])
+            .args(extra)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);

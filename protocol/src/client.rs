@@ -1,4 +1,5 @@
-//! A blocking client of the agent protocol (tests, benchmarks, and later the shim).
+//! A blocking client of the agent protocol over a Unix socket (tests, benchmarks, the VMM's boot
+//! test, and later the shim): host-side crates use it without linking the guest agent.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -6,9 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use protocol::frame::{read_frame, FrameError};
-use protocol::stream;
-use protocol::{Event, Frame, FrameKind, Request, Response};
+use crate::frame::{read_frame, FrameError};
+use crate::stream;
+use crate::{Event, Frame, FrameKind, Request, Response};
 
 /// Error talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +22,7 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     /// Unexpected reply.
     #[error("agent sent an undecodable message: {0}")]
-    Message(#[from] protocol::message::MessageError),
+    Message(#[from] crate::message::MessageError),
     /// The agent closed the connection.
     #[error("the agent closed the connection")]
     Closed,
