@@ -215,6 +215,9 @@ pub fn spawn(plan: &Plan, stdio: &ChildStdio) -> Result<Pending, SpawnError> {
             source: std::io::Error::from_raw_os_error(e as i32),
         })?
         .as_raw();
+    if plan.rootfs.is_some() {
+        seccomp::remember(pid, plan.seccomp.as_ref());
+    }
     drop(ready_w);
     drop(start_r);
     let reap = |p: i32| {

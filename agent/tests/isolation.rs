@@ -299,7 +299,8 @@ fn with_seccomp(
 }
 
 /// A profile makes mkdir fail with its errnoRet (EACCES) and `kill -USR1` (an argument
-/// condition) fail with EPERM, while everything else runs; with and without no_new_privs.
+/// condition) fail with EPERM, while everything else runs; with and without no_new_privs, and
+/// in a process exec'd into the container.
 #[test]
 fn seccomp_profile_is_enforced() {
     let Some((root, _agent, mut c)) = setup("seccomp_profile_is_enforced") else {
@@ -331,6 +332,46 @@ fn seccomp_profile_is_enforced() {
         assert_eq!(lines[3], "done");
         assert!(!root.join("tmp/seccomp-dir").exists());
     }
+    // A process exec'd into the running container gets the container's profile too.
+    let sp = with_seccomp(spec(&["sleep", "100"]), profile.clone());
+    launch(&mut c, "scexec", sp, &root, StdioConfig::default());
+    let mut p = spec(&[]).process().clone().unwrap();
+    p.set_args(Some(vec![
+        "sh".into(),
+        "-c".into(),
+        "mkdir /tmp/exec-dir 2>&1; echo after".into(),
+    ]));
+    let r = c
+        .call(&Request::Exec {
+            id: "scexec".into(),
+            exec_id: "e1".into(),
+            process: Box::new(p),
+            stdio: StdioConfig::default(),
+        })
+        .unwrap();
+    let Response::ExecStarted { streams, .. } = r else {
+        panic!("{r:?}")
+    };
+    let r = c
+        .call(&Request::Wait {
+            id: "scexec".into(),
+            exec_id: Some("e1".into()),
+        })
+        .unwrap();
+    assert!(matches!(r, Response::Exited { .. }), "{r:?}");
+    let out = c
+        .read_to_close(streams.stdout, std::time::Duration::from_secs(10))
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("Permission denied") && out.contains("after"),
+        "{out}"
+    );
+    assert!(!root.join("tmp/exec-dir").exists());
+    c.call(&Request::Destroy {
+        id: "scexec".into(),
+    })
+    .unwrap();
     // Without the profile the same script creates the directory.
     let (out, _, _) = run(
         &mut c,

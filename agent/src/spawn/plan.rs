@@ -132,7 +132,8 @@ pub struct Plan {
     pub(super) groups: Vec<libc::gid_t>,
     pub(super) caps: Option<Caps>,
     pub(super) no_new_privs: bool,
-    pub(super) seccomp: Option<Filters>,
+    /// Shared with the processes later exec'd into the container.
+    pub(super) seccomp: Option<std::sync::Arc<Filters>>,
     /// Namespaces to join (exec into a running container).
     pub(super) join: Vec<OwnedFd>,
     /// Fork once more after joining (the pid namespace applies to children).
@@ -363,7 +364,8 @@ impl Plan {
         plan.seccomp = linux
             .and_then(|l| l.seccomp().as_ref())
             .map(super::seccomp::compile)
-            .transpose()?;
+            .transpose()?
+            .map(std::sync::Arc::new);
         Ok((plan, root))
     }
 
@@ -426,7 +428,8 @@ impl Plan {
         })
     }
 
-    /// Prepares `process` to run in namespaces of `init_pid` (exec into a running container).
+    /// Prepares `process` to run in namespaces of `init_pid` (exec into a running container),
+    /// under the container's seccomp filters.
     pub fn for_exec(
         process: &oci_spec::runtime::Process,
         init_pid: i32,
@@ -442,6 +445,7 @@ impl Plan {
             plan.join.push(OwnedFd::from(fd));
         }
         plan.fork_after_join = true;
+        plan.seccomp = super::seccomp::of_container(init_pid);
         Ok(plan)
     }
 

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag,
@@ -29,6 +30,33 @@ use super::SpawnError;
 pub(super) struct Filters {
     pub(super) programs: Vec<BpfProgram>,
     pub(super) flags: libc::c_ulong,
+}
+
+/// The filters of each container's init process, by pid, so that processes exec'd into the
+/// container get them too (the runtime keeps no spec after create). Every container spawn sets
+/// or clears its pid's entry, so a reused pid never inherits another container's profile.
+static BY_INIT_PID: Mutex<BTreeMap<i32, Arc<Filters>>> = Mutex::new(BTreeMap::new());
+
+/// Records the filters (or none) of the container whose init is `pid`.
+pub(super) fn remember(pid: i32, filters: Option<&Arc<Filters>>) {
+    let mut m = BY_INIT_PID.lock().unwrap_or_else(|p| p.into_inner());
+    match filters {
+        Some(f) => {
+            m.insert(pid, f.clone());
+        }
+        None => {
+            m.remove(&pid);
+        }
+    }
+}
+
+/// The filters of the container whose init is `pid`.
+pub(super) fn of_container(pid: i32) -> Option<Arc<Filters>> {
+    BY_INIT_PID
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&pid)
+        .cloned()
 }
 
 fn invalid(msg: impl Into<String>) -> SpawnError {
