@@ -416,3 +416,34 @@ fn unsupported_seccomp_features_are_refused() {
         );
     }
 }
+
+/// Masking binds the container's /dev/null: without one the create fails rather than leaving
+/// the masked paths readable.
+#[test]
+fn masking_without_dev_null_is_an_error() {
+    let Some((_shared, _agent, mut c)) = setup("masking_without_dev_null_is_an_error") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = private_rootfs(dir.path());
+    let mut sp = spec(&["true"]);
+    let mounts = sp.mounts().clone().unwrap_or_default();
+    sp.set_mounts(Some(
+        mounts
+            .into_iter()
+            .filter(|m| !m.destination().starts_with("/dev"))
+            .collect(),
+    ));
+    let r = create(
+        &mut c,
+        "nonull",
+        sp,
+        RootfsSource::Bind {
+            path: root.display().to_string(),
+        },
+    );
+    assert!(
+        matches!(&r, Response::Error(e) if e.message.contains("mask a path")),
+        "{r:?}"
+    );
+}

@@ -273,7 +273,8 @@ fn pivot(root: RawFd, fds: &ChildFds) {
 }
 
 /// A masked path, as runc: `/dev/null` bound over a file, an empty read-only tmpfs over a
-/// directory; a missing path is skipped. Runs after the pivot: links resolve in the container.
+/// directory; a missing path is skipped (a missing /dev/null is an error: masking would be lost).
+/// Runs after the pivot: links resolve in the container.
 fn mask_path(path: &std::ffi::CStr, fds: &ChildFds) {
     let rc = mount(
         c"/dev/null".as_ptr(),
@@ -286,7 +287,8 @@ fn mask_path(path: &std::ffi::CStr, fds: &ChildFds) {
         return;
     }
     match errno() {
-        libc::ENOENT => {}
+        libc::ENOENT if !exists(path) => {}
+        libc::ENOENT => fail(fds, Step::Mask, libc::ENOENT), // no /dev/null in the container
         libc::ENOTDIR => {
             let rc = mount(
                 c"tmpfs".as_ptr(),
@@ -299,6 +301,14 @@ fn mask_path(path: &std::ffi::CStr, fds: &ChildFds) {
         }
         e => fail(fds, Step::Mask, e),
     }
+}
+
+/// Whether `path` exists (following links).
+fn exists(path: &std::ffi::CStr) -> bool {
+    // SAFETY: an all-zero stat is a valid buffer for fstatat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatat with a C string from the plan and a local buffer.
+    unsafe { libc::fstatat(libc::AT_FDCWD, path.as_ptr(), &mut st, 0) == 0 }
 }
 
 /// `struct mount_attr` of mount_setattr(2).
@@ -339,7 +349,8 @@ fn readonly_path(path: &std::ffi::CStr, fds: &ChildFds) {
             libc::SYS_mount_setattr,
             libc::AT_FDCWD,
             path.as_ptr(),
-            libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
+            // Following links, as the bind above did.
+            libc::AT_RECURSIVE,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
