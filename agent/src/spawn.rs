@@ -13,6 +13,7 @@
 //! `execve`s; an exec failure goes back on the `ready` pipe, which `O_CLOEXEC` closes on success.
 
 mod child;
+mod mounts;
 mod names;
 mod plan;
 mod resolve;

@@ -14,7 +14,7 @@
 
 use std::os::fd::RawFd;
 
-use super::plan::RootPath;
+use super::mounts::RootPath;
 
 /// `struct open_how` of openat2(2) (libc's is `non_exhaustive`).
 #[repr(C)]
