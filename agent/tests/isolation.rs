@@ -383,6 +383,32 @@ fn seccomp_profile_is_enforced() {
     std::fs::remove_dir(root.join("tmp/sc-ok")).unwrap();
 }
 
+/// A default-deny profile (SCMP_ACT_ERRNO with its default errno EPERM) that allows every
+/// syscall of this architecture but mkdir/mkdirat: the shell runs, mkdir fails with EPERM.
+#[test]
+fn default_deny_seccomp_profile_is_enforced() {
+    let Some((root, _agent, mut c)) = setup("default_deny_seccomp_profile_is_enforced") else {
+        return;
+    };
+    let allowed: Vec<&str> = syscalls::Sysno::iter()
+        .map(|s| s.name())
+        .filter(|n| *n != "mkdir" && *n != "mkdirat")
+        .collect();
+    let profile = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "syscalls": [{"names": allowed, "action": "SCMP_ACT_ALLOW"}]
+    });
+    let sp = with_seccomp(
+        spec(&["sh", "-c", "mkdir /tmp/deny-dir 2>&1; echo still-running"]),
+        profile,
+    );
+    let (out, err, st) = run(&mut c, "scdeny", sp, &root);
+    assert_eq!(st.code, 0, "{out} {err}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(out.ends_with("still-running\n"), "{out}");
+    assert!(!root.join("tmp/deny-dir").exists());
+}
+
 #[test]
 fn unsupported_seccomp_features_are_refused() {
     let Some((root, _agent, mut c)) = setup("unsupported_seccomp_features_are_refused") else {
