@@ -333,3 +333,43 @@ impl Cgroup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(devices: serde_json::Value) -> Limits {
+        let mut v = serde_json::to_value(oci_spec::runtime::Spec::default()).unwrap();
+        v["linux"]["resources"]["devices"] = devices;
+        Limits::from_spec(&serde_json::from_value(v).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn v2_refuses_device_rules_beyond_the_default_policy() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("cgroup.controllers"), "memory pids cpu\n").unwrap();
+        let root = CgroupRoot::detect(d.path(), "g");
+        let l = limits(serde_json::json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 10, "minor": 229, "access": "rwm"}
+        ]));
+        let e = root.create("c1", &l).unwrap_err();
+        assert!(
+            matches!(&e, CgroupError::Unsupported(m) if m.contains("cgroup v2")),
+            "{e}"
+        );
+        assert!(!d.path().join("g").exists(), "nothing created");
+        // runc's default (deny all + the standard devices) is accepted.
+        let l = limits(serde_json::json!([{"allow": false, "access": "rwm"}]));
+        assert!(root.create("c2", &l).is_ok());
+    }
+
+    #[test]
+    fn invalid_device_rules_are_refused_when_reading_the_spec() {
+        let mut v = serde_json::to_value(oci_spec::runtime::Spec::default()).unwrap();
+        v["linux"]["resources"]["devices"] =
+            serde_json::json!([{"allow": true, "type": "c", "access": "rwx"}]);
+        let e = Limits::from_spec(&serde_json::from_value(v).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("access"), "{e}");
+    }
+}
