@@ -523,6 +523,8 @@ fn two_hundred_containers_leak_nothing() {
     };
     // One container first so the agent's lazily created state (cgroup parent) exists.
     run(&mut c, "warm", spec(&["true"]), &root);
+    // Let the warm container's exit watcher and pumps finish, as after the loop below.
+    std::thread::sleep(Duration::from_millis(200));
     let before = snapshot();
     for i in 0..200 {
         let sp = with_resources(spec(&["sh", "-c", "echo $$"]), Some(64 << 20), Some(32));
