@@ -1,7 +1,10 @@
 //! Per-container cgroups: v2 (what the agent mounts in a guest) or, on hybrid hosts whose
-//! controllers are bound to v1 hierarchies, the v1 memory, pids and cpu controllers.
+//! controllers are bound to v1 hierarchies, the v1 memory, pids and cpu controllers, and the
+//! v1 devices controller when the spec has device rules ([`crate::devices`]).
 
 use std::path::{Path, PathBuf};
+
+use crate::devices::DeviceRule;
 
 /// Limits from the OCI spec's `linux.resources`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -12,15 +15,19 @@ pub struct Limits {
     pub pids: Option<i64>,
     /// CPU quota and period, microseconds.
     pub cpu: Option<(i64, u64)>,
+    /// Device rules, in order (empty: none).
+    pub devices: Vec<DeviceRule>,
 }
 
 impl Limits {
-    /// Reads the limits of `spec`.
-    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Self {
+    /// Reads the limits of `spec`; device rules the agent cannot apply are refused.
+    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Result<Self, CgroupError> {
+        let devices = crate::devices::rules_from_spec(spec)
+            .map_err(|e| CgroupError::Unsupported(e.to_string()))?;
         let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) else {
-            return Self::default();
+            return Ok(Self::default());
         };
-        Self {
+        Ok(Self {
             memory: r
                 .memory()
                 .as_ref()
@@ -34,7 +41,8 @@ impl Limits {
                     (Some(q), p) if q > 0 => Some((q, p.unwrap_or(100_000))),
                     _ => None,
                 }),
-        }
+            devices,
+        })
     }
 }
 
@@ -43,7 +51,7 @@ impl Limits {
 pub enum Cgroup {
     /// A directory in the unified hierarchy.
     V2(PathBuf),
-    /// One directory per v1 controller: memory, pids, cpu.
+    /// One directory per v1 controller: memory, pids, cpu (and devices with device rules).
     V1 {
         /// memory controller directory.
         memory: PathBuf,
@@ -51,20 +59,31 @@ pub enum Cgroup {
         pids: PathBuf,
         /// cpu controller directory.
         cpu: PathBuf,
+        /// devices controller directory, when the spec has device rules.
+        devices: Option<PathBuf>,
     },
 }
 
 /// Error creating or using a cgroup.
 #[derive(Debug, thiserror::Error)]
-#[error("cgroup {path}: {what}: {source} (is cgroupfs mounted and writable by the agent?)")]
-pub struct CgroupError {
-    path: PathBuf,
-    what: &'static str,
-    source: std::io::Error,
+pub enum CgroupError {
+    /// A cgroupfs operation failed.
+    #[error("cgroup {path}: {what}: {source} (is cgroupfs mounted and writable by the agent?)")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operation.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The spec asks for something this host's cgroups cannot enforce.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 fn write(path: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
-    std::fs::write(path.join(file), value).map_err(|source| CgroupError {
+    std::fs::write(path.join(file), value).map_err(|source| CgroupError::Io {
         path: path.join(file),
         what: "write",
         source,
@@ -113,7 +132,7 @@ impl CgroupRoot {
         let dirs = if self.v2 {
             vec![self.root.join(&self.group)]
         } else {
-            ["memory", "pids", "cpu"]
+            ["memory", "pids", "cpu", "devices"]
                 .iter()
                 .map(|c| self.root.join(c).join(&self.group))
                 .collect()
@@ -126,12 +145,20 @@ impl CgroupRoot {
     /// Creates the cgroup of container `id` with `limits`.
     pub fn create(&self, id: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
         let mk = |p: &Path| {
-            std::fs::create_dir_all(p).map_err(|source| CgroupError {
+            std::fs::create_dir_all(p).map_err(|source| CgroupError::Io {
                 path: p.to_path_buf(),
                 what: "mkdir",
                 source,
             })
         };
+        if self.v2
+            && !limits.devices.is_empty()
+            && !crate::devices::is_default_policy(&limits.devices)
+        {
+            return Err(CgroupError::Unsupported(
+                "linux.resources.devices: this host has cgroup v2 only, where device rules need an eBPF program the agent does not build; only the default policy (deny all but the standard devices) is accepted: remove the other rules".into(),
+            ));
+        }
         let cg = if self.v2 {
             let parent = self.root.join(&self.group);
             mk(&parent)?;
@@ -147,6 +174,7 @@ impl CgroupRoot {
                 memory: at("memory"),
                 pids: at("pids"),
                 cpu: at("cpu"),
+                devices: (!limits.devices.is_empty()).then(|| at("devices")),
             };
             for d in cg.dirs() {
                 mk(d)?;
@@ -165,7 +193,16 @@ impl Cgroup {
     fn dirs(&self) -> Vec<&Path> {
         match self {
             Cgroup::V2(d) => vec![d],
-            Cgroup::V1 { memory, pids, cpu } => vec![memory, pids, cpu],
+            Cgroup::V1 {
+                memory,
+                pids,
+                cpu,
+                devices,
+            } => {
+                let mut v: Vec<&Path> = vec![memory, pids, cpu];
+                v.extend(devices.as_deref());
+                v
+            }
         }
     }
 
@@ -183,7 +220,18 @@ impl Cgroup {
                     write(d, "cpu.max", &format!("{q} {p}"))?;
                 }
             }
-            Cgroup::V1 { memory, pids, cpu } => {
+            Cgroup::V1 {
+                memory,
+                pids,
+                cpu,
+                devices,
+            } => {
+                if let Some(d) = devices {
+                    // In order, as runc: the spec's rules, then the default allowed devices.
+                    for r in &l.devices {
+                        write(d, r.file(), &r.line())?;
+                    }
+                }
                 if let Some(m) = l.memory {
                     write(memory, "memory.limit_in_bytes", &m.to_string())?;
                     let _ = write(memory, "memory.memsw.limit_in_bytes", &m.to_string());
@@ -242,7 +290,9 @@ impl Cgroup {
                 read_u64(d, "pids.current"),
                 read_key(d, "cpu.stat", "usage_usec"),
             ),
-            Cgroup::V1 { memory, pids, cpu } => {
+            Cgroup::V1 {
+                memory, pids, cpu, ..
+            } => {
                 let limit = read_u64(memory, "memory.limit_in_bytes");
                 (
                     read_u64(memory, "memory.usage_in_bytes"),
@@ -281,5 +331,45 @@ impl Cgroup {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(devices: serde_json::Value) -> Limits {
+        let mut v = serde_json::to_value(oci_spec::runtime::Spec::default()).unwrap();
+        v["linux"]["resources"]["devices"] = devices;
+        Limits::from_spec(&serde_json::from_value(v).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn v2_refuses_device_rules_beyond_the_default_policy() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("cgroup.controllers"), "memory pids cpu\n").unwrap();
+        let root = CgroupRoot::detect(d.path(), "g");
+        let l = limits(serde_json::json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 10, "minor": 229, "access": "rwm"}
+        ]));
+        let e = root.create("c1", &l).unwrap_err();
+        assert!(
+            matches!(&e, CgroupError::Unsupported(m) if m.contains("cgroup v2")),
+            "{e}"
+        );
+        assert!(!d.path().join("g").exists(), "nothing created");
+        // runc's default (deny all + the standard devices) is accepted.
+        let l = limits(serde_json::json!([{"allow": false, "access": "rwm"}]));
+        assert!(root.create("c2", &l).is_ok());
+    }
+
+    #[test]
+    fn invalid_device_rules_are_refused_when_reading_the_spec() {
+        let mut v = serde_json::to_value(oci_spec::runtime::Spec::default()).unwrap();
+        v["linux"]["resources"]["devices"] =
+            serde_json::json!([{"allow": true, "type": "c", "access": "rwx"}]);
+        let e = Limits::from_spec(&serde_json::from_value(v).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("access"), "{e}");
     }
 }

@@ -303,7 +303,7 @@ impl Runtime {
                 return Err(e.into());
             }
         };
-        let cgroup = match self.cgroups.create(id, &Limits::from_spec(spec)) {
+        let cgroup = match Limits::from_spec(spec).and_then(|l| self.cgroups.create(id, &l)) {
             Ok(c) => c,
             Err(e) => {
                 cleanup_scratch();

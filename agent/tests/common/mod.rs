@@ -82,7 +82,8 @@ impl Agent {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        // The socket file appears at bind(2), before listen(2): wait until a connect succeeds.
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "agent did not listen");
             std::thread::sleep(Duration::from_millis(2));
         }
