@@ -436,12 +436,12 @@ impl VmConfig {
 
 /// The rule a kernel of a VM with `mem` bytes of RAM must follow.
 pub(crate) fn kernel_rule(mem: u64) -> String {
-    format!("a kernel must fit in the guest's {} MiB of RAM; pass the right kernel or give the VM more memory", mem >> 20)
+    format!("it does not fit in the guest's {} MiB of RAM; pass the right kernel or give the VM more memory", mem >> 20)
 }
 
 /// The rule an initrd with `room` bytes of space must follow.
 pub(crate) fn initrd_rule(room: u64) -> String {
-    format!("an initrd must fit in the {} MiB of low guest RAM above the kernel's load address; pass a smaller initrd or give the VM more memory", room >> 20)
+    format!("it does not fit in the {} MiB of low guest RAM above the kernel's load address; pass a smaller initrd or give the VM more memory", room >> 20)
 }
 
 /// Refuses a virtio-blk id longer than [`MAX_BLOCK_ID`] bytes (it would be cut silently).
