@@ -1,7 +1,6 @@
 //! The Linux x86_64 boot protocol: kernel and initrd loading, the zero page with its e820 map,
 //! the command line, the MP table, identity page tables, the GDT and the boot vCPU registers.
 
-use std::fs::File;
 use std::path::Path;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
@@ -11,22 +10,34 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{KernelLoader, KernelLoaderResult};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::config::{initrd_rule, kernel_rule, open_regular, InputFileError};
 use crate::layout::*;
 use crate::memory::{ram_ranges, GuestMemory};
+
+/// Longest clone id the identity page holds (its 64-byte field keeps a terminating NUL).
+pub const MAX_CLONE_ID: usize = 63;
+/// Highest address (exclusive) an initrd may end at: Linux's default `initrd_addr_max` is
+/// 0x37ffffff, and it must sit in RAM below the MMIO gap.
+const INITRD_TOP: u64 = 0x3800_0000;
+
+fn initrd_top(mem_size: u64) -> u64 {
+    mem_size.min(MMIO_GAP_START).min(INITRD_TOP)
+}
+
+/// The most bytes an initrd can have in a guest with `mem_size` bytes of RAM (the space between
+/// [`HIMEM_START`] and the initrd's highest possible end; the kernel takes part of it).
+pub fn initrd_room(mem_size: u64) -> u64 {
+    initrd_top(mem_size).saturating_sub(HIMEM_START)
+}
 
 /// Error setting up the boot state.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The kernel file could not be opened.
-    #[error("cannot open kernel {path}: {source}")]
-    OpenKernel {
-        /// Kernel path.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
+    /// The kernel or initrd file was refused before reading it (type or size).
+    #[error(transparent)]
+    Input(#[from] crate::config::InputFileError),
     /// The kernel is neither a loadable ELF vmlinux nor a bzImage.
     #[error("kernel {path} is not a loadable x86_64 ELF vmlinux or bzImage ({detail}); pass an uncompressed vmlinux or a bzImage")]
     BadKernel {
@@ -34,14 +45,6 @@ pub enum BootError {
         path: String,
         /// What the loader said.
         detail: String,
-    },
-    /// The initrd could not be read.
-    #[error("cannot read initrd {path}: {source}")]
-    Initrd {
-        /// Initrd path.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
     },
     /// The initrd does not fit in low memory above the kernel.
     #[error("initrd of {size} bytes does not fit in guest RAM above the kernel (end {kernel_end:#x}); give the VM more memory")]
@@ -54,6 +57,12 @@ pub enum BootError {
     /// PVH was asked for but the kernel has no PVH entry note.
     #[error("--boot-protocol pvh: the kernel ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); use auto or linux64")]
     NoPvhEntry,
+    /// A clone id longer than the identity page holds.
+    #[error("clone id of {len} bytes refused: the identity page holds at most {MAX_CLONE_ID} bytes and no NUL byte; use a shorter clone id")]
+    CloneId {
+        /// Its length in bytes.
+        len: usize,
+    },
     /// The command line is invalid or too long.
     #[error("kernel command line rejected: {0}")]
     Cmdline(String),
@@ -91,10 +100,8 @@ pub fn load_kernel(
     path: &Path,
 ) -> Result<(KernelEntry, Option<linux_loader::bootparam::setup_header>), BootError> {
     let name = path.display().to_string();
-    let mut f = File::open(path).map_err(|source| BootError::OpenKernel {
-        path: name.clone(),
-        source,
-    })?;
+    let ram: u64 = mem.iter().map(|r| r.len()).sum();
+    let (mut f, _) = open_regular("kernel", path, ram, &kernel_rule(ram))?;
     let elf = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)));
     let (res, bz): (KernelLoaderResult, bool) = match elf {
         Ok(r) => (r, false),
@@ -129,26 +136,28 @@ pub fn load_kernel(
 }
 
 /// Loads the initrd page-aligned as high as possible in low RAM; returns (address, size).
+/// The file must be a regular file that fits (checked before reading); it is read straight into
+/// guest memory.
 pub fn load_initrd(
     mem: &GuestMemory,
     path: &Path,
     mem_size: u64,
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|source| BootError::Initrd {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let size = data.len() as u64;
-    // Linux's default initrd_addr_max is 0x37ffffff.
-    let top = mem_size.min(MMIO_GAP_START).min(0x3800_0000);
-    let too_big = BootError::InitrdTooBig { size, kernel_end };
-    let addr = top.checked_sub(size).ok_or(too_big)? & !0xfff;
+    let room = initrd_room(mem_size);
+    let (mut f, size) = open_regular("initrd", path, room, &initrd_rule(room))?;
+    let too_big = || BootError::InitrdTooBig { size, kernel_end };
+    let addr = initrd_top(mem_size).checked_sub(size).ok_or_else(too_big)? & !0xfff;
     if addr < kernel_end.max(HIMEM_START) {
-        return Err(BootError::InitrdTooBig { size, kernel_end });
+        return Err(too_big());
     }
-    mem.write_slice(&data, GuestAddress(addr))
-        .map_err(gw("initrd"))?;
+    let len = usize::try_from(size).map_err(|_| too_big())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, len)
+        .map_err(|e| InputFileError::Read {
+            what: "initrd",
+            path: path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     Ok((addr, size))
 }
 
@@ -270,15 +279,20 @@ pub fn write_pvh_start_info(mem: &GuestMemory, info: &BootInfo) -> Result<(), Bo
         .map_err(gw("PVH start info"))
 }
 
-/// Writes the identity page (contract in docs/ARCHITECTURE.md).
+/// Writes the identity page (contract in docs/ARCHITECTURE.md). A clone id longer than
+/// [`MAX_CLONE_ID`] bytes, or one with a NUL byte, is refused (it would be cut).
 pub fn write_identity(mem: &GuestMemory, generation: u64, clone_id: &str) -> Result<(), BootError> {
     let mut page = Vec::with_capacity(112);
     page.extend_from_slice(&0x564e_5552u32.to_le_bytes());
     page.extend_from_slice(&1u32.to_le_bytes());
     page.extend_from_slice(&generation.to_le_bytes());
-    let mut id = [0u8; 64];
-    let n = clone_id.len().min(63);
-    id[..n].copy_from_slice(&clone_id.as_bytes()[..n]);
+    if clone_id.len() > MAX_CLONE_ID || clone_id.as_bytes().contains(&0) {
+        return Err(BootError::CloneId {
+            len: clone_id.len(),
+        });
+    }
+    let mut id = [0u8; MAX_CLONE_ID + 1];
+    id[..clone_id.len()].copy_from_slice(clone_id.as_bytes());
     page.extend_from_slice(&id);
     let mut entropy = [0u8; 32];
     // SAFETY: getrandom writes at most `entropy.len()` bytes into the buffer we own.
@@ -537,5 +551,64 @@ mod tests {
             (cs32.selector, cs32.l, cs32.db, cs32.limit),
             (0x28, 0, 1, 0xffff_ffff)
         );
+    }
+
+    fn guest(mib: u64) -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), (mib as usize) << 20)]).unwrap()
+    }
+
+    #[test]
+    fn hostile_kernel_and_initrd_files_are_refused_before_reading() {
+        use crate::config::tests::{hostile_inputs, within_timeout};
+        let dir = tempfile::tempdir().unwrap();
+        for (rule, path) in hostile_inputs(dir.path()) {
+            for initrd in [false, true] {
+                let p = path.clone();
+                let e = within_timeout(move || {
+                    let mem = guest(32);
+                    if initrd {
+                        load_initrd(&mem, &p, 32 << 20, HIMEM_START).unwrap_err()
+                    } else {
+                        load_kernel(&mem, &p).unwrap_err()
+                    }
+                    .to_string()
+                });
+                let what = if initrd { "initrd " } else { "kernel " };
+                assert!(
+                    e.contains(what) && e.contains(&*path.to_string_lossy()) && e.contains(rule),
+                    "{e}"
+                );
+            }
+        }
+        // An initrd that fits in the file rule but not above the kernel; then one that fits.
+        let img = dir.path().join("initrd");
+        std::fs::write(&img, vec![0x5a; 3 << 20]).unwrap();
+        let mem = guest(32);
+        let e = load_initrd(&mem, &img, 32 << 20, 30 << 20).unwrap_err();
+        assert!(matches!(e, BootError::InitrdTooBig { .. }), "{e}");
+        let (addr, size) = load_initrd(&mem, &img, 32 << 20, HIMEM_START).unwrap();
+        assert_eq!(size, 3 << 20);
+        assert_eq!(addr + size, 32 << 20);
+        let b: u8 = mem.read_obj(GuestAddress(addr + size - 1)).unwrap();
+        assert_eq!(b, 0x5a);
+    }
+
+    #[test]
+    fn over_long_clone_id_is_refused_not_cut() {
+        let mem = guest(1);
+        let id = "c".repeat(MAX_CLONE_ID);
+        write_identity(&mem, 7, &id).unwrap();
+        let mut field = [0xffu8; 64];
+        mem.read_slice(&mut field, GuestAddress(IDENTITY_PAGE_START + 16))
+            .unwrap();
+        assert_eq!(&field[..MAX_CLONE_ID], id.as_bytes());
+        assert_eq!(field[MAX_CLONE_ID], 0);
+        for bad in [format!("{id}c"), "a\0b".to_string()] {
+            let e = write_identity(&mem, 8, &bad).unwrap_err();
+            assert!(matches!(e, BootError::CloneId { .. }), "{e}");
+            assert!(e.to_string().contains("at most 63 bytes"), "{e}");
+        }
+        let gen: u64 = mem.read_obj(GuestAddress(IDENTITY_PAGE_START + 8)).unwrap();
+        assert_eq!(gen, 7, "a refused identity leaves the page as it was");
     }
 }

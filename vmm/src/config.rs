@@ -1,6 +1,9 @@
 //! VM configuration: a JSON file and/or command-line flags, validated before anything is built.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +13,143 @@ pub const MIN_MEM_MIB: u64 = 16;
 pub const MAX_MEM_MIB: u64 = 64 << 10;
 /// Most vCPUs per VM.
 pub const MAX_VCPUS: u8 = 8;
+/// Largest JSON config file accepted.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Longest virtio-blk device id (the GET_ID buffer is 20 bytes; a shorter id is NUL-padded).
+pub const MAX_BLOCK_ID: usize = 20;
+
+/// A file the VMM was asked to read (kernel, initrd, config file) that it refuses to read.
+#[derive(Debug, thiserror::Error)]
+pub enum InputFileError {
+    /// The file could not be opened or inspected.
+    #[error("{what} {path} is not a readable file: {source}")]
+    Open {
+        /// Kernel, initrd or config file.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A FIFO, device, directory or socket: reading it could block or never end.
+    #[error("{what} {path} is {kind}, not a regular file: pass a regular file")]
+    NotRegular {
+        /// Kernel, initrd or config file.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// Larger than the rule for this kind of file allows (checked before reading it).
+    #[error("{what} {path} is {size} bytes, more than the {max} bytes allowed: {rule}")]
+    TooLarge {
+        /// Kernel, initrd or config file.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+        /// Why there is a limit and what to do.
+        rule: String,
+    },
+    /// Reading it failed (or it changed size while being read).
+    #[error("reading {what} {path}: {source}")]
+    Read {
+        /// Kernel, initrd or config file.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Opens `path` for reading only if it is a regular file of at most `max` bytes; returns the
+/// file and its size. The open is non-blocking, so a FIFO is refused instead of waiting for a
+/// writer; the checks use `fstat` on the opened file, so nothing can be swapped in between.
+pub fn open_regular(
+    what: &'static str,
+    path: &Path,
+    max: u64,
+    rule: &str,
+) -> Result<(File, u64), InputFileError> {
+    let name = || path.display().to_string();
+    let open_err = |source| InputFileError::Open {
+        what,
+        path: name(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(open_err)?;
+    let meta = f.metadata().map_err(open_err)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "something else"
+        };
+        return Err(InputFileError::NotRegular {
+            what,
+            path: name(),
+            kind,
+        });
+    }
+    let size = meta.len();
+    if size > max {
+        return Err(InputFileError::TooLarge {
+            what,
+            path: name(),
+            size,
+            max,
+            rule: rule.into(),
+        });
+    }
+    Ok((f, size))
+}
+
+/// Reads a whole regular file of at most `max` bytes (see [`open_regular`]); never reads more
+/// than `max` bytes, even from a file that grows meanwhile.
+pub fn read_regular(
+    what: &'static str,
+    path: &Path,
+    max: u64,
+    rule: &str,
+) -> Result<Vec<u8>, InputFileError> {
+    let (f, size) = open_regular(what, path, max, rule)?;
+    let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(|source| InputFileError::Read {
+            what,
+            path: path.display().to_string(),
+            source,
+        })?;
+    if data.len() as u64 > max {
+        return Err(InputFileError::TooLarge {
+            what,
+            path: path.display().to_string(),
+            size: data.len() as u64,
+            max,
+            rule: rule.into(),
+        });
+    }
+    Ok(data)
+}
 
 pub use vmm_api::SerialOutput;
 
@@ -35,7 +175,8 @@ pub struct BlockConfig {
     /// Refuse guest writes.
     #[serde(default)]
     pub read_only: bool,
-    /// Device id returned by GET_ID (at most 20 bytes; default: the file name).
+    /// Device id returned by GET_ID (at most [`MAX_BLOCK_ID`] bytes, refused if longer; default:
+    /// the file name's first 20 bytes).
     #[serde(default)]
     pub id: Option<String>,
 }
@@ -152,14 +293,9 @@ pub enum ConfigError {
     /// No kernel given.
     #[error("no kernel given: pass --kernel PATH or \"kernel\" in the config file")]
     NoKernel,
-    /// Kernel missing or not a regular file.
-    #[error("kernel {path} is not a readable file: {detail}")]
-    Kernel {
-        /// Path.
-        path: String,
-        /// Cause.
-        detail: String,
-    },
+    /// Kernel, initrd or config file refused.
+    #[error(transparent)]
+    Input(#[from] InputFileError),
     /// Memory out of range.
     #[error("memory of {0} MiB is out of range: use {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB")]
     Memory(u64),
@@ -169,6 +305,14 @@ pub enum ConfigError {
     /// Bad block device spec.
     #[error("block device {0:?} not understood: use path=PATH[,ro][,id=ID]")]
     Block(String),
+    /// A block device id longer than virtio-blk carries.
+    #[error("block device id {id:?} is {len} bytes: virtio-blk ids are at most {MAX_BLOCK_ID} bytes, use a shorter id")]
+    BlockId {
+        /// The id.
+        id: String,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// Bad vsock spec.
     #[error("vsock {0:?} not understood: use cid=N,uds=PATH")]
     Vsock(String),
@@ -204,7 +348,12 @@ impl VmConfig {
             path: path.display().to_string(),
             detail,
         };
-        let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let text = read_regular(
+            "config file",
+            path,
+            MAX_CONFIG_BYTES,
+            "a VM config is small JSON; pass the right file",
+        )?;
         serde_json::from_slice(&text).map_err(|e| err(e.to_string()))
     }
 
@@ -214,13 +363,11 @@ impl VmConfig {
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::NoKernel);
         }
-        let kernel_err = |detail: String| ConfigError::Kernel {
-            path: self.kernel.display().to_string(),
-            detail,
-        };
-        let meta = std::fs::metadata(&self.kernel).map_err(|e| kernel_err(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(kernel_err("not a regular file".into()));
+        let mem = self.mem_mib << 20;
+        open_regular("kernel", &self.kernel, mem, &kernel_rule(mem))?;
+        if let Some(initrd) = &self.initrd {
+            let room = crate::boot::initrd_room(mem);
+            open_regular("initrd", initrd, room, &initrd_rule(room))?;
         }
         Ok(())
     }
@@ -233,6 +380,9 @@ impl VmConfig {
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(ConfigError::Vcpus(self.vcpus.into()));
         }
+        for id in self.block.iter().filter_map(|b| b.id.as_deref()) {
+            check_block_id(id)?;
+        }
         let slots = (crate::layout::VIRTIO_IRQ_MAX - crate::layout::VIRTIO_IRQ_BASE + 1) as usize;
         let devices = self.block.len() + usize::from(self.vsock.is_some());
         if devices > slots {
@@ -242,8 +392,29 @@ impl VmConfig {
     }
 }
 
+/// The rule a kernel of a VM with `mem` bytes of RAM must follow.
+pub(crate) fn kernel_rule(mem: u64) -> String {
+    format!("it does not fit in the guest's {} MiB of RAM; pass the right kernel or give the VM more memory", mem >> 20)
+}
+
+/// The rule an initrd with `room` bytes of space must follow.
+pub(crate) fn initrd_rule(room: u64) -> String {
+    format!("it does not fit in the {} MiB of low guest RAM above the kernel's load address; pass a smaller initrd or give the VM more memory", room >> 20)
+}
+
+/// Refuses a virtio-blk id longer than [`MAX_BLOCK_ID`] bytes (it would be cut silently).
+pub fn check_block_id(id: &str) -> Result<(), ConfigError> {
+    if id.len() > MAX_BLOCK_ID {
+        return Err(ConfigError::BlockId {
+            id: id.into(),
+            len: id.len(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -283,5 +454,101 @@ mod tests {
             assert!(bad.parse::<BlockConfig>().is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"k","bogus":1}"#).is_err());
+    }
+
+    /// Files a VMM must refuse to read: a character device that never ends, a FIFO nobody
+    /// writes (opening or reading it blocks), and a 4 GiB sparse file (cheap to create, huge
+    /// to read).
+    pub(crate) fn hostile_inputs(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let sparse = dir.join("sparse");
+        File::create(&sparse).unwrap().set_len(4 << 30).unwrap();
+        vec![
+            ("a character device", "/dev/zero".into()),
+            ("a FIFO", fifo),
+            ("4294967296 bytes", sparse),
+        ]
+    }
+
+    /// Runs `f` on a thread; fails the test (instead of hanging it) if it takes over 10 s.
+    pub(crate) fn within_timeout<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("blocked: the file was read instead of refused")
+    }
+
+    #[test]
+    fn hostile_config_kernel_and_initrd_files_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        std::fs::write(&k, b"x").unwrap();
+        for (rule, path) in hostile_inputs(dir.path()) {
+            let p = path.clone();
+            let e = within_timeout(move || VmConfig::from_file(&p).unwrap_err().to_string());
+            assert!(
+                e.contains("config file")
+                    && e.contains(&*path.to_string_lossy())
+                    && e.contains(rule),
+                "{e}"
+            );
+            for initrd in [false, true] {
+                let mut cfg = VmConfig::new(&k);
+                if initrd {
+                    cfg.initrd = Some(path.clone());
+                } else {
+                    cfg.kernel = path.clone();
+                }
+                let e = within_timeout(move || cfg.validate().unwrap_err().to_string());
+                let what = if initrd { "initrd " } else { "kernel " };
+                assert!(
+                    e.contains(what) && e.contains(&*path.to_string_lossy()) && e.contains(rule),
+                    "{e}"
+                );
+            }
+        }
+        // Just over the config limit is refused; a good config file still loads.
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, vec![b' '; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+        let e = VmConfig::from_file(&big).unwrap_err().to_string();
+        assert!(e.contains(&MAX_CONFIG_BYTES.to_string()), "{e}");
+        let good = dir.path().join("good.json");
+        std::fs::write(
+            &good,
+            format!(
+                r#"{{"kernel":"{}","initrd":"{}"}}"#,
+                k.display(),
+                k.display()
+            ),
+        )
+        .unwrap();
+        VmConfig::from_file(&good).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_and_long_block_ids_are_refused() {
+        for json in [
+            r#"{"kernel":"k","bogus":1}"#,
+            r#"{"kernel":"k","block":[{"path":"/d","readonly":true}]}"#,
+            r#"{"kernel":"k","vsock":{"cid":3,"uds":"/v","port":1}}"#,
+        ] {
+            let e = serde_json::from_str::<VmConfig>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("unknown field"), "{json}: {e}");
+        }
+        let mut cfg = VmConfig::new("k");
+        let id = "a".repeat(MAX_BLOCK_ID);
+        cfg.block.push(format!("path=/d,id={id}").parse().unwrap());
+        cfg.validate_machine().unwrap();
+        cfg.block[0].id = Some(format!("{id}b"));
+        let e = cfg.validate_machine().unwrap_err();
+        assert!(matches!(e, ConfigError::BlockId { len: 21, .. }), "{e}");
+        assert!(e.to_string().contains("at most 20 bytes"), "{e}");
     }
 }

@@ -23,15 +23,31 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
-const ID_BYTES: usize = 20;
+const ID_BYTES: usize = crate::config::MAX_BLOCK_ID;
 
-/// Error opening a block device's backing file.
+/// Error creating a block device.
 #[derive(Debug, thiserror::Error)]
-#[error("opening block backing file {path}{}: {source}", if *read_only { " read-only" } else { "" })]
-pub struct BlockError {
-    path: String,
-    read_only: bool,
-    source: std::io::Error,
+pub enum BlockError {
+    /// The backing file could not be opened.
+    #[error("opening block backing file {path}{}: {source}", if *read_only { " read-only" } else { "" })]
+    Open {
+        /// Backing file.
+        path: String,
+        /// Opened read-only.
+        read_only: bool,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The device id does not fit virtio-blk's 20-byte id.
+    #[error("block device {path}: id {id:?} is {len} bytes, virtio-blk ids are at most {ID_BYTES} bytes: use a shorter id")]
+    Id {
+        /// Backing file.
+        path: String,
+        /// The id.
+        id: String,
+        /// Its length in bytes.
+        len: usize,
+    },
 }
 
 /// A virtio block device.
@@ -54,9 +70,17 @@ struct Request {
 }
 
 impl Block {
-    /// Opens `path` as a disk (its size rounded down to whole sectors).
+    /// Opens `path` as a disk (its size rounded down to whole sectors). An explicit `id` longer
+    /// than 20 bytes is refused; the default id (the file name) is cut to 20 bytes.
     pub fn new(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, BlockError> {
-        let err = |source| BlockError {
+        if let Some(id) = id.filter(|id| id.len() > ID_BYTES) {
+            return Err(BlockError::Id {
+                path: path.display().to_string(),
+                id: id.into(),
+                len: id.len(),
+            });
+        }
+        let err = |source| BlockError::Open {
             path: path.display().to_string(),
             read_only,
             source,
@@ -404,6 +428,23 @@ mod tests {
         rig.request(T_IN, 1, 512, true);
         blk.process(&mut rig.q.queue, &rig.mem);
         assert_eq!(rig.status(), S_OK);
+    }
+
+    #[test]
+    fn over_long_id_is_refused_not_cut() {
+        let (f, _) = disk(1);
+        let id = "abcdefghij0123456789";
+        let mut blk = Block::new(f.path(), false, Some(id)).unwrap();
+        let mut rig = Rig::new();
+        rig.request(T_GET_ID, 0, 20, true);
+        blk.process(&mut rig.q.queue, &rig.mem);
+        let mut got = [0u8; 20];
+        rig.mem.read_slice(&mut got, GA(0x5000)).unwrap();
+        assert_eq!(&got, id.as_bytes(), "a 20-byte id is kept whole");
+        let long = format!("{id}X");
+        let e = Block::new(f.path(), false, Some(&long)).err().unwrap();
+        assert!(matches!(e, BlockError::Id { len: 21, .. }), "{e}");
+        assert!(e.to_string().contains("at most 20 bytes"), "{e}");
     }
 
     #[test]

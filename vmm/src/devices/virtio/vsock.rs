@@ -5,12 +5,26 @@
 //! and shuttles bytes. Guest-initiated: an `OP_REQUEST` to CID 2 port P connects to
 //! `<uds_path>_<P>`. Flow control is credit based in both directions. The back-end's sockets sit
 //! in the device's own epoll, whose fd the device loop watches.
+//!
+//! Host clients are untrusted: at most [`MAX_PENDING_CLIENTS`] may be unfinished (no complete
+//! `CONNECT` line yet, or waiting for the guest's answer); each gets [`CONNECT_DEADLINE`] to
+//! finish, enforced by a timerfd in the device's epoll; the line is at most [`MAX_CONNECT_LINE`]
+//! bytes. Accepting survives descriptor exhaustion without spinning ([`accept::Acceptor`]).
+
+// Shared accept helper; lives at vmm/src/accept.rs so the control loops can use it once lib.rs
+// declares it (then this declaration goes and the path becomes `crate::accept`).
+#[path = "../../accept.rs"]
+pub mod accept;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use accept::{Acceptor, Drained};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -43,6 +57,80 @@ const OP_CREDIT_UPDATE: u16 = 6;
 const OP_CREDIT_REQUEST: u16 = 7;
 const SHUTDOWN_SEND: u32 = 2;
 const TOKEN_LISTENER: u64 = u64::MAX;
+const TOKEN_TIMER: u64 = u64::MAX - 1;
+/// Most host clients that have not finished connecting (no complete `CONNECT` line yet, or the
+/// guest has not answered it); further clients are refused with an `ERR` line.
+pub const MAX_PENDING_CLIENTS: usize = 64;
+/// How long a host client has to send its `CONNECT` line, and the guest to answer it.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// Longest `CONNECT <port>` line, without its newline.
+pub const MAX_CONNECT_LINE: usize = 32;
+
+/// A non-blocking one-shot monotonic timerfd.
+struct Timer {
+    fd: OwnedFd,
+    armed_for: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> std::io::Result<Self> {
+        // SAFETY: plain syscall without pointers; the result is checked.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            armed_for: None,
+        })
+    }
+
+    /// Fires once at `at` (at least 1 ms from now), or never with `None`.
+    fn arm(&mut self, at: Option<Instant>) {
+        if at == self.armed_for {
+            return;
+        }
+        let after = at.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec we own; a null old-value pointer is allowed.
+        let r =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r == 0 {
+            self.armed_for = at;
+        } else {
+            tracing::warn!(
+                "vsock: arming the connect timer failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Consumes an expiration (non-blocking; nothing to read is fine).
+    fn clear(&mut self) {
+        let mut b = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a buffer we own.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+        self.armed_for = None;
+    }
+}
 
 /// A vsock packet header.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,6 +189,8 @@ struct Conn {
     stream: UnixStream,
     /// Host-initiated and still waiting for the guest's `OP_RESPONSE`.
     awaiting_response: bool,
+    /// When a connection still awaiting the guest's response is given up.
+    deadline: Instant,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
     /// Bytes sent to the guest.
@@ -115,10 +205,11 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: UnixStream, awaiting_response: bool) -> Self {
+    fn new(stream: UnixStream, awaiting_response: bool, deadline: Instant) -> Self {
         Self {
             stream,
             awaiting_response,
+            deadline,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             tx_cnt: 0,
@@ -140,6 +231,8 @@ impl Conn {
 struct Pending {
     stream: UnixStream,
     line: Vec<u8>,
+    /// When the client is dropped if its line is not complete.
+    deadline: Instant,
 }
 
 /// Error creating the vsock device.
@@ -154,6 +247,12 @@ pub enum VsockError {
     /// Invalid guest CID.
     #[error("guest CID {0} is reserved: use 3 or higher")]
     Cid(u64),
+    /// Something that is not a socket sits at the host socket path.
+    #[error("vsock host socket {0}: a file that is not a socket is there; it is left alone: remove it or choose another path")]
+    NotASocket(String),
+    /// The connect timer could not be created.
+    #[error("vsock connect timer: {0}")]
+    Timer(std::io::Error),
 }
 
 /// The virtio-vsock device.
@@ -173,6 +272,14 @@ pub struct Vsock {
     pub malformed: u64,
     /// A TRANSPORT_RESET event waits for an event buffer (after a restore).
     pending_reset: bool,
+    acceptor: Acceptor,
+    timer: Timer,
+    /// The listener is out of the epoll set until then (accepting failed; see [`accept`]).
+    listener_paused_until: Option<Instant>,
+    /// Time a host client gets to finish connecting ([`CONNECT_DEADLINE`]).
+    connect_deadline: Duration,
+    /// Host clients dropped for missing the deadline, over the pending limit or a bad line.
+    pub refused_clients: u64,
 }
 
 impl Vsock {
@@ -181,15 +288,29 @@ impl Vsock {
         if cid < 3 || cid > u64::from(u32::MAX) {
             return Err(VsockError::Cid(cid));
         }
+        // Never let the bind replace something that is not a socket (a regular file answers
+        // connect() with ECONNREFUSED, like a stale socket does).
+        if let Ok(m) = std::fs::symlink_metadata(uds_path) {
+            if !m.file_type().is_socket() {
+                return Err(VsockError::NotASocket(uds_path.display().to_string()));
+            }
+        }
+        let acceptor = Acceptor::new();
+        let timer = Timer::new().map_err(VsockError::Timer)?;
         let listener = bind_unix(uds_path)?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
-            )
-            .map_err(VsockError::Epoll)?;
+        for (fd, token) in [
+            (listener.as_raw_fd(), TOKEN_LISTENER),
+            (timer.fd.as_raw_fd(), TOKEN_TIMER),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(VsockError::Epoll)?;
+        }
         Ok(Self {
             cid,
             uds_path: uds_path.to_path_buf(),
@@ -204,6 +325,11 @@ impl Vsock {
             config: cid.to_le_bytes(),
             malformed: 0,
             pending_reset: false,
+            acceptor,
+            timer,
+            listener_paused_until: None,
+            connect_deadline: CONNECT_DEADLINE,
+            refused_clients: 0,
         })
     }
 
@@ -257,72 +383,178 @@ impl Vsock {
         self.control.push_back(rst);
     }
 
+    /// Host clients not yet connected: no complete line yet, or waiting for the guest.
+    fn unfinished_clients(&self) -> usize {
+        self.pending.len() + self.conns.values().filter(|c| c.awaiting_response).count()
+    }
+
+    /// Refuses a host client with an error line (best effort: the socket is non-blocking).
+    fn refuse(&mut self, mut stream: UnixStream, why: &str) {
+        let _ = stream.write_all(format!("ERR {why}\n").as_bytes());
+        self.refused_clients += 1;
+    }
+
     fn accept_clients(&mut self) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        let mut accepted = Vec::new();
+        let drained = self
+            .acceptor
+            .accept_ready(&self.listener, |s| accepted.push(s));
+        for stream in accepted {
             if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if self.unfinished_clients() >= MAX_PENDING_CLIENTS {
+                self.refuse(
+                    stream,
+                    &format!("too many connections waiting to connect (at most {MAX_PENDING_CLIENTS}); retry later"),
+                );
                 continue;
             }
             let fd = stream.as_raw_fd();
             let ev = EpollEvent::new(EventSet::IN, fd as u64);
             if self.epoll.ctl(ControlOperation::Add, fd, ev).is_ok() {
+                let deadline = Instant::now() + self.connect_deadline;
                 self.pending.insert(
                     fd,
                     Pending {
                         stream,
                         line: Vec::new(),
+                        deadline,
                     },
                 );
             }
         }
+        if drained == Drained::Paused {
+            // Stop watching the listener for a while instead of spinning on it.
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                self.listener.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            self.listener_paused_until = Some(Instant::now() + accept::PAUSE);
+        }
+    }
+
+    /// Drops host clients past their deadline, re-watches a paused listener when its pause is
+    /// over, and re-arms the timer for the next of these.
+    fn on_timer(&mut self) {
+        self.timer.clear();
+        let now = Instant::now();
+        let expired: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(&fd, _)| fd)
+            .collect();
+        let secs = self.connect_deadline.as_secs_f64();
+        for fd in expired {
+            if let Some(p) = self.pending.remove(&fd) {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                self.refuse(
+                    p.stream,
+                    &format!("no complete CONNECT <port> line within {secs} s"),
+                );
+            }
+        }
+        let unanswered: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.awaiting_response && c.deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in unanswered {
+            if let Some(c) = self.conns.get_mut(&key) {
+                let _ = c.stream.write_all(
+                    format!("ERR the guest did not accept within {secs} s\n").as_bytes(),
+                );
+            }
+            self.refused_clients += 1;
+            self.reset(key);
+        }
+        if self.listener_paused_until.is_some_and(|t| t <= now) {
+            self.listener_paused_until = None;
+            let ev = EpollEvent::new(EventSet::IN, TOKEN_LISTENER);
+            if let Err(e) = self
+                .epoll
+                .ctl(ControlOperation::Add, self.listener.as_raw_fd(), ev)
+            {
+                tracing::warn!("vsock: watching the host socket again failed: {e}");
+                self.listener_paused_until = Some(now + accept::PAUSE);
+            } else {
+                self.accept_clients();
+            }
+        }
+    }
+
+    /// Arms the timer for the earliest deadline or listener pause end.
+    fn arm_timer(&mut self) {
+        let next = self
+            .pending
+            .values()
+            .map(|p| p.deadline)
+            .chain(
+                self.conns
+                    .values()
+                    .filter(|c| c.awaiting_response)
+                    .map(|c| c.deadline),
+            )
+            .chain(self.listener_paused_until)
+            .min();
+        self.timer.arm(next);
     }
 
     /// Reads a pending client's `CONNECT <port>\n`; a complete line starts the handshake.
+    /// Reads byte by byte so that what the client sends after the line stays in the socket for
+    /// the guest; a line longer than [`MAX_CONNECT_LINE`] is refused.
     fn read_connect_line(&mut self, fd: RawFd) {
         let Some(p) = self.pending.get_mut(&fd) else {
             return;
         };
-        let mut b = [0u8; 64];
-        let done = match p.stream.read(&mut b) {
-            Ok(0) => Err(()),
-            Ok(n) => {
-                p.line.extend_from_slice(&b[..n]);
-                match p.line.iter().position(|&c| c == b'\n') {
-                    Some(i) => std::str::from_utf8(&p.line[..i])
+        let done: Result<Option<u32>, Option<&str>> = loop {
+            let mut b = [0u8; 1];
+            match p.stream.read(&mut b) {
+                Ok(0) => break Err(None),
+                Ok(_) if b[0] == b'\n' => {
+                    break std::str::from_utf8(&p.line)
                         .ok()
                         .and_then(|l| l.strip_prefix("CONNECT "))
                         .and_then(|port| port.trim().parse::<u32>().ok())
                         .map(Some)
-                        .ok_or(()),
-                    None if p.line.len() > 32 => Err(()),
-                    None => Ok(None),
+                        .ok_or(Some("expected CONNECT <port>"))
                 }
+                Ok(_) if p.line.len() >= MAX_CONNECT_LINE => {
+                    break Err(Some("expected CONNECT <port>: line too long"))
+                }
+                Ok(_) => p.line.push(b[0]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(None),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break Err(None),
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(None),
-            Err(_) => Err(()),
         };
+        if let Ok(None) = done {
+            return;
+        }
+        let Some(p) = self.pending.remove(&fd) else {
+            return;
+        };
+        // Bytes the client sent after the line wait in the socket until the guest accepts.
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         match done {
-            Ok(None) => {}
             Ok(Some(port)) => {
-                let p = self.pending.remove(&fd).expect("present above");
-                // Bytes the client sent after the line wait in the socket until the guest accepts.
-                let _ = self
-                    .epoll
-                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
                 let host_port = self.next_host_port;
                 self.next_host_port = self.next_host_port.wrapping_add(1).max(1 << 30);
                 let key = (host_port, port);
-                self.add_conn(key, Conn::new(p.stream, true));
+                let deadline = Instant::now() + self.connect_deadline;
+                self.add_conn(key, Conn::new(p.stream, true, deadline));
                 let req = self.header(key, OP_REQUEST, 0, 0);
                 self.control.push_back(req);
             }
-            Err(()) => {
-                if let Some(mut p) = self.pending.remove(&fd) {
-                    let _ = p.stream.write_all(b"ERR expected CONNECT <port>\n");
-                    let _ = self
-                        .epoll
-                        .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                }
-            }
+            Err(Some(why)) => self.refuse(p.stream, why),
+            Ok(None) | Err(None) => {}
         }
     }
 
@@ -383,7 +615,7 @@ impl Vsock {
                 let path = format!("{}_{}", self.uds_path.display(), h.dst_port);
                 match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
                     Ok(stream) => {
-                        let mut c = Conn::new(stream, false);
+                        let mut c = Conn::new(stream, false, Instant::now());
                         c.peer_buf_alloc = h.buf_alloc;
                         c.peer_fwd_cnt = h.fwd_cnt;
                         let fd = c.stream.as_raw_fd();
@@ -400,7 +632,9 @@ impl Vsock {
                 }
             }
             OP_RESPONSE if known => {
-                let c = self.conns.get_mut(&key).expect("known");
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 if !c.awaiting_response {
                     self.reset(key);
                     return;
@@ -416,7 +650,9 @@ impl Vsock {
                 }
             }
             OP_RW if known => {
-                let c = self.conns.get_mut(&key).expect("known");
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 if c.awaiting_response || c.to_host.len() + payload.len() > MAX_PENDING_TO_HOST {
                     self.reset(key);
                     return;
@@ -435,7 +671,9 @@ impl Vsock {
                 self.control.push_back(upd);
             }
             OP_SHUTDOWN if known => {
-                let c = self.conns.get_mut(&key).expect("known");
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 if h.flags & SHUTDOWN_SEND != 0 && c.to_host.is_empty() {
                     let _ = c.stream.shutdown(std::net::Shutdown::Write);
                 }
@@ -523,11 +761,10 @@ impl Vsock {
                 used = true;
                 continue;
             }
-            let packet = if let Some(h) = self.control.pop_front() {
-                Some(h.bytes().to_vec())
-            } else {
-                let key = next_data.expect("checked above");
-                self.read_host_data(key, w.available_bytes() - HDR_LEN)
+            let packet = match (self.control.pop_front(), next_data) {
+                (Some(h), _) => Some(h.bytes().to_vec()),
+                (None, Some(key)) => self.read_host_data(key, w.available_bytes() - HDR_LEN),
+                (None, None) => None,
             };
             match packet {
                 Some(bytes) => {
@@ -654,6 +891,10 @@ impl VirtioDevice for Vsock {
                 self.accept_clients();
                 continue;
             }
+            if token == TOKEN_TIMER {
+                self.on_timer();
+                continue;
+            }
             let fd = token as RawFd;
             if self.pending.contains_key(&fd) {
                 self.read_connect_line(fd);
@@ -669,6 +910,7 @@ impl VirtioDevice for Vsock {
                 }
             }
         }
+        self.arm_timer();
         used_if(queues, RX, |q| self.fill_rx(q, mem))
             .into_iter()
             .collect()
@@ -679,7 +921,6 @@ impl VirtioDevice for Vsock {
 mod tests {
     use super::*;
     use crate::devices::virtio::testing::{memory, TestQueue, NEXT, WRITE};
-    use std::time::Duration;
     use vm_memory::{Bytes, GuestAddress as GA};
 
     const GUEST: u64 = 3;
@@ -941,6 +1182,115 @@ mod tests {
         client.read_to_string(&mut reply).unwrap();
         assert!(reply.starts_with("ERR"), "{reply}");
         assert!(rig.recv().is_none());
+    }
+
+    /// Reads what the device wrote to a refused client up to EOF.
+    fn refusal(c: &mut UnixStream) -> String {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    }
+
+    /// Drives the back-end whenever its epoll fd is readable, until `until` or `done()`.
+    fn drive(rig: &mut Rig, until: Instant, done: &mut dyn FnMut(&mut Rig) -> bool) -> bool {
+        while Instant::now() < until {
+            if done(rig) {
+                return true;
+            }
+            let mut ev = [EpollEvent::default(); 1];
+            let epoll = Epoll::new().unwrap();
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    rig.dev.epoll.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, 1),
+                )
+                .unwrap();
+            if epoll.wait(50, &mut ev).unwrap() > 0 {
+                rig.backend();
+            }
+        }
+        done(rig)
+    }
+
+    #[test]
+    fn silent_host_clients_are_bounded_and_dropped_at_the_deadline() {
+        let mut rig = Rig::new();
+        rig.dev.connect_deadline = Duration::from_millis(400);
+        let path = rig.dir.path().join("v.sock");
+        let mut silent: Vec<UnixStream> = (0..MAX_PENDING_CLIENTS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let t0 = Instant::now();
+        rig.backend();
+        assert_eq!(rig.dev.pending.len(), MAX_PENDING_CLIENTS);
+        // Over the limit: refused at once, with a reason.
+        let mut extra = UnixStream::connect(&path).unwrap();
+        rig.backend();
+        assert!(refusal(&mut extra).starts_with("ERR too many"));
+        // Nothing to do until the deadline: the device's epoll stays quiet (no busy polling).
+        let mut ev = [EpollEvent::default(); 4];
+        assert_eq!(rig.dev.epoll.wait(100, &mut ev).unwrap(), 0);
+        let all_gone = drive(&mut rig, t0 + Duration::from_secs(5), &mut |r| {
+            r.dev.pending.is_empty()
+        });
+        assert!(all_gone, "{} silent clients kept", rig.dev.pending.len());
+        assert!(t0.elapsed() >= Duration::from_millis(400));
+        for c in &mut silent {
+            let r = refusal(c);
+            assert!(r.starts_with("ERR no complete CONNECT"), "{r}");
+        }
+        assert_eq!(rig.dev.refused_clients, MAX_PENDING_CLIENTS as u64 + 1);
+        // A well-behaved client still connects; what it sends after its line is kept.
+        let mut good = UnixStream::connect(&path).unwrap();
+        good.write_all(b"CONNECT 80\nearly").unwrap();
+        let (req, _) = rig.recv_wait();
+        assert_eq!((req.op, req.dst_port), (OP_REQUEST, 80));
+        let mut resp = guest_hdr(80, req.src_port, OP_RESPONSE, 0);
+        resp.buf_alloc = 4096;
+        rig.send(resp, &[], 44);
+        let (h, p) = rig.recv_wait();
+        assert_eq!((h.op, p.as_slice()), (OP_RW, &b"early"[..]));
+    }
+
+    #[test]
+    fn over_long_connect_line_and_unanswered_connect_are_refused() {
+        let mut rig = Rig::new();
+        rig.dev.connect_deadline = Duration::from_millis(300);
+        let path = rig.dir.path().join("v.sock");
+        let mut long = UnixStream::connect(&path).unwrap();
+        long.write_all(&[b'7'; MAX_CONNECT_LINE + 1]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        rig.backend();
+        rig.backend();
+        let r = refusal(&mut long);
+        assert!(r.contains("line too long"), "{r}");
+        // The guest never answers this one: the client is told, the guest gets a reset.
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"CONNECT 81\n").unwrap();
+        let (req, _) = rig.recv_wait();
+        assert_eq!(req.op, OP_REQUEST);
+        let done = drive(
+            &mut rig,
+            Instant::now() + Duration::from_secs(5),
+            &mut |r| r.dev.conns.is_empty(),
+        );
+        assert!(done, "unanswered connection kept");
+        let r = refusal(&mut c);
+        assert!(r.starts_with("ERR the guest did not accept"), "{r}");
+        let (rst, _) = rig.recv_wait();
+        assert_eq!((rst.op, rst.src_port), (OP_RST, req.src_port));
+    }
+
+    #[test]
+    fn a_file_at_the_socket_path_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("data");
+        std::fs::write(&f, b"precious").unwrap();
+        let e = Vsock::new(3, &f).err().unwrap();
+        assert!(matches!(e, VsockError::NotASocket(_)), "{e}");
+        assert_eq!(std::fs::read(&f).unwrap(), b"precious");
     }
 
     #[test]
