@@ -17,7 +17,7 @@ use crate::layout::*;
 use crate::memory::{ram_ranges, GuestMemory};
 
 /// Longest clone id the identity page holds (its 64-byte field keeps a terminating NUL).
-pub const MAX_CLONE_ID: usize = 63;
+pub use vmm_api::MAX_CLONE_ID;
 /// Highest address (exclusive) an initrd may end at: Linux's default `initrd_addr_max` is
 /// 0x37ffffff, and it must sit in RAM below the MMIO gap.
 const INITRD_TOP: u64 = 0x3800_0000;

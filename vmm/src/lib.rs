@@ -6,6 +6,7 @@
 //! events, signals, the control plane) until the VM ends. The control protocol is the
 //! `vmm-api` crate. Module map and boundaries: docs/ARCHITECTURE.md.
 
+pub mod accept;
 mod assemble;
 pub mod boot;
 pub mod config;

@@ -56,6 +56,7 @@ impl Vmm {
         mut control: ControlPlane,
     ) -> Result<Self, VmmError> {
         let t0 = Instant::now();
+        let generation = persist::next_generation(snap.generation)?;
         if let Some(path) = &opts.control {
             if control.has_listener() {
                 return Err(VmmError::Invalid(
@@ -181,12 +182,7 @@ impl Vmm {
                 tracing::debug!(?refused, "host refused MSRs on restore; skipped");
             }
         }
-        vmm.generation = snap.generation.checked_add(1).ok_or_else(|| {
-            VmmError::Mismatch(format!(
-                "the snapshot's identity generation is {}, which cannot be incremented: the state file is corrupt",
-                snap.generation
-            ))
-        })?;
+        vmm.generation = generation;
         boot::write_identity(&vmm.ram.mem, vmm.generation, &opts.clone_id)?;
         tracing::debug!(elapsed = ?t0.elapsed(), mode = ?opts.mem_mode, "VM restored");
         Ok(vmm)

@@ -157,7 +157,6 @@ fn kvm_forged_snapshot_with_valid_checksum_is_refused_not_a_crash() {
 }
 
 #[test]
-#[ignore = "needs persist::next_generation() in Vmm::restore_snapshot (vmm.rs) from the lead"]
 fn kvm_forged_snapshot_generation_does_not_wrap() {
     if !kvm_available("kvm_forged_snapshot_generation_does_not_wrap") {
         return;

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::*;
 use vmm_api::{Request, VmState};

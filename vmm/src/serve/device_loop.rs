@@ -62,7 +62,9 @@ impl DeviceLoop<'_> {
         plane.serve_buffered(&epoll, &mut handle);
         let mut events = vec![EpollEvent::default(); 16];
         while exit.reason().is_none() {
-            let n = epoll_wait(&epoll, &mut events).map_err(io_err("waiting on epoll"))?;
+            let n = epoll_wait(&epoll, &mut events, plane.poll_timeout_ms())
+            .map_err(io_err("waiting on epoll"))?;
+        plane.tick(&epoll);
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_EXIT => {}

@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Instant;
 
 use vmm_api::{encode_error, parse_request, ApiError, ErrorKind as ApiErrorKind, Request};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use crate::accept::{self, Acceptor, Drained};
 use crate::control::SocketFile;
 use conn::ControlConn;
 
@@ -32,10 +34,15 @@ pub(crate) fn epoll_add(epoll: &Epoll, fd: RawFd, token: u64) -> std::io::Result
     )
 }
 
-/// Waits for events (no timeout), retrying on EINTR; returns how many arrived.
-pub(crate) fn epoll_wait(epoll: &Epoll, events: &mut [EpollEvent]) -> std::io::Result<usize> {
+/// Waits for events (at most `timeout_ms`, -1 = no limit), retrying on EINTR; returns how many
+/// arrived.
+pub(crate) fn epoll_wait(
+    epoll: &Epoll,
+    events: &mut [EpollEvent],
+    timeout_ms: i32,
+) -> std::io::Result<usize> {
     loop {
-        match epoll.wait(-1, events) {
+        match epoll.wait(timeout_ms, events) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -64,9 +71,10 @@ pub(crate) struct Deferred {
 pub struct ControlPlane {
     listener: Option<(UnixListener, SocketFile)>,
     conns: HashMap<u64, ControlConn>,
-    /// Spare fd released to accept-and-close a connection when the process is out of fds, so a
-    /// pending connection never leaves the listener readable forever (a busy loop).
-    reserve: Option<std::fs::File>,
+    /// Accepts without spinning when the process is out of fds.
+    acceptor: Acceptor,
+    /// Set while the listener is out of the epoll set after [`Drained::Paused`].
+    paused_until: Option<Instant>,
 }
 
 impl ControlPlane {
@@ -78,8 +86,7 @@ impl ControlPlane {
     ) -> std::io::Result<Self> {
         let mut plane = Self {
             listener,
-            conns: HashMap::new(),
-            reserve: std::fs::File::open("/dev/null").ok(),
+            ..Self::default()
         };
         if let Some(s) = inherited {
             let c = ControlConn::new(s)?;
@@ -93,8 +100,7 @@ impl ControlPlane {
         let listener = crate::control::bind_unix(path)?;
         Ok(Self {
             listener: Some((listener, SocketFile(path.to_path_buf()))),
-            conns: HashMap::new(),
-            reserve: std::fs::File::open("/dev/null").ok(),
+            ..Self::default()
         })
     }
 
@@ -217,34 +223,47 @@ impl ControlPlane {
         let Some((listener, _)) = &self.listener else {
             return;
         };
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    if self.conns.len() >= MAX_CONNECTIONS {
-                        refuse(stream);
-                        continue;
-                    }
-                    let Ok(c) = ControlConn::new(stream) else {
-                        continue;
-                    };
-                    let token = c.fd() as u64;
-                    if epoll_add(epoll, c.fd(), token).is_ok() {
-                        self.conns.insert(token, c);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    // Out of fds: free the spare one to take the pending connection off the
-                    // queue and close it, then take the spare back.
-                    tracing::warn!("out of file descriptors; refusing a control connection");
-                    self.reserve = None;
-                    if let Ok((stream, _)) = listener.accept() {
-                        drop(stream);
-                    }
-                    self.reserve = std::fs::File::open("/dev/null").ok();
-                    return;
-                }
-                Err(_) => return,
+        let conns = &mut self.conns;
+        let drained = self.acceptor.accept_ready(listener, |stream| {
+            if conns.len() >= MAX_CONNECTIONS {
+                refuse(stream);
+                return;
+            }
+            let Ok(c) = ControlConn::new(stream) else {
+                return;
+            };
+            let token = c.fd() as u64;
+            if epoll_add(epoll, c.fd(), token).is_ok() {
+                conns.insert(token, c);
+            }
+        });
+        if drained == Drained::Paused {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                listener.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            self.paused_until = Some(Instant::now() + accept::PAUSE);
+        }
+    }
+
+    /// How long the loop may sleep before [`ControlPlane::tick`] is due (-1: no limit).
+    pub(crate) fn poll_timeout_ms(&self) -> i32 {
+        match self.paused_until {
+            Some(t) => t
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32,
+            None => -1,
+        }
+    }
+
+    /// Watches the listener again once its back-off after fd exhaustion has passed.
+    pub(crate) fn tick(&mut self, epoll: &Epoll) {
+        if self.paused_until.is_some_and(|t| Instant::now() >= t) {
+            self.paused_until = None;
+            if let Some((l, _)) = &self.listener {
+                let _ = epoll_add(epoll, l.as_raw_fd(), TOKEN_LISTENER);
             }
         }
     }

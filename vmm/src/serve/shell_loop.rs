@@ -80,7 +80,9 @@ pub fn wait_for_restore(
     };
     let mut events = vec![EpollEvent::default(); 8];
     let deferred = 'serve: loop {
-        let n = epoll_wait(&epoll, &mut events).map_err(io_err("waiting on epoll"))?;
+        let n = epoll_wait(&epoll, &mut events, plane.poll_timeout_ms())
+            .map_err(io_err("waiting on epoll"))?;
+        plane.tick(&epoll);
         for ev in &events[..n] {
             let token = ev.data();
             if token == TOKEN_TERM {

@@ -13,9 +13,6 @@
 
 // Shared accept helper; lives at vmm/src/accept.rs so the control loops can use it once lib.rs
 // declares it (then this declaration goes and the path becomes `crate::accept`).
-#[path = "../../accept.rs"]
-pub mod accept;
-
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -24,7 +21,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use accept::{Acceptor, Drained};
+use crate::accept::{self, Acceptor, Drained};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
