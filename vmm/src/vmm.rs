@@ -282,13 +282,14 @@ pub struct MachineSnapshot {
     pub block_bytes: Vec<u64>,
 }
 
-/// Reads the snapshot state in `dir`, checking it was taken on a host like `host`.
+/// Opens the snapshot in `dir` (state checked, taken on a host like `host`; memory file opened
+/// and tied to the state by the snapshot id).
+// snapshot: returns the opened SnapshotDir too (was read_state + a later memory.bin open).
 pub fn read_snapshot(
     dir: &std::path::Path,
     host: &snapshot::HostFingerprint,
-) -> Result<MachineSnapshot, VmmError> {
-    let (_, snap) = snapshot::read_state(dir, Some(host))?;
-    Ok(snap)
+) -> Result<(snapshot::SnapshotDir, MachineSnapshot), VmmError> {
+    Ok(snapshot::SnapshotDir::open(dir, Some(host))?)
 }
 
 impl Vmm {
@@ -309,10 +310,10 @@ impl Vmm {
     pub fn restore(opts: &RestoreOptions) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
         let host = snapshot::HostFingerprint::current(kvm.get_api_version());
-        let snap = read_snapshot(&opts.dir, &host)?;
+        let (snap_dir, snap) = read_snapshot(&opts.dir, &host)?;
         let control = bind_control(opts.control.as_deref())?;
         let shell = Shell::with_kvm(kvm, snap.config.mem_mib, snap.config.vcpus)?;
-        Self::restore_snapshot(shell, snap, &host, opts, control)
+        Self::restore_snapshot(shell, snap_dir, snap, &host, opts, control)
     }
 
     /// Restores the snapshot in `opts.dir` into a pre-created `shell` whose vCPUs never ran:
@@ -324,12 +325,13 @@ impl Vmm {
         control: Option<(UnixListener, SocketFile)>,
     ) -> Result<Self, VmmError> {
         let host = snapshot::HostFingerprint::current(shell.kvm.get_api_version());
-        let snap = read_snapshot(&opts.dir, &host)?;
-        Self::restore_snapshot(shell, snap, &host, opts, control)
+        let (snap_dir, snap) = read_snapshot(&opts.dir, &host)?;
+        Self::restore_snapshot(shell, snap_dir, snap, &host, opts, control)
     }
 
     fn restore_snapshot(
         mut shell: Shell,
+        snap_dir: snapshot::SnapshotDir,
         snap: MachineSnapshot,
         host: &snapshot::HostFingerprint,
         opts: &RestoreOptions,
@@ -391,25 +393,25 @@ impl Vmm {
                 config.vcpus
             )));
         }
-        let mem_path = opts.dir.join(snapshot::memory::MEMORY_FILE);
-        let mem_file = std::fs::File::open(&mem_path)
-            .map_err(io_err(format!("opening {}", mem_path.display())))?;
-        let mem_len = mem_file
-            .metadata()
-            .map_err(io_err(format!("reading {}", mem_path.display())))?
-            .len();
-        if mem_len != shell.ram.size {
+        // snapshot: memory.bin was opened and checked (trailer id, length) by SnapshotDir::open.
+        if snap_dir.mem_size() != shell.ram.size {
             return Err(VmmError::Mismatch(format!(
-                "{} is {mem_len} bytes, the snapshot's guest RAM is {} (truncated or from another snapshot?)",
-                mem_path.display(),
+                "{} holds {} bytes of guest RAM, the snapshot's config says {}",
+                snap_dir.memory_path().display(),
+                snap_dir.mem_size(),
                 shell.ram.size
             )));
         }
-        let mem_file = Arc::new(mem_file);
+        let mem_file = snap_dir.memory().clone();
         let pages = match opts.mem_mode {
             MemoryMode::Copy => {
                 let memfd = shell.ram.map_memfd()?;
-                snapshot::memory::copy_from(&mem_file, &mem_path, &memfd)?;
+                snapshot::memory::copy_from(
+                    &mem_file,
+                    snap_dir.memory_path(),
+                    &memfd,
+                    snap_dir.mem_size(),
+                )?;
                 None
             }
             MemoryMode::Cow => {
@@ -423,12 +425,11 @@ impl Vmm {
                 if mode == uffd::FaultMode::Missing {
                     shell.ram.map_anonymous()?;
                 } else {
-                    shell.ram.map_file_private(mem_file.clone())?;
+                    shell.ram.map_file_private(mem_file)?;
                 }
                 Some(PageServer::start(
                     &shell.ram,
-                    mem_file,
-                    &opts.dir,
+                    &snap_dir,
                     mode,
                     std::time::Duration::from_millis(opts.record_ms),
                 )?)
@@ -681,21 +682,17 @@ impl Vmm {
             let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
             vcpus.push(persist::save_vcpu(&self.kvm, &fd)?);
         }
+        // snapshot: everything is written aside and published by `commit` (nothing in `dir`
+        // changes before it; a failure leaves the previous snapshot there intact).
+        let mut writer = snapshot::SnapshotWriter::create(dir)?;
         let mem = if let Backing::Memfd(memfd) = &self.ram.backing {
-            snapshot::memory::write_sparse(memfd, self.ram.size, dir)?
+            writer.write_memory(memfd, self.ram.size)?
         } else {
             // A copy-on-write or userfaultfd clone: its writes live only in its mapping. Read through
             // it in chunks that never cross a region boundary (both are 1 MiB aligned).
-            snapshot::memory::write_sparse_with(
-                self.ram.size,
-                &[(0, self.ram.size)],
-                dir,
-                |off, buf| self.ram.read_at(off, buf),
-            )?
-        };
-        let header = snapshot::StateFile {
-            producer_version: env!("CARGO_PKG_VERSION").into(),
-            host: snapshot::HostFingerprint::current(self.kvm.get_api_version()),
+            writer.write_memory_with(self.ram.size, &[(0, self.ram.size)], |off, buf| {
+                self.ram.read_at(off, buf)
+            })?
         };
         let state = MachineSnapshot {
             config: self.config.clone(),
@@ -705,7 +702,11 @@ impl Vmm {
             devices,
             block_bytes,
         };
-        snapshot::write_state(dir, &header, &state)?;
+        writer.commit(
+            env!("CARGO_PKG_VERSION"),
+            snapshot::HostFingerprint::current(self.kvm.get_api_version()),
+            &state,
+        )?;
         Ok(mem)
     }
 

@@ -117,7 +117,14 @@ fn clone_run(snap: &Path, dir: &Path, mode: MemoryMode, id: &str, want: usize) -
     opts.debug_log = Some(dir.join(format!("{id}.log")).display().to_string());
     let sock = dir.join(format!("{id}.sock"));
     opts.control = Some(sock.clone());
-    let (_, state): (_, vmm::MachineSnapshot) = snapshot::read_state(snap, None).unwrap();
+    // A uffd clone publishes its working set only once its whole recording window has passed
+    // while it ran: record briefly, and run at least that long (below).
+    let uffd = matches!(mode, MemoryMode::Uffd);
+    if uffd {
+        opts.record_ms = 2 * vmm::uffd::MIN_RECORD_MS;
+    }
+    let restored = Instant::now();
+    let (_, state): (_, vmm::MachineSnapshot) = snapshot::SnapshotDir::open(snap, None).unwrap();
     if state.config.vsock.is_some() {
         opts.vsock_uds = Some(dir.join(format!("{id}.vsock")));
     }
@@ -135,6 +142,10 @@ fn clone_run(snap: &Path, dir: &Path, mode: MemoryMode, id: &str, want: usize) -
         if fail {
             break;
         }
+    }
+    if uffd {
+        let window = Duration::from_millis(opts.record_ms + 100);
+        std::thread::sleep(window.saturating_sub(restored.elapsed()));
     }
     let (mut s, mut r) = connect(&sock);
     let status = request(&mut s, &mut r, r#"{"cmd":"status"}"#);
