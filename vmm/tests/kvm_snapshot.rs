@@ -468,3 +468,57 @@ fn kvm_snapshot_of_a_cow_clone_keeps_its_writes() {
         "the first clone's write was lost: {r}"
     );
 }
+
+/// Regression: re-snapshotting into the directory a running `cow` clone maps truncated its
+/// `memory.bin` in place, which dropped even the clone's private pages. Now the clone keeps its
+/// memory: a snapshot of it taken after the template directory was overwritten still resumes
+/// from its own state, with its own write.
+#[test]
+fn kvm_snapshot_retaken_under_a_running_clone_leaves_it_intact() {
+    if !kvm_available("kvm_snapshot_retaken_under_a_running_clone_leaves_it_intact") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let snap = dir.path().join("snap");
+    make_template(dir.path(), &snap, 1, "", None);
+    let sock = dir.path().join("live.sock");
+    let mut opts = RestoreOptions::new(&snap, MemoryMode::Cow);
+    opts.clone_id = "live".into();
+    opts.serial = vmm::config::SerialOutput::None;
+    opts.debug_log = Some(dir.path().join("live.log").display().to_string());
+    opts.control = Some(sock.clone());
+    let vm = vmm::Vmm::restore(&opts).unwrap();
+    let reports = vm.reports().unwrap();
+    let t = std::thread::spawn(move || vm.run(None));
+    let r = reports.recv_timeout(TIMEOUT).unwrap();
+    assert!(r.contains("clone=live"), "{r}");
+    std::thread::sleep(Duration::from_millis(50));
+
+    // A new template is snapshotted into the same directory while the clone runs.
+    let (old_state, _) = file_bytes(&snap);
+    make_template(dir.path(), &snap, 1, "", None);
+    assert!(file_bytes(&snap).0 != old_state, "the snapshot was retaken");
+
+    let snap2 = dir.path().join("snap2");
+    std::fs::create_dir_all(&snap2).unwrap();
+    let (mut s, mut rd) = connect(&sock);
+    for req in [
+        format!(r#"{{"cmd":"snapshot","dir":"{}"}}"#, snap2.display()),
+        r#"{"cmd":"shutdown"}"#.to_string(),
+    ] {
+        let reply = request(&mut s, &mut rd, &req);
+        assert_eq!(reply["ok"], true, "{req}: {reply}");
+    }
+    t.join().unwrap().unwrap();
+    let r = clone_once(&snap2, dir.path(), MemoryMode::Cow, "after");
+    assert!(r.starts_with("PASS resumed"), "{r}");
+    assert_eq!(field(&r, "gen"), Some("2"), "{r}");
+    assert_eq!(
+        field(&r, "prev"),
+        Some("live"),
+        "the running clone lost its private write: {r}"
+    );
+    // The retaken template restores too.
+    let r = clone_once(&snap, dir.path(), MemoryMode::Cow, "new");
+    assert_eq!(field(&r, "gen"), Some("1"), "{r}");
+}
