@@ -247,6 +247,52 @@ impl SnapshotDir {
     }
 }
 
+/// Temp files of a writer that was killed are removed by the next writer once they are this old
+/// (a live writer keeps its temp files for the few seconds a snapshot takes).
+pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Whether `name` is a temp file of a [`SnapshotWriter`] or a working-set publication:
+/// `.{file}.{16 hex digits}.tmp`.
+fn is_temp_name(name: &str) -> bool {
+    [MEMORY_FILE, STATE_FILE, WORKINGSET_FILE]
+        .iter()
+        .any(|base| {
+            name.strip_prefix('.')
+                .and_then(|n| n.strip_prefix(base))
+                .and_then(|n| n.strip_prefix('.'))
+                .and_then(|n| n.strip_suffix(".tmp"))
+                .is_some_and(|r| r.len() == 16 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+}
+
+/// Removes temp files older than [`STALE_TEMP_AGE`] from `dir` (left by a killed writer);
+/// best effort.
+fn remove_stale_temps(dir: &Dir) {
+    let Ok(entries) = std::fs::read_dir(dir.path()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| is_temp_name(n)) else {
+            continue;
+        };
+        // DirEntry::metadata does not follow symlinks.
+        let stale = entry.metadata().is_ok_and(|m| {
+            m.is_file()
+                && m.modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TEMP_AGE)
+        });
+        if stale {
+            match dir.unlink(name) {
+                Ok(()) => tracing::debug!(name, "removed a stale snapshot temp file"),
+                Err(e) => tracing::debug!(name, "removing a stale snapshot temp file: {e}"),
+            }
+        }
+    }
+}
+
 /// Writes one snapshot into a directory; nothing in the directory changes until
 /// [`commit`](SnapshotWriter::commit). Dropping an uncommitted writer removes its temp files.
 #[derive(Debug)]
@@ -261,6 +307,7 @@ pub struct SnapshotWriter {
 
 impl SnapshotWriter {
     /// Starts a snapshot into `dir`, which must exist and be a real directory (not a symlink).
+    /// Temp files that a killed writer left there more than [`STALE_TEMP_AGE`] ago are removed.
     pub fn create(dir: &Path) -> Result<Self, SnapshotError> {
         let not_dir = |why| SnapshotError::NotADirectory {
             path: dir.to_path_buf(),
@@ -275,6 +322,7 @@ impl SnapshotWriter {
         }
         let d = Dir::open(dir, true).map_err(io("open the snapshot directory", dir))?;
         let id = SnapshotId::random().map_err(io("generate a snapshot id for", dir))?;
+        remove_stale_temps(&d);
         Ok(Self {
             dir: d,
             id,
@@ -785,6 +833,37 @@ mod tests {
             std::fs::remove_file(snap.join(WORKINGSET_FILE)).unwrap();
             let _ = saved;
         }
+    }
+
+    #[test]
+    fn temp_files_of_a_killed_writer_are_removed_once_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - STALE_TEMP_AGE - Duration::from_secs(60);
+        let stale = [
+            ".memory.bin.0123456789abcdef.tmp",
+            ".state.bin.fedcba9876543210.tmp",
+        ];
+        let kept = [
+            ".memory.bin.dead.tmp",
+            "memory.bin.0123456789abcdef.tmp",
+            ".other.bin.0123456789abcdef.tmp",
+        ];
+        for name in stale.iter().chain(&kept) {
+            let f = File::create(dir.path().join(name)).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        // A live writer's temp file is recent and stays.
+        let live = ".state.bin.00000000deadbeef.tmp";
+        File::create(dir.path().join(live)).unwrap();
+        take(dir.path(), &ram(SIZE, 9, 1), SIZE, "a").unwrap();
+        let left = names(dir.path());
+        for name in stale {
+            assert!(!left.iter().any(|n| n == name), "{name} left: {left:?}");
+        }
+        for name in kept.iter().chain([&live]) {
+            assert!(left.iter().any(|n| n == name), "{name} removed: {left:?}");
+        }
+        assert!(is_temp_name(".workingset.bin.0123456789abcdef.tmp"));
     }
 
     #[test]

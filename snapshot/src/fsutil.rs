@@ -62,7 +62,7 @@ impl Dir {
     /// Opens the directory `path`; with `nofollow`, a symlink at `path` itself is refused.
     pub(crate) fn open(path: &Path, nofollow: bool) -> io::Result<Self> {
         let c = cstring(path.as_os_str().as_bytes())?;
-        let mut flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        let mut flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC;
         if nofollow {
             flags |= libc::O_NOFOLLOW;
         }

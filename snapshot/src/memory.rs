@@ -29,21 +29,25 @@ const CHUNK: usize = 1 << 20;
 
 /// Error writing or reading a memory file.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}{hint}", hint = hint(.source))]
+#[error("{op} {path}: {source}{hint}")]
 pub struct MemoryFileError {
     op: &'static str,
     path: PathBuf,
     source: std::io::Error,
+    hint: &'static str,
 }
 
-fn hint(e: &std::io::Error) -> &'static str {
+/// What to do about a failed snapshot write (a write aside never changes the published
+/// snapshot).
+pub(crate) fn space_hint(e: &std::io::Error) -> &'static str {
     match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-            " (free space on that file system; the previous snapshot is untouched)"
+            " (free space on that file system and take the snapshot again; the previous snapshot there is untouched)"
         }
         _ => "",
     }
 }
+
 fn err<'a>(
     op: &'static str,
     path: &'a Path,
@@ -51,6 +55,17 @@ fn err<'a>(
     move |source| MemoryFileError {
         op,
         path: path.to_path_buf(),
+        source,
+        hint: "",
+    }
+}
+
+/// A failed write into a snapshot's memory temp file.
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryFileError + '_ {
+    move |source| MemoryFileError {
+        op: "write",
+        path: path.to_path_buf(),
+        hint: space_hint(&source),
         source,
     }
 }
@@ -133,7 +148,7 @@ pub(crate) fn write_sparse_to(
                     (false, None) => run = Some(p),
                     (true, Some(r)) => {
                         out.write_all_at(&buf[r..p], off + r as u64)
-                            .map_err(err("write", out_path))?;
+                            .map_err(write_err(out_path))?;
                         stats.data_bytes += (p - r) as u64;
                         run = None;
                     }
@@ -142,7 +157,7 @@ pub(crate) fn write_sparse_to(
             }
             if let Some(r) = run {
                 out.write_all_at(&buf[r..n], off + r as u64)
-                    .map_err(err("write", out_path))?;
+                    .map_err(write_err(out_path))?;
                 stats.data_bytes += (n - r) as u64;
             }
             off += n as u64;

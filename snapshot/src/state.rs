@@ -45,7 +45,7 @@ pub struct StateFile {
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// File system error.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {source}{hint}", hint = crate::memory::space_hint(.source))]
     Io {
         /// What was being done.
         op: &'static str,
