@@ -476,6 +476,9 @@ impl Recording {
                 }
             }
         }
+        // Populate mode reads every present page; a working set holds at most MAX_PAGES.
+        self.pages
+            .truncate(snapshot::workingset::MAX_PAGES as usize);
         match self.snap.publish_working_set(&self.pages) {
             Ok(true) => tracing::debug!(pages = self.pages.len(), "working set recorded"),
             Ok(false) => {}
