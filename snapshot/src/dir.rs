@@ -592,6 +592,15 @@ mod tests {
         assert!(matches!(e, SnapshotError::NoMemory(_)), "{e}");
         // The published snapshot is untouched.
         assert_eq!(open(dir.path()).unwrap().0.id(), snap.id());
+
+        // A writer dropped after writing memory (an aborted snapshot) leaves nothing behind.
+        let mut w = SnapshotWriter::create(dir.path()).unwrap();
+        w.write_memory(&ram(SIZE, 0x77, 8), SIZE).unwrap();
+        assert_eq!(names(dir.path()).len(), 3, "{:?}", names(dir.path()));
+        drop(w);
+        assert_eq!(names(dir.path()), [MEMORY_FILE, STATE_FILE]);
+        let (again, state) = open(dir.path()).unwrap();
+        assert_eq!((again.id(), state.as_str()), (snap.id(), "x"));
     }
 
     /// Regression: re-snapshotting truncated `memory.bin` in place, and clones that map it
