@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use benches::{criterion, release_bin, Recorder};
-use pool_manager::vmm_api::{ControlClient, MemoryMode, RestoreOptions, SerialOutput};
+use pool_manager::vmm_api::{
+    ControlClient, MemoryMode, RestoreOptions, SerialOutput, DEFAULT_RECORD_MS,
+};
 use pool_manager::{ShellPool, ShellProcess, ShellSpec};
 
 struct Template {
@@ -155,10 +157,17 @@ fn main() {
     ] {
         let mut rec = Recorder::median(&format!("restore_{name}_ms"), "ms");
         let mut p99 = Recorder::p99("restore_uffd_p99_ms", "ms");
-        // The first uffd clone records the working set the others prefetch.
+        // The first uffd clone records the working set the others prefetch; it is published
+        // only once its recording window has passed while it ran.
         if mode == MemoryMode::Uffd {
             let _ = std::fs::remove_file(snap.join("workingset.bin"));
-            restore_into(&pool, &snap, mode, id).1.shutdown().unwrap();
+            let (_, recorder) = restore_into(&pool, &snap, mode, id);
+            std::thread::sleep(Duration::from_millis(DEFAULT_RECORD_MS + 200));
+            recorder.shutdown().unwrap();
+            assert!(
+                snap.join("workingset.bin").exists(),
+                "the recording clone published no working set"
+            );
         }
         c.bench_function(&format!("restore_{name}"), |b| {
             b.iter_custom(|iters| {

@@ -1,26 +1,51 @@
-//! The memory file: guest RAM as one sparse file, holes where guest pages are zero.
+//! The memory file: guest RAM as one sparse file, holes where guest pages are zero, followed by
+//! one trailer page.
+//!
+//! Layout: bytes `[0, ram_size)` are guest RAM (RAM offset = file offset); the page at
+//! `ram_size` is the trailer: `magic "RUNVMEMT" | format u32 | reserved u32 | snapshot id [16] |
+//! ram_size u64 | crc32 u32` (little endian; the CRC covers the bytes before it), the rest of
+//! the page zero. The trailer ties the file to its `state.bin`. Restores map or read only
+//! `[0, ram_size)`.
 //!
 //! Writing scans only the data extents of the source (a memfd reports untouched ranges as holes
 //! through `SEEK_DATA`/`SEEK_HOLE`), skips zero pages inside them, and coalesces non-zero pages
 //! into large writes. Reading back copies only the file's data extents.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::SnapshotId;
+
 /// File name of the memory file inside a snapshot directory.
 pub const MEMORY_FILE: &str = "memory.bin";
+/// Length of the trailer page after guest RAM.
+pub const TRAILER_LEN: u64 = 4096;
+const TRAILER_MAGIC: &[u8; 8] = b"RUNVMEMT";
+const TRAILER_BYTES: usize = 8 + 4 + 4 + 16 + 8 + 4;
 const PAGE: usize = 4096;
 const CHUNK: usize = 1 << 20;
 
 /// Error writing or reading a memory file.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
+#[error("{op} {path}: {source}{hint}")]
 pub struct MemoryFileError {
     op: &'static str,
     path: PathBuf,
     source: std::io::Error,
+    hint: &'static str,
+}
+
+/// What to do about a failed snapshot write (a write aside never changes the published
+/// snapshot).
+pub(crate) fn space_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            " (free space on that file system and take the snapshot again; the previous snapshot there is untouched)"
+        }
+        _ => "",
+    }
 }
 
 fn err<'a>(
@@ -30,6 +55,17 @@ fn err<'a>(
     move |source| MemoryFileError {
         op,
         path: path.to_path_buf(),
+        source,
+        hint: "",
+    }
+}
+
+/// A failed write into a snapshot's memory temp file.
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryFileError + '_ {
+    move |source| MemoryFileError {
+        op: "write",
+        path: path.to_path_buf(),
+        hint: space_hint(&source),
         source,
     }
 }
@@ -82,30 +118,16 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Writes the first `size` bytes of `src` (guest RAM, e.g. its memfd) to `dir/memory.bin`,
-/// sparse: zero pages become holes. Only the file's data extents are read.
-pub fn write_sparse(src: &File, size: u64, dir: &Path) -> Result<MemoryStats, MemoryFileError> {
-    let extents = data_extents(src, size).map_err(err("scan", Path::new("guest memory")))?;
-    write_sparse_with(size, &extents, dir, |off, buf| src.read_exact_at(buf, off))
-}
-
-/// Like [`write_sparse`], reading guest RAM through `read(offset, buf)` over `extents` (for RAM
-/// that is not a plain file, such as a copy-on-write clone's private mapping).
-pub fn write_sparse_with(
+/// Writes the first `size` bytes of guest RAM, read through `read(offset, buf)` over `extents`,
+/// into `out` (a new, empty file named `out_path` in errors), sparse: zero pages stay holes.
+pub(crate) fn write_sparse_to(
+    out: &File,
+    out_path: &Path,
     size: u64,
     extents: &[(u64, u64)],
-    dir: &Path,
     read: impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
 ) -> Result<MemoryStats, MemoryFileError> {
-    let path = dir.join(MEMORY_FILE);
     let src_name = Path::new("guest memory");
-    let out = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(err("create", &path))?;
-    out.set_len(size).map_err(err("size", &path))?;
     let mut stats = MemoryStats {
         size,
         data_bytes: 0,
@@ -126,7 +148,7 @@ pub fn write_sparse_with(
                     (false, None) => run = Some(p),
                     (true, Some(r)) => {
                         out.write_all_at(&buf[r..p], off + r as u64)
-                            .map_err(err("write", &path))?;
+                            .map_err(write_err(out_path))?;
                         stats.data_bytes += (p - r) as u64;
                         run = None;
                     }
@@ -135,28 +157,83 @@ pub fn write_sparse_with(
             }
             if let Some(r) = run {
                 out.write_all_at(&buf[r..n], off + r as u64)
-                    .map_err(err("write", &path))?;
+                    .map_err(write_err(out_path))?;
                 stats.data_bytes += (n - r) as u64;
             }
             off += n as u64;
         }
     }
-    out.sync_all().map_err(err("fsync", &path))?;
     Ok(stats)
 }
 
-/// Copies the data extents of `dir/memory.bin` into `dst` (fresh, zeroed guest RAM): the `copy`
-/// restore mode.
-pub fn copy_into(dir: &Path, dst: &File) -> Result<MemoryStats, MemoryFileError> {
-    let path = dir.join(MEMORY_FILE);
-    let src = File::open(&path).map_err(err("open", &path))?;
-    copy_from(&src, &path, dst)
+/// The trailer page's content: which snapshot the memory file belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Trailer {
+    pub(crate) id: SnapshotId,
+    pub(crate) ram_size: u64,
 }
 
-/// Copies the data extents of the memory file `src` (opened from `path`, named in errors) into
-/// `dst`.
-pub fn copy_from(src: &File, path: &Path, dst: &File) -> Result<MemoryStats, MemoryFileError> {
-    let size = src.metadata().map_err(err("stat", path))?.len();
+impl Trailer {
+    pub(crate) fn encode(&self) -> [u8; TRAILER_BYTES] {
+        let mut b = [0u8; TRAILER_BYTES];
+        b[..8].copy_from_slice(TRAILER_MAGIC);
+        b[8..12].copy_from_slice(&crate::FORMAT_VERSION.to_le_bytes());
+        b[16..32].copy_from_slice(&self.id.0);
+        b[32..40].copy_from_slice(&self.ram_size.to_le_bytes());
+        let crc = crc32fast::hash(&b[..40]);
+        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Reads the trailer at the end of `file` (`len` bytes long).
+    pub(crate) fn read(file: &File, len: u64) -> Result<Self, String> {
+        if len < TRAILER_LEN {
+            return Err(format!(
+                "{len} bytes, shorter than its {TRAILER_LEN}-byte trailer"
+            ));
+        }
+        let mut b = [0u8; TRAILER_BYTES];
+        file.read_exact_at(&mut b, len - TRAILER_LEN)
+            .map_err(|e| format!("reading the trailer: {e}"))?;
+        if &b[..8] != TRAILER_MAGIC {
+            return Err(format!(
+                "no snapshot trailer in its last {TRAILER_LEN} bytes ({len} bytes long)"
+            ));
+        }
+        let le32 = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let stored = le32(40);
+        let computed = crc32fast::hash(&b[..40]);
+        if stored != computed {
+            return Err(format!(
+                "trailer checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ));
+        }
+        let version = le32(8);
+        if version != crate::FORMAT_VERSION {
+            return Err(format!(
+                "trailer format version {version}, this runv reads {}",
+                crate::FORMAT_VERSION
+            ));
+        }
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&b[16..32]);
+        let ram_size = u64::from(le32(32)) | u64::from(le32(36)) << 32;
+        Ok(Self {
+            id: SnapshotId(id),
+            ram_size,
+        })
+    }
+}
+
+/// Copies the data extents of `[0, size)` of the memory file `src` (opened from `path`, named in
+/// errors) into `dst` (fresh, zeroed guest RAM): the `copy` restore mode. The trailer after
+/// `size` is never copied.
+pub fn copy_from(
+    src: &File,
+    path: &Path,
+    dst: &File,
+    size: u64,
+) -> Result<MemoryStats, MemoryFileError> {
     let mut stats = MemoryStats {
         size,
         data_bytes: 0,
@@ -175,58 +252,4 @@ pub fn copy_from(src: &File, path: &Path, dst: &File) -> Result<MemoryStats, Mem
         }
     }
     Ok(stats)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::FromRawFd;
-    use std::os::unix::fs::MetadataExt;
-
-    fn memfd(size: u64) -> File {
-        // SAFETY: valid NUL-terminated name; the fd is checked and then owned.
-        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd owned by nobody else.
-        let f = unsafe { File::from_raw_fd(fd) };
-        f.set_len(size).unwrap();
-        f
-    }
-
-    #[test]
-    fn sparse_write_and_copy_round_trip() {
-        let size = 64u64 << 20;
-        let ram = memfd(size);
-        // A few non-zero pages, one zero page written explicitly (data, but zero), a tail page.
-        ram.write_all_at(&[0xab; 3 * PAGE], 0x10_0000).unwrap();
-        ram.write_all_at(&[0; PAGE], 0x20_0000).unwrap();
-        ram.write_all_at(&[7; 100], size - 100).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let stats = write_sparse(&ram, size, dir.path()).unwrap();
-        assert_eq!(stats.size, size);
-        assert_eq!(stats.data_bytes, 4 * PAGE as u64);
-        let meta = std::fs::metadata(dir.path().join(MEMORY_FILE)).unwrap();
-        assert_eq!(meta.len(), size);
-        assert!(
-            meta.blocks() * 512 <= 64 * 1024,
-            "file is sparse ({} blocks)",
-            meta.blocks()
-        );
-
-        let copy = memfd(size);
-        let c = copy_into(dir.path(), &copy).unwrap();
-        assert_eq!(c.data_bytes, 4 * PAGE as u64);
-        let mut a = vec![0u8; size as usize];
-        let mut b = vec![0u8; size as usize];
-        ram.read_exact_at(&mut a, 0).unwrap();
-        copy.read_exact_at(&mut b, 0).unwrap();
-        assert!(a == b, "restored memory differs");
-    }
-
-    #[test]
-    fn missing_memory_file_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = copy_into(dir.path(), &memfd(4096)).unwrap_err().to_string();
-        assert!(e.contains("open") && e.contains(MEMORY_FILE), "{e}");
-    }
 }

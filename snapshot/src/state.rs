@@ -1,25 +1,28 @@
 //! The state file: `magic | format | header_len | state_len | crc32 | header | state`.
 //!
 //! All integers little endian. The CRC-32 covers header and state bytes. The header
-//! ([`StateFile`] minus the state) is bincode; the state is whatever serde type the VMM saves.
+//! ([`StateFile`]: producer, host, snapshot id, guest RAM size) is bincode; the state is whatever
+//! serde type the VMM saves. Files are written and read through
+//! [`SnapshotWriter`](crate::SnapshotWriter) and [`SnapshotDir`](crate::SnapshotDir).
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::HostFingerprint;
+use crate::{HostFingerprint, SnapshotId};
 
 /// File name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";
 /// Magic bytes at the start of every state file.
 pub const MAGIC: &[u8; 8] = b"RUNVSNAP";
-/// Version of this layout; bumped on every incompatible change.
-pub const FORMAT_VERSION: u32 = 2;
-const PREFIX_LEN: usize = 8 + 4 + 4 + 8 + 4;
+/// Version of this layout (state file, memory trailer, working-set tie); bumped on every
+/// incompatible change.
+pub const FORMAT_VERSION: u32 = 3;
+pub(crate) const PREFIX_LEN: usize = 8 + 4 + 4 + 8 + 4;
 /// Largest header accepted.
 pub const MAX_HEADER: u64 = 64 * 1024;
 /// Largest state accepted (guest memory is in its own file).
@@ -32,13 +35,17 @@ pub struct StateFile {
     pub producer_version: String,
     /// Host it was taken on.
     pub host: HostFingerprint,
+    /// Random id of this snapshot; `memory.bin`'s trailer and `workingset.bin` carry the same.
+    pub id: SnapshotId,
+    /// Guest RAM size in bytes (`memory.bin` holds this many bytes, then its trailer page).
+    pub mem_size: u64,
 }
 
 /// Why a snapshot was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// File system error.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {source}{hint}", hint = crate::memory::space_hint(.source))]
     Io {
         /// What was being done.
         op: &'static str,
@@ -104,6 +111,48 @@ pub enum SnapshotError {
         /// This host's value.
         host: String,
     },
+    /// A name in the snapshot directory is not a regular file.
+    #[error("{path} is a {kind}, not a regular file: refusing to use it (remove it and take the snapshot again)")]
+    NotRegular {
+        /// The name.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// The snapshot directory is missing, a symlink or not a directory.
+    #[error("snapshot directory {path}: {why}: create it as a real directory first")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// `memory.bin` and `state.bin` come from different snapshots.
+    #[error("{path} belongs to another snapshot (id {memory}, state.bin says {state}): the snapshot was interrupted; take it again")]
+    IdMismatch {
+        /// The memory file.
+        path: PathBuf,
+        /// Id in the memory file's trailer.
+        memory: SnapshotId,
+        /// Id in the state file.
+        state: SnapshotId,
+    },
+    /// The memory file's trailer is missing or damaged, or its size is wrong.
+    #[error("{path}: {why}: the memory file is truncated, damaged or from another snapshot; take the snapshot again")]
+    Memory {
+        /// The memory file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Writing the memory file failed.
+    #[error(transparent)]
+    MemoryWrite(#[from] crate::memory::MemoryFileError),
+    /// `commit` was called before the guest memory was written.
+    #[error(
+        "snapshot of {0}: no guest memory was written before commit (call write_memory first)"
+    )]
+    NoMemory(PathBuf),
     /// Header or state did not decode.
     #[error("{path}: {what} does not decode: {detail}")]
     Decode {
@@ -116,7 +165,10 @@ pub enum SnapshotError {
     },
 }
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+pub(crate) fn io<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io {
         op,
         path: path.to_path_buf(),
@@ -124,16 +176,16 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Sn
     }
 }
 
-/// Writes `state` with `header` as `dir/state.bin`, atomically (temp file, fsync, rename).
-pub fn write_state<T: Serialize>(
-    dir: &Path,
+/// Encodes `state` with `header` into the bytes of a state file (`path` names it in errors).
+/// Snapshots are written with [`crate::SnapshotWriter`]; this is the format alone.
+pub fn encode<T: Serialize>(
+    path: &Path,
     header: &StateFile,
     state: &T,
-) -> Result<PathBuf, SnapshotError> {
-    let path = dir.join(STATE_FILE);
+) -> Result<Vec<u8>, SnapshotError> {
     let enc = |what, r: bincode::Result<Vec<u8>>| {
         r.map_err(|e| SnapshotError::Decode {
-            path: path.clone(),
+            path: path.to_path_buf(),
             what,
             detail: e.to_string(),
         })
@@ -141,6 +193,19 @@ pub fn write_state<T: Serialize>(
     let opts = bincode::options().with_fixint_encoding();
     let h = enc("header", opts.serialize(header))?;
     let s = enc("state", opts.serialize(state))?;
+    for (what, len, max) in [
+        ("header", h.len() as u64, MAX_HEADER),
+        ("state", s.len() as u64, MAX_STATE),
+    ] {
+        if len > max {
+            return Err(SnapshotError::TooLarge {
+                path: path.to_path_buf(),
+                what,
+                len,
+                max,
+            });
+        }
+    }
     let mut crc = crc32fast::Hasher::new();
     crc.update(&h);
     crc.update(&s);
@@ -152,22 +217,28 @@ pub fn write_state<T: Serialize>(
     out.extend_from_slice(&crc.finalize().to_le_bytes());
     out.extend_from_slice(&h);
     out.extend_from_slice(&s);
-    let tmp = dir.join(".state.bin.tmp");
-    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(&out).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-    Ok(path)
+    Ok(out)
 }
 
-/// Reads and checks `dir/state.bin`; `host` (when given) must match the snapshot's host.
-pub fn read_state<T: DeserializeOwned>(
-    dir: &Path,
+/// Reads and checks the state file `f` (opened from `path`, named in errors); `host` (when
+/// given) must match the snapshot's host. Sizes are checked against `fstat` before anything is
+/// read. Snapshots are opened with [`crate::SnapshotDir`]; this is the format alone.
+pub fn decode<T: DeserializeOwned>(
+    f: &mut File,
+    path: &Path,
     host: Option<&HostFingerprint>,
 ) -> Result<(StateFile, T), SnapshotError> {
-    let path = dir.join(STATE_FILE);
-    let mut f = File::open(&path).map_err(io("open", &path))?;
+    let path = path.to_path_buf();
     let actual = f.metadata().map_err(io("stat", &path))?.len();
+    let largest = PREFIX_LEN as u64 + MAX_HEADER + MAX_STATE;
+    if actual > largest {
+        return Err(SnapshotError::TooLarge {
+            path,
+            what: "state file",
+            len: actual,
+            max: largest,
+        });
+    }
     let mut prefix = [0u8; PREFIX_LEN];
     if actual < PREFIX_LEN as u64 {
         return Err(SnapshotError::Truncated {
@@ -180,7 +251,8 @@ pub fn read_state<T: DeserializeOwned>(
     if &prefix[..8] != MAGIC {
         return Err(SnapshotError::BadMagic(path));
     }
-    let le32 = |o: usize| u32::from_le_bytes(prefix[o..o + 4].try_into().expect("4 bytes"));
+    let le32 =
+        |o: usize| u32::from_le_bytes([prefix[o], prefix[o + 1], prefix[o + 2], prefix[o + 3]]);
     let version = le32(8);
     if version != FORMAT_VERSION {
         return Err(SnapshotError::Version {
@@ -190,7 +262,7 @@ pub fn read_state<T: DeserializeOwned>(
         });
     }
     let header_len = u64::from(le32(12));
-    let state_len = u64::from_le_bytes(prefix[16..24].try_into().expect("8 bytes"));
+    let state_len = u64::from(le32(16)) | u64::from(le32(20)) << 32;
     let stored = le32(24);
     for (what, len, max) in [
         ("header", header_len, MAX_HEADER),
@@ -249,7 +321,6 @@ pub fn read_state<T: DeserializeOwned>(
         .map_err(|e| decode_err("state", e))?;
     Ok((header, state))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,43 +335,52 @@ mod tests {
         StateFile {
             producer_version: "test".into(),
             host: HostFingerprint::current(12),
+            id: SnapshotId([7; 16]),
+            mem_size: 1 << 20,
         }
     }
 
-    fn sample(dir: &Path) -> Vec<u8> {
+    fn sample() -> Vec<u8> {
         let vm = Vm {
             regs: (0..64).collect(),
             name: "vm0".into(),
         };
-        let p = write_state(dir, &header(), &vm).unwrap();
-        std::fs::read(p).unwrap()
+        encode(Path::new("state.bin"), &header(), &vm).unwrap()
     }
 
-    fn read(dir: &Path) -> Result<(StateFile, Vm), SnapshotError> {
-        read_state(dir, Some(&HostFingerprint::current(12)))
+    fn read_with<T: DeserializeOwned>(
+        path: &Path,
+        host: Option<&HostFingerprint>,
+    ) -> Result<(StateFile, T), SnapshotError> {
+        let mut f = File::open(path).unwrap();
+        decode(&mut f, path, host)
+    }
+
+    fn read(path: &Path) -> Result<(StateFile, Vm), SnapshotError> {
+        read_with(path, Some(&HostFingerprint::current(12)))
     }
 
     #[test]
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        sample(dir.path());
-        let (h, vm) = read(dir.path()).unwrap();
+        let path = dir.path().join(STATE_FILE);
+        std::fs::write(&path, sample()).unwrap();
+        let (h, vm) = read(&path).unwrap();
         assert_eq!(h, header());
         assert_eq!(vm.regs.len(), 64);
-        assert!(!dir.path().join(".state.bin.tmp").exists());
     }
 
     #[test]
     fn truncated_flipped_versioned_foreign_and_garbage_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let good = sample(dir.path());
+        let good = sample();
         let path = dir.path().join(STATE_FILE);
         let put = |b: &[u8]| std::fs::write(&path, b).unwrap();
 
         for cut in [0, 10, PREFIX_LEN, good.len() - 1] {
             put(&good[..cut]);
             assert!(
-                matches!(read(dir.path()), Err(SnapshotError::Truncated { .. })),
+                matches!(read(&path), Err(SnapshotError::Truncated { .. })),
                 "cut {cut}"
             );
         }
@@ -309,14 +389,14 @@ mod tests {
             b[i] ^= 0x10;
             put(&b);
             assert!(
-                matches!(read(dir.path()), Err(SnapshotError::Checksum { .. })),
+                matches!(read(&path), Err(SnapshotError::Checksum { .. })),
                 "flip {i}"
             );
         }
         let mut b = good.clone();
         b[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         put(&b);
-        let e = read(dir.path()).unwrap_err();
+        let e = read(&path).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -331,30 +411,36 @@ mod tests {
         let mut b = good.clone();
         b[0] = b'X';
         put(&b);
-        assert!(matches!(read(dir.path()), Err(SnapshotError::BadMagic(_))));
+        assert!(matches!(read(&path), Err(SnapshotError::BadMagic(_))));
         let mut b = good.clone();
         b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         put(&b);
         assert!(matches!(
-            read(dir.path()),
+            read(&path),
             Err(SnapshotError::TooLarge { what: "state", .. })
+        ));
+        // A file larger than any valid state is refused from its size alone.
+        let big = File::create(&path).unwrap();
+        big.set_len(PREFIX_LEN as u64 + MAX_HEADER + MAX_STATE + 1)
+            .unwrap();
+        assert!(matches!(
+            read(&path),
+            Err(SnapshotError::TooLarge {
+                what: "state file",
+                ..
+            })
         ));
 
         put(&good);
         let mut other = HostFingerprint::current(12);
         other.kvm_api_version = 13;
-        let e = read_state::<Vm>(dir.path(), Some(&other)).unwrap_err();
+        let e = read_with::<Vm>(&path, Some(&other)).unwrap_err();
         assert!(e.to_string().contains("kvm_api_version"), "{e}");
         // Checked bytes that decode to the wrong type are a decode error, not a panic.
-        let e = read_state::<(String, Vec<String>, u128)>(dir.path(), None).unwrap_err();
+        let e = read_with::<(String, Vec<String>, u128)>(&path, None).unwrap_err();
         assert!(
             matches!(e, SnapshotError::Decode { what: "state", .. }),
             "{e}"
         );
-        std::fs::remove_file(&path).unwrap();
-        assert!(matches!(
-            read(dir.path()),
-            Err(SnapshotError::Io { op: "open", .. })
-        ));
     }
 }

@@ -22,11 +22,11 @@ pub struct MachineSnapshot {
     pub block_bytes: Vec<u64>,
 }
 
-/// Reads the snapshot state in `dir`, checking it was taken on a host like `host`.
+/// Opens the snapshot in `dir`: the state checked (and taken on a host like `host`), the memory
+/// file opened once and tied to the state by the snapshot id.
 pub fn read_snapshot(
     dir: &std::path::Path,
     host: &snapshot::HostFingerprint,
-) -> Result<MachineSnapshot, VmmError> {
-    let (_, snap) = snapshot::read_state(dir, Some(host))?;
-    Ok(snap)
+) -> Result<(snapshot::SnapshotDir, MachineSnapshot), VmmError> {
+    Ok(snapshot::SnapshotDir::open(dir, Some(host))?)
 }

@@ -123,13 +123,15 @@ impl GuestRam {
     }
 
     /// Replaces the contents with the memory file `file` mapped copy-on-write (`MAP_PRIVATE`):
-    /// every clone mapping the same file shares its page cache. The file must be exactly as
-    /// large as guest RAM (a shorter one would fault the guest with SIGBUS past its end).
+    /// every clone mapping the same file shares its page cache. The file must be at least as
+    /// large as guest RAM (a shorter one would fault the guest with SIGBUS past its end); bytes
+    /// past RAM (a snapshot's trailer page) are not mapped.
     pub fn map_file_private(&mut self, file: Arc<File>) -> Result<(), MemoryError> {
+        // snapshot: a v3 memory file is RAM followed by a trailer page; only [0, size) is mapped.
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len != self.size {
+        if len < self.size {
             return Err(MemoryError::Map(format!(
-                "the memory file is {len} bytes, guest RAM is {}",
+                "the memory file is {len} bytes, shorter than guest RAM ({})",
                 self.size
             )));
         }

@@ -510,12 +510,11 @@ mod tests {
         state: &S,
     ) -> Result<T, snapshot::SnapshotError> {
         let dir = tempfile::tempdir().unwrap();
-        let header = snapshot::StateFile {
-            producer_version: "forged".into(),
-            host: snapshot::HostFingerprint::current(12),
-        };
-        snapshot::write_state(dir.path(), &header, state).unwrap();
-        snapshot::read_state::<T>(dir.path(), None).map(|(_, s)| s)
+        let mut w = snapshot::SnapshotWriter::create(dir.path()).unwrap();
+        w.write_memory_with(4096, &[], |_, _| Ok(())).unwrap();
+        w.commit("forged", snapshot::HostFingerprint::current(12), state)
+            .unwrap();
+        snapshot::SnapshotDir::open::<T>(dir.path(), None).map(|(_, s)| s)
     }
 
     fn decode_err(r: Result<VcpuState, snapshot::SnapshotError>) -> String {

@@ -1,6 +1,5 @@
 //! Taking a snapshot of a paused VM.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::error::{io_err, VmmError};
@@ -17,9 +16,10 @@ impl Vmm {
         let Some(source) = &self.source else {
             return Ok(());
         };
-        let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
-        let target = id(dir).map_err(io_err(format!("snapshot directory {}", dir.display())))?;
-        if id(source).ok() == Some(target) {
+        let same = source
+            .is_same_dir(dir)
+            .map_err(io_err(format!("snapshot directory {}", dir.display())))?;
+        if same {
             return Err(VmmError::Invalid(format!(
                 "{} is the snapshot this VM was restored from: snapshot a clone into another directory",
                 dir.display()
@@ -52,21 +52,17 @@ impl Vmm {
             let fd = fd.lock_or_recover();
             vcpus.push(persist::save_vcpu(&self.kvm, &fd)?);
         }
+        // Everything is written aside and published by `commit`: nothing in `dir` changes
+        // before it, and a failure leaves the previous snapshot there intact.
+        let mut writer = snapshot::SnapshotWriter::create(dir)?;
         let mem = if let Backing::Memfd(memfd) = &self.ram.backing {
-            snapshot::memory::write_sparse(memfd, self.ram.size, dir)?
+            writer.write_memory(memfd, self.ram.size)?
         } else {
-            // A copy-on-write or userfaultfd clone: its writes live only in its mapping. Read through
-            // it in chunks that never cross a region boundary (both are 1 MiB aligned).
-            snapshot::memory::write_sparse_with(
-                self.ram.size,
-                &[(0, self.ram.size)],
-                dir,
-                |off, buf| self.ram.read_at(off, buf),
-            )?
-        };
-        let header = snapshot::StateFile {
-            producer_version: env!("CARGO_PKG_VERSION").into(),
-            host: snapshot::HostFingerprint::current(self.kvm.get_api_version()),
+            // A copy-on-write or userfaultfd clone: its writes live only in its mapping. Read
+            // through it in chunks that never cross a region boundary (both are 1 MiB aligned).
+            writer.write_memory_with(self.ram.size, &[(0, self.ram.size)], |off, buf| {
+                self.ram.read_at(off, buf)
+            })?
         };
         let state = MachineSnapshot {
             config: self.config.clone(),
@@ -76,7 +72,11 @@ impl Vmm {
             devices,
             block_bytes,
         };
-        snapshot::write_state(dir, &header, &state)?;
+        writer.commit(
+            env!("CARGO_PKG_VERSION"),
+            snapshot::HostFingerprint::current(self.kvm.get_api_version()),
+            &state,
+        )?;
         Ok(mem)
     }
 }

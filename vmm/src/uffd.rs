@@ -14,15 +14,19 @@
 //! prefetch is `MADV_POPULATE_READ` over the set (zero copy, in bulk). Faults then are the pages
 //! the guest pulled in beyond the prefetched set.
 //!
-//! The first clone of a snapshot records the pages it faults on during its first seconds and
-//! writes them as the snapshot's working set; later clones install that whole set in bulk before
-//! their vCPUs run, so they do not stop on those faults at all. One handler thread per VM serves
-//! the rest; it never touches vCPU state and stops (flushing a recording) when the VM ends.
+//! The first clone of a snapshot records the pages it faults on during its recording window
+//! (at least [`MIN_RECORD_MS`]) and, once that whole window has passed with the clone alive,
+//! publishes them as the snapshot's working set (tied to the snapshot id: a set left by an earlier
+//! snapshot in the same directory is stale and replaced). A clone that stops before its window
+//! ends publishes nothing, so a quick shutdown never leaves an unrepresentative set for every
+//! later clone. Later clones install the whole set in bulk before their vCPUs run, so they do
+//! not stop on those faults at all. One handler thread per VM serves the rest; it never touches
+//! vCPU state and stops when the VM ends.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,7 +36,8 @@ use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestRam;
-use snapshot::workingset::{self, PAGE_SIZE};
+use snapshot::workingset::PAGE_SIZE;
+use snapshot::SnapshotDir;
 
 /// `UFFD_FEATURE_MINOR_SHMEM` (linux/userfaultfd.h); the crate predates its flag constant.
 const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
@@ -42,6 +47,9 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 const MAX_RECORDED: usize = 1 << 18;
 /// Largest run installed by one prefetch ioctl.
 const MAX_RUN: u64 = 1 << 20;
+/// Shortest working-set recording window, in milliseconds: shorter windows are raised to this
+/// (a set recorded over a few milliseconds would not represent what clones touch).
+pub const MIN_RECORD_MS: u64 = 100;
 
 pub use vmm_api::{FaultMode, UffdStats};
 
@@ -59,6 +67,16 @@ pub enum UffdError {
     /// Spawning the handler thread or creating its eventfd.
     #[error("starting the userfaultfd handler: {0}")]
     Thread(std::io::Error),
+    /// The clone's RAM is not the snapshot's size.
+    #[error("guest RAM is {ram} bytes, the snapshot in {dir} has {snapshot}: use a VM of the snapshot's size")]
+    Size {
+        /// Guest RAM size.
+        ram: u64,
+        /// The snapshot's RAM size.
+        snapshot: u64,
+        /// The snapshot directory.
+        dir: PathBuf,
+    },
     /// Prefetching the working set failed.
     #[error("prefetching the working set of {path}: {why}")]
     Prefetch {
@@ -270,18 +288,28 @@ impl Pages {
 }
 
 impl PageServer {
-    /// Registers guest RAM with a new userfaultfd in `mode`, prefetches the snapshot's working
-    /// set when `dir` has one (or records one for `record_for` otherwise), and starts the handler.
+    /// Registers guest RAM with a new userfaultfd in `mode`, prefetches the working set of
+    /// `snap` when it has one (or records one for `record_for`, at least [`MIN_RECORD_MS`],
+    /// otherwise), and starts the handler. Pages are read from `snap`'s memory file.
     ///
-    /// `ram` must already map `file` (MINOR) or be untouched anonymous memory (MISSING).
+    /// `ram` must already map `snap.memory()` (MINOR, Populate) or be untouched anonymous memory
+    /// (MISSING).
     pub fn start(
         ram: &GuestRam,
-        file: Arc<File>,
-        dir: &Path,
+        snap: &SnapshotDir,
         mode: FaultMode,
         record_for: Duration,
     ) -> Result<Self, UffdError> {
-        let path = dir.join(snapshot::memory::MEMORY_FILE);
+        if ram.size != snap.mem_size() {
+            return Err(UffdError::Size {
+                ram: ram.size,
+                snapshot: snap.mem_size(),
+                dir: snap.path().to_path_buf(),
+            });
+        }
+        let record_for = record_for.max(Duration::from_millis(MIN_RECORD_MS));
+        let path = snap.memory_path().to_path_buf();
+        let file = snap.memory().clone();
         let uffd = match mode {
             FaultMode::Populate => None,
             FaultMode::Minor | FaultMode::Missing => {
@@ -327,7 +355,7 @@ impl PageServer {
             regions,
         });
         let counters = Arc::new(Counters::default());
-        let recording = match workingset::read(dir, ram.size) {
+        let recording = match snap.working_set() {
             Ok(Some(set)) => {
                 let t0 = Instant::now();
                 let n = pages
@@ -340,7 +368,7 @@ impl PageServer {
                 None
             }
             Ok(None) => Some(Recording {
-                dir: dir.to_path_buf(),
+                snap: snap.clone(),
                 until: Instant::now() + record_for,
                 pages: Vec::new(),
             }),
@@ -402,13 +430,15 @@ impl Drop for PageServer {
 
 /// A working set being recorded.
 struct Recording {
-    dir: PathBuf,
+    snap: SnapshotDir,
+    /// End of the window; only a recording whose window ended while the clone ran is published.
     until: Instant,
     pages: Vec<u64>,
 }
 
 impl Recording {
-    fn flush(mut self, pages: &Pages, counters: &Counters) {
+    /// Publishes the recording (its window has ended).
+    fn publish(mut self, pages: &Pages, counters: &Counters) {
         if pages.uffd.is_none() {
             match pages.present_pages() {
                 Ok(p) => self.pages = p,
@@ -418,14 +448,18 @@ impl Recording {
                 }
             }
         }
-        counters
-            .recorded_pages
-            .store(self.pages.len() as u64, Ordering::Relaxed);
-        match workingset::write_if_absent(&self.dir, &self.pages) {
+        // Populate mode reads every present page; a working set holds at most MAX_PAGES.
+        self.pages
+            .truncate(snapshot::workingset::MAX_PAGES as usize);
+        match self.snap.publish_working_set(&self.pages) {
             Ok(true) => tracing::debug!(pages = self.pages.len(), "working set recorded"),
             Ok(false) => {}
             Err(e) => tracing::warn!("not recording the working set: {e}"),
         }
+        // Stored last: a reader that sees it can rely on the publication having happened.
+        counters
+            .recorded_pages
+            .store(self.pages.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -464,7 +498,7 @@ fn serve(pages: &Pages, counters: &Counters, stop: &EventFd, mut recording: Opti
             .is_some_and(|r| Instant::now() >= r.until)
         {
             if let Some(r) = recording.take() {
-                r.flush(pages, counters);
+                r.publish(pages, counters);
             }
         }
         if fds[1].revents != 0 {
@@ -508,36 +542,58 @@ fn serve(pages: &Pages, counters: &Counters, stop: &EventFd, mut recording: Opti
         }
     }
     if let Some(r) = recording {
-        r.flush(pages, counters);
+        tracing::debug!(
+            pages = r.pages.len(),
+            "the clone stopped before its recording window ended; no working set published"
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     //! The lazy path with real userfaultfd: accesses from another thread of this process fault
-    //! into the handler exactly as a vCPU's do on a standard KVM host.
+    //! into the handler exactly as a vCPU's do on a standard KVM host. Snapshots are real
+    //! snapshot directories (on tmpfs and on disk) written by `SnapshotWriter`.
     use super::*;
+    use std::os::fd::FromRawFd;
+    use std::path::Path;
     use vm_memory::{Bytes, GuestAddress};
 
     const SIZE: u64 = 16 << 20;
+    /// Recording window of the tests' clones.
+    const WINDOW: Duration = Duration::from_millis(300);
 
-    fn template(dir: &Path) -> Vec<u8> {
+    /// Publishes a snapshot of patterned guest RAM in `dir`; returns the RAM bytes.
+    fn template(dir: &Path, seed: u32) -> Vec<u8> {
         let data: Vec<u8> = (0..SIZE as u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 11) as u8)
             .collect();
-        std::fs::write(dir.join(snapshot::memory::MEMORY_FILE), &data).unwrap();
+        // SAFETY: valid NUL-terminated name; the fd is checked and then owned.
+        let fd = unsafe { libc::memfd_create(c"ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd owned by nobody else.
+        let ram = unsafe { File::from_raw_fd(fd) };
+        ram.write_all_at(&data, 0).unwrap();
+        let mut w = snapshot::SnapshotWriter::create(dir).unwrap();
+        w.write_memory(&ram, SIZE).unwrap();
+        w.commit("test", snapshot::HostFingerprint::current(12), &())
+            .unwrap();
         data
     }
 
-    /// A clone's RAM over the template in `dir`, served by a page server in `mode`.
-    fn clone(dir: &Path, mode: FaultMode) -> (GuestRam, PageServer) {
-        let file = Arc::new(File::open(dir.join(snapshot::memory::MEMORY_FILE)).unwrap());
+    fn open(dir: &Path) -> SnapshotDir {
+        SnapshotDir::open::<()>(dir, None).unwrap().0
+    }
+
+    /// A clone's RAM over the snapshot in `dir`, served by a page server in `mode`.
+    fn clone(dir: &Path, mode: FaultMode, window: Duration) -> (GuestRam, PageServer) {
+        let snap = open(dir);
         let mut ram = GuestRam::reserve(SIZE).unwrap();
         match mode {
             FaultMode::Missing => ram.map_anonymous().unwrap(),
-            _ => ram.map_file_private(file.clone()).unwrap(),
+            _ => ram.map_file_private(snap.memory().clone()).unwrap(),
         }
-        let server = PageServer::start(&ram, file, dir, mode, Duration::from_secs(30)).unwrap();
+        let server = PageServer::start(&ram, &snap, mode, window).unwrap();
         (ram, server)
     }
 
@@ -558,12 +614,26 @@ mod tests {
         .unwrap()
     }
 
+    /// Waits until `server`'s recording window has passed and its set is published; returns how
+    /// many pages it recorded.
+    fn wait_published(server: &PageServer) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = server.stats().recorded_pages;
+            if n > 0 {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "no working set was published");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn record_then_prefetch(dir: &Path, mode: FaultMode) {
-        let data = template(dir);
+        let data = template(dir, 0);
         let expect: Vec<u8> = (0..200u64)
             .map(|i| data[(i * 37 * PAGE_SIZE % SIZE + 5) as usize])
             .collect();
-        let (ram, server) = clone(dir, mode);
+        let (ram, server) = clone(dir, mode, WINDOW);
         assert_eq!(
             touch(&ram),
             expect,
@@ -571,9 +641,10 @@ mod tests {
         );
         let first = server.stats();
         assert!(first.faults >= 200, "{first:?}");
+        assert_eq!(wait_published(&server), first.faults);
         drop(server);
         assert_eq!(
-            workingset::read(dir, SIZE).unwrap().unwrap().len() as u64,
+            open(dir).working_set().unwrap().unwrap().len() as u64,
             first.faults,
             "the recording holds every faulted page"
         );
@@ -581,26 +652,23 @@ mod tests {
         ram.mem.write_obj(0xffu8, GuestAddress(5)).unwrap_or(());
         drop(ram);
 
-        let (ram, server) = clone(dir, mode);
+        let (ram, server) = clone(dir, mode, WINDOW);
         assert_eq!(touch(&ram), expect);
         let second = server.stats();
         assert!(second.prefetched_pages >= 200, "{second:?}");
         assert_eq!(second.faults, 0, "prefetched pages never fault: {second:?}");
         drop(server);
-        assert_eq!(
-            std::fs::read(dir.join(snapshot::memory::MEMORY_FILE)).unwrap(),
-            data
-        );
+        let mut mem = vec![0u8; SIZE as usize];
+        open(dir).memory().read_exact_at(&mut mem, 0).unwrap();
+        assert!(mem == data, "the memory file changed");
     }
 
-    /// Checks that a memory file in a directory under `base` selects `mode`, then runs
+    /// Checks that a snapshot in a directory under `base` selects `mode`, then runs
     /// [`record_then_prefetch`] there.
     fn in_dir(base: &str, mode: FaultMode) {
         let dir = tempfile::tempdir_in(base).unwrap();
-        let path = dir.path().join(snapshot::memory::MEMORY_FILE);
-        std::fs::write(&path, b"x").unwrap();
-        assert_eq!(mode_for(&File::open(&path).unwrap(), true), mode);
         record_then_prefetch(dir.path(), mode);
+        assert_eq!(mode_for(open(dir.path()).memory(), true), mode);
     }
 
     #[test]
@@ -616,15 +684,16 @@ mod tests {
     #[test]
     fn populate_mode_records_from_page_tables() {
         let dir = tempfile::tempdir().unwrap();
-        let data = template(dir.path());
-        let (ram, server) = clone(dir.path(), FaultMode::Populate);
+        let data = template(dir.path(), 0);
+        let (ram, server) = clone(dir.path(), FaultMode::Populate, WINDOW);
         touch(&ram);
         assert!(server.stats().faults >= 200, "{:?}", server.stats());
+        wait_published(&server);
         drop(server);
         drop(ram);
-        let set = workingset::read(dir.path(), SIZE).unwrap().unwrap();
+        let set = open(dir.path()).working_set().unwrap().unwrap();
         assert!(set.len() >= 200, "{} pages recorded", set.len());
-        let (ram, server) = clone(dir.path(), FaultMode::Populate);
+        let (ram, server) = clone(dir.path(), FaultMode::Populate, WINDOW);
         touch(&ram);
         let s = server.stats();
         assert_eq!(s.prefetched_pages, set.len() as u64, "{s:?}");
@@ -632,5 +701,52 @@ mod tests {
         let mut b = [0u8; 1];
         ram.mem.read_slice(&mut b, GuestAddress(5)).unwrap();
         assert_eq!(b[0], data[5]);
+    }
+
+    /// Regression: a clone that stopped early (short run, quick shutdown) published the few
+    /// pages it had touched, and every later clone prefetched only those, forever.
+    #[test]
+    fn a_clone_that_stops_before_its_window_ends_publishes_nothing() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        template(dir.path(), 0);
+        let (ram, server) = clone(dir.path(), FaultMode::Minor, Duration::from_secs(30));
+        touch(&ram);
+        assert!(server.stats().faults >= 200);
+        drop(server);
+        assert_eq!(open(dir.path()).working_set().unwrap(), None);
+        assert!(!dir
+            .path()
+            .join(snapshot::workingset::WORKINGSET_FILE)
+            .exists());
+        drop(ram);
+        // The next clone still records (nothing to prefetch), and with a window below the
+        // minimum it records for MIN_RECORD_MS, long enough to see its first touches.
+        let (ram, server) = clone(dir.path(), FaultMode::Minor, Duration::ZERO);
+        assert_eq!(server.stats().prefetched_pages, 0);
+        touch(&ram);
+        assert!(wait_published(&server) >= 200, "{:?}", server.stats());
+    }
+
+    /// A full window publishes, replacing a working set left by an earlier snapshot in the same
+    /// directory (stale: another snapshot id), which no clone prefetches.
+    #[test]
+    fn a_full_window_publishes_and_replaces_a_stale_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join(snapshot::workingset::WORKINGSET_FILE);
+        template(dir.path(), 1);
+        assert!(open(dir.path()).publish_working_set(&[0, 4096]).unwrap());
+        let stale = std::fs::read(&ws).unwrap();
+        let data = template(dir.path(), 2);
+        std::fs::write(&ws, &stale).unwrap();
+
+        let (ram, server) = clone(dir.path(), FaultMode::Missing, WINDOW);
+        assert_eq!(server.stats().prefetched_pages, 0, "stale set not used");
+        let got = touch(&ram);
+        assert_eq!(got[0], data[5], "pages come from the new snapshot");
+        let recorded = wait_published(&server);
+        assert!(recorded >= 200, "{recorded}");
+        drop(server);
+        let set = open(dir.path()).working_set().unwrap().unwrap();
+        assert_eq!(set.len() as u64, recorded);
     }
 }

@@ -3,7 +3,6 @@
 //! [`crate::assemble`], the loops that serve it [`crate::serve`].
 
 use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -52,8 +51,8 @@ pub struct Vmm {
     pub(crate) backends: Vec<Backend>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub(crate) mem_mode: Option<MemoryMode>,
-    /// The snapshot directory a clone was restored from.
-    pub(crate) source: Option<PathBuf>,
+    /// The snapshot a clone was restored from (its files back the clone's memory).
+    pub(crate) source: Option<snapshot::SnapshotDir>,
     // irqfds must outlive the VM's use of them.
     pub(crate) _irq_fds: Vec<EventFd>,
 }

@@ -115,10 +115,16 @@ fn template(dir: &Path) -> PathBuf {
 
 /// Rewrites `snap`'s state file (header kept, checksum recomputed) after `forge`.
 fn forge(snap: &Path, forge: impl FnOnce(&mut vmm::MachineSnapshot)) {
-    let (header, mut state) =
-        snapshot::read_state::<vmm::MachineSnapshot>(snap, None).expect("template state");
+    let path = snap.join("state.bin");
+    let mut f = std::fs::File::open(&path).unwrap();
+    let (header, mut state) = snapshot::state::decode::<vmm::MachineSnapshot>(&mut f, &path, None)
+        .expect("template state");
     forge(&mut state);
-    snapshot::write_state(snap, &header, &state).unwrap();
+    std::fs::write(
+        &path,
+        snapshot::state::encode(&path, &header, &state).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]

@@ -117,7 +117,14 @@ fn clone_run(snap: &Path, dir: &Path, mode: MemoryMode, id: &str, want: usize) -
     opts.debug_log = Some(dir.join(format!("{id}.log")).display().to_string());
     let sock = dir.join(format!("{id}.sock"));
     opts.control = Some(sock.clone());
-    let (_, state): (_, vmm::MachineSnapshot) = snapshot::read_state(snap, None).unwrap();
+    // A uffd clone publishes its working set only once its whole recording window has passed
+    // while it ran: record briefly, and run at least that long (below).
+    let uffd = matches!(mode, MemoryMode::Uffd);
+    if uffd {
+        opts.record_ms = 2 * vmm::uffd::MIN_RECORD_MS;
+    }
+    let restored = Instant::now();
+    let (_, state): (_, vmm::MachineSnapshot) = snapshot::SnapshotDir::open(snap, None).unwrap();
     if state.config.vsock.is_some() {
         opts.vsock_uds = Some(dir.join(format!("{id}.vsock")));
     }
@@ -135,6 +142,10 @@ fn clone_run(snap: &Path, dir: &Path, mode: MemoryMode, id: &str, want: usize) -
         if fail {
             break;
         }
+    }
+    if uffd {
+        let window = Duration::from_millis(opts.record_ms + 100);
+        std::thread::sleep(window.saturating_sub(restored.elapsed()));
     }
     let status = serde_json::to_value(control(&sock).status().unwrap()).unwrap();
     exit.exit(vmm::ExitReason::Shutdown);
@@ -447,4 +458,53 @@ fn kvm_snapshot_of_a_cow_clone_keeps_its_writes() {
         Some("first"),
         "the first clone's write was lost: {r}"
     );
+}
+
+/// Regression: re-snapshotting into the directory a running `cow` clone maps truncated its
+/// `memory.bin` in place, which dropped even the clone's private pages. Now the clone keeps its
+/// memory: a snapshot of it taken after the template directory was overwritten still resumes
+/// from its own state, with its own write.
+#[test]
+fn kvm_snapshot_retaken_under_a_running_clone_leaves_it_intact() {
+    if !kvm_available("kvm_snapshot_retaken_under_a_running_clone_leaves_it_intact") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let snap = dir.path().join("snap");
+    make_template(dir.path(), &snap, 1, "", None);
+    let sock = dir.path().join("live.sock");
+    let mut opts = RestoreOptions::new(&snap, MemoryMode::Cow);
+    opts.clone_id = "live".into();
+    opts.serial = vmm::config::SerialOutput::None;
+    opts.debug_log = Some(dir.path().join("live.log").display().to_string());
+    opts.control = Some(sock.clone());
+    let vm = vmm::Vmm::restore(&opts).unwrap();
+    let reports = vm.reports().unwrap();
+    let t = std::thread::spawn(move || vm.run(None));
+    let r = reports.recv_timeout(TIMEOUT).unwrap();
+    assert!(r.contains("clone=live"), "{r}");
+    std::thread::sleep(Duration::from_millis(50));
+
+    // A new template is snapshotted into the same directory while the clone runs.
+    let (old_state, _) = file_bytes(&snap);
+    make_template(dir.path(), &snap, 1, "", None);
+    assert!(file_bytes(&snap).0 != old_state, "the snapshot was retaken");
+
+    let snap2 = dir.path().join("snap2");
+    std::fs::create_dir_all(&snap2).unwrap();
+    let mut c = control(&sock);
+    c.snapshot(&snap2).unwrap();
+    c.shutdown().unwrap();
+    t.join().unwrap().unwrap();
+    let r = clone_once(&snap2, dir.path(), MemoryMode::Cow, "after");
+    assert!(r.starts_with("PASS resumed"), "{r}");
+    assert_eq!(field(&r, "gen"), Some("2"), "{r}");
+    assert_eq!(
+        field(&r, "prev"),
+        Some("live"),
+        "the running clone lost its private write: {r}"
+    );
+    // The retaken template restores too.
+    let r = clone_once(&snap, dir.path(), MemoryMode::Cow, "new");
+    assert_eq!(field(&r, "gen"), Some("1"), "{r}");
 }

@@ -63,8 +63,8 @@ impl DeviceLoop<'_> {
         let mut events = vec![EpollEvent::default(); 16];
         while exit.reason().is_none() {
             let n = epoll_wait(&epoll, &mut events, plane.poll_timeout_ms())
-            .map_err(io_err("waiting on epoll"))?;
-        plane.tick(&epoll);
+                .map_err(io_err("waiting on epoll"))?;
+            plane.tick(&epoll);
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_EXIT => {}
