@@ -1,6 +1,7 @@
 //! Snapshot and restore benchmarks: `snapshot_create_ms` (256 MiB guest, mostly zero);
 //! `restore_{copy,cow,uffd}_ms` and `restore_uffd_p99_ms` (restore command to a pre-created
-//! shell → the guest's first report after resume); `clones_per_second` (sustained, sequential,
+//! shell → the guest's first report after resume); `restore_fresh_process_ms` (spawning
+//! `runv-vmm --restore` → the first report, no shell made ahead); `clones_per_second` (sustained, sequential,
 //! shells refilled in the background); `clone_private_mib` (median private memory of 100 idle
 //! clones of a 256 MiB template, from smaps_rollup).
 
@@ -188,6 +189,39 @@ fn main() {
             p99.write();
         }
     }
+
+    // A restore with no pre-created shell: spawn `runv-vmm --restore` (cow) → the guest's first
+    // report after resume, process start and VM creation included.
+    let mut fresh = Recorder::median("restore_fresh_process_ms", "ms");
+    c.bench_function("restore_fresh_process", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                id += 1;
+                let start = Instant::now();
+                let mut child = Command::new(release_bin("runv-vmm"))
+                    .arg("--restore")
+                    .arg(&snap)
+                    .args(["--clone-id", &format!("f{id}")])
+                    .args(["--serial", "none", "--debug-log", "-"])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("spawning runv-vmm --restore");
+                let mut out = BufReader::new(child.stdout.take().unwrap());
+                let mut line = String::new();
+                out.read_line(&mut line).unwrap();
+                let d = start.elapsed();
+                assert!(line.starts_with("REPORT PASS resumed"), "{line:?}");
+                fresh.push_duration(d);
+                total += d;
+                // SAFETY: kill(2) on our own child; teardown is not timed.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                assert!(child.wait().unwrap().success());
+            }
+            total
+        })
+    });
+    fresh.write();
 
     // Sustained: shells are made in the background while clones are restored one at a time;
     // finished clones are torn down off the request path, as the pool manager does.
