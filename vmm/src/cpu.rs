@@ -80,24 +80,32 @@ const BOOT_MSRS: [(u32, u64); 9] = [
 /// Sets the boot MSRs; returns the indices the host rejected (skipped, not fatal).
 pub fn set_boot_msrs(vcpu: &VcpuFd, cpu: u8) -> Result<Vec<u32>, CpuError> {
     let mut rejected = Vec::new();
-    for (index, data) in BOOT_MSRS {
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+    let entries: Vec<kvm_msr_entry> = BOOT_MSRS
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
             index,
             data,
             ..Default::default()
-        }])
-        .expect("one MSR entry always fits");
-        match vcpu.set_msrs(&msrs) {
-            Ok(1) => {}
-            Ok(_) => rejected.push(index),
-            Err(source) => {
-                return Err(CpuError::Kvm {
-                    op: "KVM_SET_MSRS",
-                    cpu,
-                    source,
-                })
-            }
+        })
+        .collect();
+    // KVM_SET_MSRS sets entries in order and stops at the first one the host refuses: one
+    // ioctl normally, one more per refused MSR.
+    let mut rest = &entries[..];
+    while !rest.is_empty() {
+        let msrs = Msrs::from_entries(rest).map_err(|_| CpuError::Kvm {
+            op: "KVM_SET_MSRS",
+            cpu,
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let set = vcpu.set_msrs(&msrs).map_err(|source| CpuError::Kvm {
+            op: "KVM_SET_MSRS",
+            cpu,
+            source,
+        })?;
+        if let Some(refused) = rest.get(set) {
+            rejected.push(refused.index);
         }
+        rest = rest.get(set + 1..).unwrap_or(&[]);
     }
     if !rejected.is_empty() {
         tracing::debug!(cpu, ?rejected, "host rejected boot MSRs; skipped");
