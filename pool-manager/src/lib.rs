@@ -1,13 +1,23 @@
-//! The pool manager's library: VM shells made ahead of time and turned into clones on request.
+//! The pool manager's library: templates, pools of ready VMs and leased sandboxes.
 //!
 //! A [`ShellProcess`] is a `runv-vmm --shell` process: a KVM VM with memslots and vCPUs but no
-//! guest, waiting on its control socket. [`ShellPool`] keeps a number of them ready, refilled by
-//! background threads, so creating a VM (about 8 ms of KVM work here) is never on the request
-//! path: a clone costs the `restore` command only.
+//! guest, waiting on its control socket. [`Pool`] keeps, per template, shells (and warm clones)
+//! ready, refilled by background threads, so creating a VM (about 8 ms of KVM work here) is
+//! never on the request path: a clone costs the `restore` command only. [`ShellPool`] is the
+//! minimal template-less pool used by the VMM's tests.
 
+pub mod manager;
+pub mod names;
 pub mod pool;
+pub mod sandbox;
 pub mod shell;
+pub mod template;
 
+pub use manager::{AcquireRequest, ErrorClass, Pool, PoolConfig, PoolCounters, PoolError};
 pub use pool::ShellPool;
+pub use sandbox::{
+    PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus, Tier,
+};
 pub use shell::{ShellError, ShellProcess, ShellSpec};
+pub use template::{ReadyCheck, Template, TemplateError, TemplateMeta, TemplateSpec};
 pub use vmm_api;

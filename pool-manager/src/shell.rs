@@ -175,6 +175,24 @@ impl ShellProcess {
         Ok(line)
     }
 
+    /// Whether the VMM has exited (without waiting): its exit status once it has.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The shell's name (its control socket is `<run_dir>/<name>.sock`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Lets the VMM outlive this handle: nothing is killed, waited for or removed (a daemon
+    /// that exits with leased sandboxes running). Returns the process id.
+    pub fn detach(self) -> u32 {
+        let pid = self.child.id();
+        std::mem::forget(self);
+        pid
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -1,0 +1,418 @@
+//! Templates: a snapshot of a booted, paused guest that clones are restored from.
+//!
+//! A template named `N` lives durably in `<state-dir>/templates/N/` (`state.bin`, `memory.bin`
+//! and `template.json`, the [`TemplateMeta`] written here because `state.bin`'s machine state
+//! belongs to the `vmm` crate) and is copied to a tmpfs directory (`/dev/shm/runv/N` by default)
+//! that clones map their memory from. A missing tmpfs copy is made again from the durable one.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::names;
+
+/// The metadata file of a template directory.
+pub const META_FILE: &str = "template.json";
+/// How long a template guest may take to report ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How template build knows the guest is ready to be snapshotted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyCheck {
+    /// The guest's debug report `READY` (and `PASS counter_started` when the command line runs
+    /// `rt.counter`): the test guest.
+    #[default]
+    Report,
+    /// The agent answers `ping` over vsock: a Linux guest with `runv-agent` (not implemented
+    /// yet: refused with a clear error).
+    Agent,
+}
+
+/// What to boot for a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSpec {
+    /// Kernel (or test guest) to boot.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    /// vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Readiness check.
+    #[serde(default)]
+    pub ready: ReadyCheck,
+}
+
+fn default_mem() -> u64 {
+    128
+}
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// `template.json`: what a template was built from and the shape shells must have.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    /// Template name.
+    pub name: String,
+    /// What it was booted from.
+    pub spec: TemplateSpec,
+    /// Seconds the build took (boot to published snapshot).
+    pub build_s: f64,
+    /// Unix time of the build, in seconds.
+    pub built_at: u64,
+}
+
+/// Error building or loading a template.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// A file operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The spec cannot be built.
+    #[error("{0}")]
+    Spec(String),
+    /// The template guest failed or did not become ready.
+    #[error("template guest: {0}")]
+    Guest(String),
+    /// The snapshot is damaged or missing.
+    #[error("snapshot {path}: {detail}; rebuild the template")]
+    Snapshot {
+        /// Snapshot directory.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
+    let path = path.to_path_buf();
+    move |source| TemplateError::Io { what, path, source }
+}
+
+impl TemplateSpec {
+    /// Checks the spec before anything is booted.
+    pub fn validate(&self) -> Result<(), TemplateError> {
+        if !(1..=8).contains(&self.vcpus) {
+            return Err(TemplateError::Spec(format!(
+                "vcpus {}: use 1 to 8",
+                self.vcpus
+            )));
+        }
+        if !(16..=65536).contains(&self.mem_mib) {
+            return Err(TemplateError::Spec(format!(
+                "mem_mib {}: use 16 to 65536",
+                self.mem_mib
+            )));
+        }
+        if self.ready == ReadyCheck::Agent {
+            return Err(TemplateError::Spec(
+                "ready=agent is not implemented yet: build with ready=report (test guests)".into(),
+            ));
+        }
+        for p in std::iter::once(&self.kernel).chain(self.initrd.as_ref()) {
+            if !p.is_file() {
+                return Err(TemplateError::Spec(format!(
+                    "{} is not a readable file: give the path of a kernel/initrd on the daemon's host",
+                    p.display()
+                )));
+            }
+        }
+        if self.cmdline.len() > 2048 || self.cmdline.contains('\0') {
+            return Err(TemplateError::Spec(
+                "cmdline: at most 2048 bytes and no NUL".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An opened, checked template (its tmpfs copy).
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Metadata.
+    pub meta: TemplateMeta,
+    /// Durable directory.
+    pub durable: PathBuf,
+    /// tmpfs directory clones restore from.
+    pub tmpfs: PathBuf,
+}
+
+/// Boots `spec` with `vmm`, waits for readiness, snapshots into `<templates>/<name>` (published
+/// by a rename) and copies it to `<tmpfs_root>/<name>`. `run_dir` holds the build VM's sockets.
+pub fn build(
+    vmm: &Path,
+    name: &str,
+    spec: &TemplateSpec,
+    templates: &Path,
+    tmpfs_root: &Path,
+    run_dir: &Path,
+) -> Result<Template, TemplateError> {
+    names::validate("template", name).map_err(|e| TemplateError::Spec(e.to_string()))?;
+    spec.validate()?;
+    let start = Instant::now();
+    let building = templates.join(format!(".{name}.building"));
+    let _ = std::fs::remove_dir_all(&building);
+    std::fs::create_dir_all(&building).map_err(io("creating", &building))?;
+    let result = boot_and_snapshot(vmm, name, spec, &building, run_dir);
+    let result = result.and_then(|()| {
+        let meta = TemplateMeta {
+            name: name.into(),
+            spec: spec.clone(),
+            build_s: start.elapsed().as_secs_f64(),
+            built_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let path = building.join(META_FILE);
+        let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
+        std::fs::write(&path, json).map_err(io("writing", &path))?;
+        let durable = templates.join(name);
+        let _ = std::fs::remove_dir_all(&durable);
+        std::fs::rename(&building, &durable).map_err(io("publishing", &durable))?;
+        Ok(durable)
+    });
+    let durable = match result {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&building);
+            return Err(e);
+        }
+    };
+    let tmpfs = tmpfs_root.join(name);
+    let _ = std::fs::remove_dir_all(&tmpfs);
+    open(&durable, tmpfs_root)
+}
+
+fn boot_and_snapshot(
+    vmm: &Path,
+    name: &str,
+    spec: &TemplateSpec,
+    snap: &Path,
+    run_dir: &Path,
+) -> Result<(), TemplateError> {
+    let log = snap.join("build.log");
+    let control = run_dir.join(format!("build-{name}.sock"));
+    let vsock = run_dir.join(format!("build-{name}.vsock"));
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--kernel")
+        .arg(&spec.kernel)
+        .args(["--cmdline", &spec.cmdline])
+        .args(["--mem-mib", &spec.mem_mib.to_string()])
+        .args(["--vcpus", &spec.vcpus.to_string()])
+        .args(["--serial", "none"])
+        .arg("--debug-log")
+        .arg(&log)
+        .arg("--control")
+        .arg(&control)
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", vsock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(i) = &spec.initrd {
+        cmd.arg("--initrd").arg(i);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| TemplateError::Guest(format!("spawning {}: {e}", vmm.display())))?;
+    let outcome = (|| {
+        wait_ready(&mut child, &log, &spec.cmdline)?;
+        let mut c = vmm_api::ControlClient::connect(&control, Duration::from_secs(5))
+            .map_err(|e| TemplateError::Guest(e.to_string()))?;
+        c.snapshot(snap)
+            .map_err(|e| TemplateError::Guest(format!("snapshot: {e}")))?;
+        let _ = c.shutdown();
+        Ok(())
+    })();
+    if outcome.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&vsock);
+    let _ = std::fs::remove_file(&control);
+    outcome?;
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(TemplateError::Guest(format!(
+            "the template VM exited with {s} after its snapshot"
+        ))),
+        Err(e) => Err(TemplateError::Guest(format!("waiting for the VMM: {e}"))),
+    }
+}
+
+/// Waits until the debug log holds the ready reports, the guest fails, or the VMM exits.
+fn wait_ready(
+    child: &mut std::process::Child,
+    log: &Path,
+    cmdline: &str,
+) -> Result<(), TemplateError> {
+    let counter = cmdline.split_whitespace().any(|t| t == "rt.counter");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(fail) = text.lines().find(|l| l.starts_with("REPORT FAIL")) {
+            return Err(TemplateError::Guest(format!("the guest reported {fail}")));
+        }
+        let ready = text.lines().any(|l| l == "REPORT READY");
+        let started = !counter
+            || text
+                .lines()
+                .any(|l| l.starts_with("REPORT PASS counter_started"));
+        if ready && started {
+            return Ok(());
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return Err(TemplateError::Guest(format!(
+                "the VMM exited ({s}) before the guest was ready: {}",
+                err.trim()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(TemplateError::Guest(format!(
+                "no READY report within {READY_TIMEOUT:?}: is the kernel a runv test guest / does its command line run the tasks?"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Opens the template in `durable`: reads `template.json`, makes the tmpfs copy under
+/// `tmpfs_root` if it is missing, and checks the copy as a snapshot.
+pub fn open(durable: &Path, tmpfs_root: &Path) -> Result<Template, TemplateError> {
+    let meta_path = durable.join(META_FILE);
+    let bytes = std::fs::read(&meta_path).map_err(io("reading", &meta_path))?;
+    let meta: TemplateMeta =
+        serde_json::from_slice(&bytes).map_err(|e| TemplateError::Snapshot {
+            path: durable.to_path_buf(),
+            detail: format!("{META_FILE}: {e}"),
+        })?;
+    let tmpfs = tmpfs_root.join(&meta.name);
+    if !tmpfs.join("state.bin").exists() || !tmpfs.join("memory.bin").exists() {
+        let _ = std::fs::remove_dir_all(&tmpfs);
+        let part = tmpfs_root.join(format!(".{}.copying", meta.name));
+        let _ = std::fs::remove_dir_all(&part);
+        std::fs::create_dir_all(&part).map_err(io("creating", &part))?;
+        for f in ["state.bin", "memory.bin"] {
+            sparse_copy(&durable.join(f), &part.join(f))?;
+        }
+        std::fs::rename(&part, &tmpfs).map_err(io("publishing", &tmpfs))?;
+    }
+    let t = Template {
+        meta,
+        durable: durable.to_path_buf(),
+        tmpfs,
+    };
+    t.check()?;
+    Ok(t)
+}
+
+impl Template {
+    /// Checks the tmpfs copy the way a restore opens it (state checksum, memory trailer and
+    /// length) and that its RAM matches `template.json`.
+    pub fn check(&self) -> Result<(), TemplateError> {
+        let (dir, ()) = snapshot::SnapshotDir::open::<AnyState>(&self.tmpfs, None)
+            .map(|(d, _)| (d, ()))
+            .map_err(|e| TemplateError::Snapshot {
+                path: self.tmpfs.clone(),
+                detail: e.to_string(),
+            })?;
+        if dir.mem_size() != self.meta.spec.mem_mib << 20 {
+            return Err(TemplateError::Snapshot {
+                path: self.tmpfs.clone(),
+                detail: format!(
+                    "{} bytes of RAM but {META_FILE} says {} MiB",
+                    dir.mem_size(),
+                    self.meta.spec.mem_mib
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes both copies.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.tmpfs);
+        let _ = std::fs::remove_dir_all(&self.durable);
+    }
+}
+
+/// Copies `src` to a new file `dst`, keeping holes (only data extents are written).
+fn sparse_copy(src: &Path, dst: &Path) -> Result<(), TemplateError> {
+    let mut from = File::open(src).map_err(io("opening", src))?;
+    let len = from.metadata().map_err(io("stat", src))?.len();
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(io("creating", dst))?;
+    to.set_len(len).map_err(io("sizing", dst))?;
+    let extents = snapshot::memory::data_extents(&from, len).map_err(io("scanning", src))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (start, end) in extents {
+        from.seek(SeekFrom::Start(start))
+            .map_err(io("seeking", src))?;
+        to.seek(SeekFrom::Start(start))
+            .map_err(io("seeking", dst))?;
+        let mut left = end - start;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            from.read_exact(&mut buf[..n]).map_err(io("reading", src))?;
+            to.write_all(&buf[..n]).map_err(io("writing", dst))?;
+            left -= n as u64;
+        }
+    }
+    to.sync_all().map_err(io("syncing", dst))?;
+    Ok(())
+}
+
+/// The machine state of `state.bin`, accepted without decoding it (it is the `vmm` crate's):
+/// every byte is consumed so the snapshot crate's checks run.
+struct AnyState;
+
+impl<'de> Deserialize<'de> for AnyState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AnyState;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any bytes")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<AnyState, A::Error> {
+                // bincode ends the sequence with an error at the end of the input.
+                while let Ok(Some(_)) = s.next_element::<u8>() {}
+                Ok(AnyState)
+            }
+        }
+        d.deserialize_tuple(usize::MAX, V)
+    }
+}

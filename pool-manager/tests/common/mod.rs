@@ -1,0 +1,176 @@
+//! Shared helpers of the pool-manager tests: the `runv-vmm` binary, per-test directories, and
+//! the test guest's counter template.
+//!
+//! pool-manager must not depend on the `vmm` crate (not even for tests), so `runv-vmm` is found
+//! as a built binary: `$RUNV_VMM` if set, else `target/debug/runv-vmm`, built on first use with
+//! `cargo build -p vmm --bin runv-vmm` (cargo lets a test run it: the test's own build is done).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pool_manager::{PoolConfig, ReadyCheck, TemplateSpec};
+
+/// The workspace's target directory.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+}
+
+/// The `runv-vmm` binary (see the module docs).
+pub fn vmm_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("RUNV_VMM") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-q", "-p", "vmm", "--bin", "runv-vmm"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build -p vmm --bin runv-vmm");
+        assert!(status.success(), "cargo build -p vmm --bin runv-vmm failed");
+        let p = target_dir().join("debug/runv-vmm");
+        assert!(p.exists(), "{} missing after the build", p.display());
+        p
+    })
+    .clone()
+}
+
+/// Whether KVM is usable; prints a loud skip line when not.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: {test}: /dev/kvm is not usable");
+    }
+    ok
+}
+
+/// A test's own state, run and tmpfs directories, removed on drop.
+pub struct Dirs {
+    /// Temp dir holding state/ and run/.
+    pub tmp: tempfile::TempDir,
+    /// tmpfs dir (`/dev/shm/runv-test-<pid>-<n>`).
+    pub shm: PathBuf,
+}
+
+impl Dirs {
+    /// Fresh directories.
+    pub fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let shm = PathBuf::from(format!(
+            "/dev/shm/runv-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&shm);
+        Self {
+            tmp: tempfile::tempdir().unwrap(),
+            shm,
+        }
+    }
+
+    /// State dir.
+    pub fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    /// Run dir.
+    pub fn run(&self) -> PathBuf {
+        self.tmp.path().join("run")
+    }
+
+    /// A pool configuration over these directories.
+    pub fn config(&self) -> PoolConfig {
+        PoolConfig {
+            vmm: vmm_bin(),
+            state_dir: self.state(),
+            run_dir: self.run(),
+            tmpfs_dir: self.shm.clone(),
+            refill_workers: 2,
+        }
+    }
+
+    /// Files left in the run dir.
+    pub fn run_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.run())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.shm);
+    }
+}
+
+/// The counter test guest, 64 MiB, as a template spec.
+pub fn counter_spec() -> TemplateSpec {
+    TemplateSpec {
+        kernel: test_guests::guest_path(),
+        initrd: None,
+        cmdline: "rt.counter rt.idle".into(),
+        mem_mib: 64,
+        vcpus: 1,
+        ready: ReadyCheck::Report,
+    }
+}
+
+/// Waits (bounded by `timeout`) for `f` to hold.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for the `PASS resumed` report in a clone's debug log and returns it.
+pub fn resumed_report(log: &Path) -> String {
+    let mut line = String::new();
+    wait_until(
+        &format!("a resumed report in {}", log.display()),
+        Duration::from_secs(10),
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            match text.lines().find(|l| l.starts_with("REPORT PASS resumed")) {
+                Some(l) => {
+                    line = l.to_string();
+                    true
+                }
+                None => false,
+            }
+        },
+    );
+    line
+}
+
+/// The value of `key=` in a report line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+}
+
+/// Live processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}

@@ -1,0 +1,294 @@
+//! The embeddable `Pool` with real KVM and test-guest templates: build, tiers, acquire,
+//! release, refill, VMM deaths, TTL, broken templates and cleanup.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pool_manager::{
+    AcquireRequest, Pool, PoolError, PoolTargets, SandboxState, TemplateStatus, Tier,
+};
+
+fn acquire(pool: &Pool, template: &str, id: &str) -> pool_manager::SandboxInfo {
+    pool.acquire(AcquireRequest {
+        template: template.into(),
+        id: Some(id.into()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn pool_build_acquire_release_refill_and_cleanup() {
+    if !kvm_available("pool_build_acquire_release_refill_and_cleanup") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    let info = pool.build_template("counter", &counter_spec()).unwrap();
+    assert_eq!(info.status, TemplateStatus::Ready);
+    assert!(dirs
+        .state()
+        .join("templates/counter/template.json")
+        .exists());
+    assert!(dirs.shm.join("counter/memory.bin").exists());
+
+    // Empty pool: served cold, never refused.
+    let a = acquire(&pool, "counter", "cold-one");
+    assert_eq!(a.tier, Tier::Cold);
+    assert_eq!(a.generation, 1);
+    let r = resumed_report(&a.debug_log);
+    assert_eq!(field(&r, "clone"), Some("cold-one"), "{r}");
+    assert_eq!(field(&r, "gen"), Some("1"), "{r}");
+
+    pool.set_pool(
+        "counter",
+        PoolTargets {
+            warm: 0,
+            shells: 3,
+            max_sandboxes: 20,
+        },
+    )
+    .unwrap();
+    wait_until("3 shells", Duration::from_secs(20), || {
+        pool.pools()[0].shells == 3
+    });
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let s = acquire(&pool, "counter", &format!("s{i}"));
+        assert_eq!(s.tier, Tier::Shell);
+        let r = resumed_report(&s.debug_log);
+        assert_eq!(field(&r, "clone"), Some(format!("s{i}").as_str()), "{r}");
+        ids.push(s.id);
+    }
+    // Duplicate ids are refused.
+    let e = pool
+        .acquire(AcquireRequest {
+            template: "counter".into(),
+            id: Some("s0".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(matches!(e, PoolError::Conflict(_)), "{e}");
+    wait_until("refill", Duration::from_secs(20), || {
+        pool.pools()[0].shells == 3
+    });
+    assert_eq!(pool.sandboxes().len(), 4);
+    for id in ids.iter().chain(["cold-one".to_string()].iter()) {
+        pool.release(id).unwrap();
+    }
+    assert!(pool.sandboxes().is_empty());
+    assert!(matches!(pool.release("s0"), Err(PoolError::NotFound(_))));
+    let c = pool.counters();
+    assert_eq!(
+        c.acquires[Tier::Shell as usize].load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert_eq!(
+        c.acquires[Tier::Cold as usize].load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    let vmm = dirs.config().vmm;
+    let run = dirs.run();
+    drop(pool);
+    assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
+    assert!(
+        processes_mentioning(run.to_str().unwrap()).is_empty(),
+        "VMMs left running ({})",
+        vmm.display()
+    );
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) on a VMM this test's pool started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+/// Pids of the VMMs of a pool, from their command lines (`--control <run>/vm-*.sock`).
+fn vmm_pids(dirs: &Dirs) -> Vec<u32> {
+    processes_mentioning(dirs.run().to_str().unwrap())
+}
+
+#[test]
+fn pool_notices_killed_vmms_and_expired_ttls() {
+    if !kvm_available("pool_notices_killed_vmms_and_expired_ttls") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    pool.build_template("counter", &counter_spec()).unwrap();
+    pool.set_pool(
+        "counter",
+        PoolTargets {
+            warm: 0,
+            shells: 2,
+            max_sandboxes: 0,
+        },
+    )
+    .unwrap();
+    wait_until("2 shells", Duration::from_secs(20), || {
+        pool.pools()[0].shells == 2
+    });
+    let leased = acquire(&pool, "counter", "victim");
+    wait_until("refill", Duration::from_secs(20), || {
+        pool.pools()[0].shells == 2
+    });
+
+    // A pooled shell killed: noticed and replaced.
+    let pooled: Vec<u32> = vmm_pids(&dirs)
+        .into_iter()
+        .filter(|p| *p != leased.pid)
+        .collect();
+    assert_eq!(pooled.len(), 2, "{pooled:?}");
+    kill9(pooled[0]);
+    wait_until("the death noticed", Duration::from_secs(1), || {
+        pool.counters()
+            .vm_deaths
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    });
+    wait_until("a replacement", Duration::from_secs(20), || {
+        pool.pools()[0].shells == 2 && !vmm_pids(&dirs).contains(&pooled[0])
+    });
+
+    // A leased VMM killed: marked dead within a second, its socket removed.
+    kill9(leased.pid);
+    wait_until("dead", Duration::from_secs(1), || {
+        pool.sandbox("victim").unwrap().state == SandboxState::Dead
+    });
+    wait_until("files removed", Duration::from_secs(1), || {
+        !leased.control.exists() && !leased.debug_log.exists()
+    });
+    pool.release("victim").unwrap();
+
+    // TTL: released by the monitor.
+    let t = pool
+        .acquire(AcquireRequest {
+            template: "counter".into(),
+            id: Some("short".into()),
+            ttl: Some(Duration::from_secs(1)),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(t.expires_at.is_some());
+    wait_until("TTL expiry", Duration::from_secs(3), || {
+        pool.sandbox("short").is_err()
+    });
+    wait_until("expired VMM gone", Duration::from_secs(3), || {
+        !vmm_pids(&dirs).contains(&t.pid)
+    });
+    assert_eq!(
+        pool.counters()
+            .expired
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(pool);
+    assert!(vmm_pids(&dirs).is_empty());
+    assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
+}
+
+#[test]
+fn pool_marks_a_corrupted_template_broken_and_keeps_serving_others() {
+    if !kvm_available("pool_marks_a_corrupted_template_broken_and_keeps_serving_others") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    pool.build_template("good", &counter_spec()).unwrap();
+    pool.build_template("bad", &counter_spec()).unwrap();
+    // Truncate the tmpfs copy clones map.
+    let mem = dirs.shm.join("bad/memory.bin");
+    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    f.set_len(4096).unwrap();
+    drop(f);
+    let e = pool
+        .acquire(AcquireRequest {
+            template: "bad".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(matches!(e, PoolError::Broken { .. }), "{e}");
+    let TemplateStatus::Broken(reason) = pool.template("bad").unwrap().status else {
+        panic!("not broken");
+    };
+    assert!(reason.contains("memory.bin"), "{reason}");
+    // The others keep serving.
+    let g = acquire(&pool, "good", "g1");
+    assert!(resumed_report(&g.debug_log).contains("clone=g1"));
+
+    // A pool opened later sees the durable copy again: the tmpfs copy is remade only when
+    // missing, so the truncated one stays broken at open until removed.
+    drop(pool);
+    let pool = Pool::open(dirs.config()).unwrap();
+    assert!(matches!(
+        pool.template("bad").unwrap().status,
+        TemplateStatus::Broken(_)
+    ));
+    std::fs::remove_dir_all(dirs.shm.join("bad")).unwrap();
+    drop(pool);
+    let pool = Pool::open(dirs.config()).unwrap();
+    assert_eq!(pool.template("bad").unwrap().status, TemplateStatus::Ready);
+    let b = acquire(&pool, "bad", "b1");
+    assert!(resumed_report(&b.debug_log).contains("clone=b1"));
+    pool.remove_template("bad", true).unwrap();
+    assert!(!dirs.shm.join("bad").exists());
+    assert!(!dirs.state().join("templates/bad").exists());
+    drop(pool);
+    assert!(vmm_pids(&dirs).is_empty());
+}
+
+#[test]
+fn pool_refuses_bad_input_with_what_to_fix() {
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    let bad_name = pool
+        .build_template("Bad/Name", &counter_spec())
+        .unwrap_err();
+    assert!(
+        bad_name.to_string().contains("invalid template"),
+        "{bad_name}"
+    );
+    let mut spec = counter_spec();
+    spec.vcpus = 0;
+    assert!(pool
+        .build_template("x", &spec)
+        .unwrap_err()
+        .to_string()
+        .contains("vcpus"));
+    spec = counter_spec();
+    spec.kernel = "/nonexistent/kernel".into();
+    assert!(pool
+        .build_template("x", &spec)
+        .unwrap_err()
+        .to_string()
+        .contains("/nonexistent/kernel"));
+    let e = pool
+        .acquire(AcquireRequest {
+            template: "absent".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(matches!(e, PoolError::NotFound(_)), "{e}");
+    let e = pool
+        .acquire(AcquireRequest {
+            template: "absent".into(),
+            id: Some("../x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid sandbox id"), "{e}");
+    let e = pool
+        .set_pool(
+            "absent",
+            PoolTargets {
+                warm: 0,
+                shells: 5,
+                max_sandboxes: 2,
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("max_sandboxes"), "{e}");
+}
