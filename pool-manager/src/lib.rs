@@ -7,9 +7,11 @@
 //! minimal template-less pool used by the VMM's tests.
 
 pub mod manager;
+pub mod metrics;
 pub mod names;
 pub mod pool;
 pub mod sandbox;
+pub mod server;
 pub mod shell;
 pub mod template;
 

@@ -194,8 +194,8 @@ struct Shared {
 /// Templates, their pools and the leased sandboxes; see the module docs.
 pub struct Pool {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
-    reaper: Option<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    reaper: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn now_s() -> u64 {
@@ -271,8 +271,8 @@ impl Pool {
         let reaper = Some(std::thread::spawn(move || reaper_loop(&s, rx)));
         Ok(Self {
             shared,
-            threads,
-            reaper,
+            threads: Mutex::new(threads),
+            reaper: Mutex::new(reaper),
         })
     }
 
@@ -489,6 +489,11 @@ impl Pool {
             expires_at: req.ttl.map(|t| now_s() + t.as_secs()),
             labels: req.labels,
         };
+        if st.stopping {
+            drop(st);
+            let _ = self.shared.reap.send(Reap::Vm(vm));
+            return Err(PoolError::Conflict("the pool is shutting down".into()));
+        }
         st.sandboxes.insert(
             id,
             Leased {
@@ -613,18 +618,19 @@ impl Pool {
     /// Stops the pool: no more refills or acquires, pooled VMs are shut down. Leased sandboxes
     /// are left running and returned (to be recorded and [`Pool::adopt`]ed by the next pool)
     /// when `keep_leased`, else shut down too.
-    pub fn shutdown(mut self, keep_leased: bool) -> Vec<SandboxInfo> {
-        self.stop(keep_leased)
-    }
-
-    fn stop(&mut self, keep_leased: bool) -> Vec<SandboxInfo> {
+    /// Later calls return nothing.
+    pub fn shutdown(&self, keep_leased: bool) -> Vec<SandboxInfo> {
+        let Some(reaper) = self.reaper.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Vec::new();
+        };
         let mut st = self.shared.lock();
         st.stopping = true;
         let templates = std::mem::take(&mut st.templates);
         let sandboxes = std::mem::take(&mut st.sandboxes);
         drop(st);
         self.shared.wake.notify_all();
-        for t in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
             let _ = t.join();
         }
         let mut kept = Vec::new();
@@ -645,18 +651,14 @@ impl Pool {
         }
         // Every other sender is done: the reaper drains what was queued before this.
         let _ = self.shared.reap.send(Reap::Stop);
-        if let Some(r) = self.reaper.take() {
-            let _ = r.join();
-        }
+        let _ = reaper.join();
         kept
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if self.reaper.is_some() {
-            self.stop(false);
-        }
+        self.shutdown(false);
     }
 }
 
@@ -666,9 +668,19 @@ fn not_found_sandbox(id: &str) -> PoolError {
     ))
 }
 
+/// Whether `pid` runs: it exists and is not a zombie (a VMM whose parent, an earlier daemon,
+/// is gone is reaped by init, which may take its time).
 fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name.
+        Ok(stat) => {
+            pid > 0
+                && stat.rsplit_once(')').is_some_and(|(_, rest)| {
+                    !matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))
+                })
+        }
+        Err(_) => false,
+    }
 }
 
 fn info_files(info: &SandboxInfo) -> Vec<PathBuf> {
