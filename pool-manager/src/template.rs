@@ -19,6 +19,8 @@ use crate::names;
 pub const META_FILE: &str = "template.json";
 /// How long a template guest may take to report ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The vsock port `runv-agent` listens on in a guest (its `--listen vsock:1024` default).
+pub const AGENT_PORT: u32 = 1024;
 
 /// How template build knows the guest is ready to be snapshotted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +30,8 @@ pub enum ReadyCheck {
     /// `rt.counter`): the test guest.
     #[default]
     Report,
-    /// The agent answers `ping` over vsock: a Linux guest with `runv-agent` (not implemented
-    /// yet: refused with a clear error).
+    /// `runv-agent` answers `ping` with `ready: true` over vsock port [`AGENT_PORT`]: a Linux
+    /// guest whose init is the agent.
     Agent,
 }
 
@@ -124,11 +126,6 @@ impl TemplateSpec {
                 "mem_mib {}: use 16 to 65536",
                 self.mem_mib
             )));
-        }
-        if self.ready == ReadyCheck::Agent {
-            return Err(TemplateError::Spec(
-                "ready=agent is not implemented yet: build with ready=report (test guests)".into(),
-            ));
         }
         for p in std::iter::once(&self.kernel).chain(self.initrd.as_ref()) {
             if !p.is_file() {
@@ -238,7 +235,10 @@ fn boot_and_snapshot(
         .spawn()
         .map_err(|e| TemplateError::Guest(format!("spawning {}: {e}", vmm.display())))?;
     let outcome = (|| {
-        wait_ready(&mut child, &log, &spec.cmdline)?;
+        match spec.ready {
+            ReadyCheck::Report => wait_ready(&mut child, &log, &spec.cmdline)?,
+            ReadyCheck::Agent => wait_agent(&mut child, &vsock)?,
+        }
         let mut c = vmm_api::ControlClient::connect(&control, Duration::from_secs(5))
             .map_err(|e| TemplateError::Guest(e.to_string()))?;
         c.snapshot(snap)
@@ -285,14 +285,7 @@ fn wait_ready(
             return Ok(());
         }
         if let Ok(Some(s)) = child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            return Err(TemplateError::Guest(format!(
-                "the VMM exited ({s}) before the guest was ready: {}",
-                err.trim()
-            )));
+            return Err(exited(child, s));
         }
         if Instant::now() > deadline {
             return Err(TemplateError::Guest(format!(
@@ -300,6 +293,64 @@ fn wait_ready(
             )));
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The VMM's exit as an error, with its stderr.
+fn exited(child: &mut std::process::Child, s: std::process::ExitStatus) -> TemplateError {
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    TemplateError::Guest(format!(
+        "the VMM exited ({s}) before the guest was ready: {}",
+        err.trim()
+    ))
+}
+
+/// Waits until `runv-agent` in the guest answers `ping` with `ready: true` through the VM's
+/// vsock socket (`CONNECT <port>` handshake), retrying every 100 ms.
+fn wait_agent(child: &mut std::process::Child, vsock: &Path) -> Result<(), TemplateError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let last = match ping_agent(vsock) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if let Ok(Some(s)) = child.try_wait() {
+            return Err(exited(child, s));
+        }
+        if Instant::now() > deadline {
+            return Err(TemplateError::Guest(format!(
+                "the agent did not answer ping on vsock port {AGENT_PORT} within {READY_TIMEOUT:?} (last: {last}): does the guest run runv-agent?"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ping_agent(vsock: &Path) -> Result<(), String> {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(vsock).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(6)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    // Read the handshake line byte by byte so no protocol bytes are consumed.
+    let mut line = Vec::new();
+    let mut r = std::io::BufReader::with_capacity(1, s.try_clone().map_err(|e| e.to_string())?);
+    r.read_until(b'\n', &mut line).map_err(|e| e.to_string())?;
+    if !line.starts_with(b"OK ") {
+        return Err(format!(
+            "vsock handshake: {:?}",
+            String::from_utf8_lossy(&line)
+        ));
+    }
+    let mut c = protocol::client::Client::from_stream(s).map_err(|e| e.to_string())?;
+    match c.call_timeout(&protocol::Request::Ping, Duration::from_secs(2)) {
+        Ok(protocol::Response::Pong { ready: true, .. }) => Ok(()),
+        Ok(other) => Err(format!("ping answered {other:?}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 

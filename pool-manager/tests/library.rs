@@ -292,3 +292,28 @@ fn pool_refuses_bad_input_with_what_to_fix() {
         .unwrap_err();
     assert!(e.to_string().contains("max_sandboxes"), "{e}");
 }
+
+/// `ready: agent` needs a Linux guest kernel (none boots on our PVM hosts): set `RUNV_KERNEL`
+/// (and `RUNV_INITRD`, an initrd whose init is runv-agent) to run it.
+#[test]
+fn pool_builds_an_agent_template_with_a_linux_kernel() {
+    let Some(kernel) = std::env::var_os("RUNV_KERNEL") else {
+        eprintln!("SKIPPED: pool_builds_an_agent_template_with_a_linux_kernel: RUNV_KERNEL is not set (no Linux guest boots on this host)");
+        return;
+    };
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    let spec = pool_manager::TemplateSpec {
+        kernel: kernel.into(),
+        initrd: std::env::var_os("RUNV_INITRD").map(Into::into),
+        cmdline: "console=ttyS0 quiet".into(),
+        mem_mib: 256,
+        vcpus: 1,
+        ready: pool_manager::ReadyCheck::Agent,
+    };
+    let info = pool.build_template("linux", &spec).unwrap();
+    assert_eq!(info.status, TemplateStatus::Ready);
+    let s = acquire(&pool, "linux", "l1");
+    assert_eq!(s.generation, 1);
+    pool.release("l1").unwrap();
+}
