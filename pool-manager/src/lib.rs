@@ -14,6 +14,7 @@ pub mod sandbox;
 pub mod server;
 pub mod shell;
 pub mod template;
+pub mod warm;
 
 pub use manager::{AcquireRequest, ErrorClass, Pool, PoolConfig, PoolCounters, PoolError};
 pub use pool::ShellPool;

@@ -161,7 +161,8 @@ struct Entry {
     targets: PoolTargets,
     shells: Vec<ShellProcess>,
     warm: Vec<ShellProcess>,
-    starting: usize,
+    starting_shells: usize,
+    starting_warm: usize,
     failures: u32,
     retry_at: Instant,
 }
@@ -380,7 +381,7 @@ impl Pool {
                 targets.warm, targets.shells, targets.max_sandboxes
             )));
         }
-        if targets.warm > 0 {
+        if targets.warm > 0 && !crate::warm::SUPPORTED {
             return Err(PoolError::Invalid(
                 "warm clones need the VMM's activate request, not in this build yet: use shells"
                     .into(),
@@ -456,7 +457,10 @@ impl Pool {
                     req.template, e.targets.max_sandboxes
                 )));
             }
-            let pooled = e.shells.pop();
+            let pooled = match e.warm.pop() {
+                Some(vm) => Some((vm, Tier::Warm)),
+                None => e.shells.pop().map(|vm| (vm, Tier::Shell)),
+            };
             st.reserved.insert(id.clone());
             (t, pooled)
         };
@@ -464,7 +468,7 @@ impl Pool {
         let result = self.make_clone(&template, &id, pooled);
         let mut st = self.shared.lock();
         st.reserved.remove(&id);
-        let (mut vm, tier) = match result {
+        let (vm, tier, generation) = match result {
             Ok(v) => v,
             Err(e) => {
                 drop(st);
@@ -472,7 +476,6 @@ impl Pool {
             }
         };
         let acquire_ms = start.elapsed().as_secs_f64() * 1e3;
-        let generation = vm.status().ok().and_then(|s| s.generation).unwrap_or(0);
         self.shared.counters.acquires[tier as usize].fetch_add(1, Ordering::Relaxed);
         let paths = self.shared.vm_paths(vm.name());
         let info = SandboxInfo {
@@ -505,24 +508,32 @@ impl Pool {
         Ok(info)
     }
 
+    /// Turns a pooled VM (or, with none, a shell made now) into clone `id`: activates a warm
+    /// clone, or restores into a shell. Returns the VM, the tier and the identity generation. A
+    /// warm clone that fails to activate is dropped and the acquire made cold.
     fn make_clone(
         &self,
         t: &Template,
         id: &str,
-        pooled: Option<ShellProcess>,
-    ) -> Result<(ShellProcess, Tier), ShellError> {
+        pooled: Option<(ShellProcess, Tier)>,
+    ) -> Result<(ShellProcess, Tier, u64), ShellError> {
         let (mut vm, tier) = match pooled {
-            Some(vm) => (vm, Tier::Shell),
+            Some((mut vm, Tier::Warm)) => match crate::warm::activate(vm.client(), id) {
+                Ok(generation) => return Ok((vm, Tier::Warm, generation)),
+                Err(e) => {
+                    tracing::warn!("activating warm clone {}: {e}; serving cold", vm.name());
+                    let _ = self.shared.reap.send(Reap::Vm(vm));
+                    (self.shared.spawn_shell(t)?, Tier::Cold)
+                }
+            },
+            Some((vm, tier)) => (vm, tier),
             None => (self.shared.spawn_shell(t)?, Tier::Cold),
         };
-        let paths = self.shared.vm_paths(vm.name());
-        let mut opts = RestoreOptions::new(&t.tmpfs, MemoryMode::Cow);
-        opts.clone_id = id.into();
-        opts.serial = SerialOutput::None;
-        opts.debug_log = Some(paths.log.to_string_lossy().into_owned());
-        opts.vsock_uds = Some(paths.vsock.clone());
-        match vm.restore(&opts) {
-            Ok(_) => Ok((vm, tier)),
+        match self.shared.restore(&mut vm, t, id, false) {
+            Ok(()) => {
+                let generation = vm.status().ok().and_then(|s| s.generation).unwrap_or(0);
+                Ok((vm, tier, generation))
+            }
             Err(e) => {
                 let _ = self.shared.reap.send(Reap::Vm(vm));
                 Err(e)
@@ -715,7 +726,8 @@ impl Entry {
             targets: PoolTargets::default(),
             shells: Vec::new(),
             warm: Vec::new(),
-            starting: 0,
+            starting_shells: 0,
+            starting_warm: 0,
             failures: 0,
             retry_at: Instant::now(),
         }
@@ -792,6 +804,36 @@ impl Shared {
         ShellProcess::spawn(&spec, &format!("vm-{}", random_hex()))
     }
 
+    /// Restores template `t` into shell `vm` as clone `id` (cow, debug log and vsock socket
+    /// next to its control socket); `warm` leaves it paused, its identity written at activation.
+    fn restore(
+        &self,
+        vm: &mut ShellProcess,
+        t: &Template,
+        id: &str,
+        warm: bool,
+    ) -> Result<(), ShellError> {
+        let paths = self.vm_paths(vm.name());
+        let mut opts = RestoreOptions::new(&t.tmpfs, MemoryMode::Cow);
+        opts.clone_id = id.into();
+        opts.serial = SerialOutput::None;
+        opts.debug_log = Some(paths.log.to_string_lossy().into_owned());
+        opts.vsock_uds = Some(paths.vsock);
+        if warm {
+            crate::warm::set_paused(&mut opts);
+        }
+        vm.restore(&opts).map(|_| ())
+    }
+
+    /// A pooled VM of tier `warm`/shell for `t`.
+    fn make_pooled(&self, t: &Template, warm: bool) -> Result<ShellProcess, ShellError> {
+        let mut vm = self.spawn_shell(t)?;
+        if warm {
+            self.restore(&mut vm, t, "", true)?;
+        }
+        Ok(vm)
+    }
+
     fn reap_leased(&self, l: Leased) {
         let job = match l.vm {
             LeasedVm::Owned(vm) => Reap::Vm(vm),
@@ -815,7 +857,8 @@ impl Shared {
     }
 }
 
-/// A refill thread: starts the VM the most-lacking template needs, one at a time.
+/// A refill thread: starts the VM the most-lacking pool needs (warm before shells on a tie),
+/// one at a time, with an exponential backoff per template after failures.
 fn refill_loop(s: &Shared) {
     let mut st = s.lock();
     loop {
@@ -827,9 +870,23 @@ fn refill_loop(s: &Shared) {
             .templates
             .values_mut()
             .filter(|e| e.info.status == TemplateStatus::Ready && e.retry_at <= now)
-            .filter(|e| e.shells.len() + e.starting < e.targets.shells)
-            .max_by_key(|e| e.targets.shells - e.shells.len() - e.starting);
-        let Some(e) = job else {
+            .flat_map(|e| {
+                let warm = e
+                    .targets
+                    .warm
+                    .saturating_sub(e.warm.len() + e.starting_warm);
+                let shells = e
+                    .targets
+                    .shells
+                    .saturating_sub(e.shells.len() + e.starting_shells);
+                [
+                    (warm, 1u8, e.info.name.clone(), true),
+                    (shells, 0, e.info.name.clone(), false),
+                ]
+            })
+            .filter(|j| j.0 > 0)
+            .max_by_key(|j| (j.0, j.1));
+        let Some((_, _, name, warm)) = job else {
             st = s
                 .wake
                 .wait_timeout(st, MONITOR_PERIOD)
@@ -837,24 +894,34 @@ fn refill_loop(s: &Shared) {
                 .0;
             continue;
         };
-        e.starting += 1;
+        let e = st.templates.get_mut(&name).expect("just found");
+        if warm {
+            e.starting_warm += 1;
+        } else {
+            e.starting_shells += 1;
+        }
         let t = e.template.clone().expect("a ready template has files");
         drop(st);
-        let made = s.spawn_shell(&t);
+        let made = s.make_pooled(&t, warm);
         st = s.lock();
-        let name = &t.meta.name;
         let stopping = st.stopping;
-        let Some(e) = st.templates.get_mut(name) else {
+        let Some(e) = st.templates.get_mut(&name) else {
             if let Ok(vm) = made {
                 let _ = s.reap.send(Reap::Vm(vm));
             }
             continue;
         };
-        e.starting -= 1;
+        let (list, target) = if warm {
+            e.starting_warm -= 1;
+            (&mut e.warm, e.targets.warm)
+        } else {
+            e.starting_shells -= 1;
+            (&mut e.shells, e.targets.shells)
+        };
         match made {
-            Ok(vm) if !stopping => {
+            Ok(vm) if !stopping && list.len() < target => {
+                list.push(vm);
                 e.failures = 0;
-                e.shells.push(vm);
                 s.counters.refilled.fetch_add(1, Ordering::Relaxed);
             }
             Ok(vm) => {
