@@ -4,8 +4,10 @@
 //! resume, read from the clone's debug log), `pool_refill_per_second` (an empty pool refilled to
 //! 20 shells by two workers), `sandbox_host_mib` (median PSS of 100 idle leased sandboxes' VMM
 //! processes, which includes the guest's private pages and its share of the template's page
-//! cache). The warm-tier metrics (`pool_acquire_warm_ms`, `pool_acquire_warm_p99_ms`,
-//! `pool_burst_p99_ms`) need the VMM's `activate` request and are not measured yet.
+//! cache; measured on idle warm clones when the warm tier is available, else on idle leased
+//! clones, an upper bound). With the warm tier (`pool_manager::warm::SUPPORTED`, the VMM's
+//! `activate`): `pool_acquire_warm_ms` and `pool_acquire_warm_p99_ms` (activate → first report)
+//! and `pool_burst_p99_ms` (50 concurrent acquires against 50 warm clones).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,15 +35,89 @@ fn shells(pool: &Pool) -> usize {
 }
 
 fn set(pool: &Pool, n: usize) {
+    set_tiers(pool, 0, n);
+}
+
+fn set_tiers(pool: &Pool, warm: usize, shells: usize) {
     pool.set_pool(
         "counter",
         PoolTargets {
-            warm: 0,
-            shells: n,
+            warm,
+            shells,
             max_sandboxes: 0,
         },
     )
     .unwrap();
+}
+
+fn warm_count(pool: &Pool) -> usize {
+    pool.pools()[0].warm
+}
+
+/// Acquires one sandbox and waits for its first report; returns the latency and its id.
+fn acquire_timed(pool: &Pool, tier: Tier) -> (Duration, String) {
+    let start = Instant::now();
+    let s = pool
+        .acquire(AcquireRequest {
+            template: "counter".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    wait_report(&s.debug_log);
+    let d = start.elapsed();
+    assert_eq!(s.tier, tier);
+    (d, s.id)
+}
+
+/// The warm-tier metrics (see the module docs).
+fn warm_benches(c: &mut criterion::Criterion, pool: &Pool) {
+    set_tiers(pool, 4, 0);
+    let mut p50 = Recorder::median("pool_acquire_warm_ms", "ms");
+    let mut p99 = Recorder::p99("pool_acquire_warm_p99_ms", "ms");
+    c.bench_function("pool_acquire_warm", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                wait("a warm clone", Duration::from_secs(10), || {
+                    warm_count(pool) >= 1
+                });
+                let (d, id) = acquire_timed(pool, Tier::Warm);
+                p50.push_duration(d);
+                p99.push_duration(d);
+                total += d;
+                pool.release(&id).unwrap();
+            }
+            total
+        })
+    });
+    p50.write();
+    p99.write();
+
+    let mut burst = Recorder::p99("pool_burst_p99_ms", "ms");
+    for _ in 0..3 {
+        set_tiers(pool, 50, 0);
+        wait("50 warm clones", Duration::from_secs(60), || {
+            warm_count(pool) == 50
+        });
+        let barrier = std::sync::Barrier::new(50);
+        let got: Vec<(Duration, String)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..50)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        acquire_timed(pool, Tier::Warm)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        set_tiers(pool, 0, 0);
+        for (d, id) in got {
+            burst.push_duration(d);
+            pool.release(&id).unwrap();
+        }
+    }
+    burst.write();
 }
 
 /// PSS of a process in MiB (smaps_rollup).
@@ -79,6 +155,10 @@ fn main() {
         },
     )
     .unwrap();
+
+    if pool_manager::warm::SUPPORTED {
+        warm_benches(&mut c, &pool);
+    }
 
     set(&pool, 4);
     let mut shell = Recorder::median("pool_acquire_shell_ms", "ms");
@@ -121,28 +201,40 @@ fn main() {
     }
     refill.write();
 
-    set(&pool, 8);
-    let leased: Vec<_> = (0..100)
-        .map(|_| {
-            let s = pool
-                .acquire(AcquireRequest {
-                    template: "counter".into(),
-                    ..Default::default()
-                })
-                .unwrap();
-            wait_report(&s.debug_log);
-            s
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(200));
     let mut host = Recorder::median("sandbox_host_mib", "MiB");
-    for s in &leased {
-        host.push(pss_mib(s.pid));
+    if pool_manager::warm::SUPPORTED {
+        set_tiers(&pool, 100, 0);
+        wait("100 warm clones", Duration::from_secs(60), || {
+            warm_count(&pool) == 100
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        for (_, pid) in pool.pooled_pids("counter").unwrap() {
+            host.push(pss_mib(pid));
+        }
+        set_tiers(&pool, 0, 0);
+    } else {
+        set(&pool, 8);
+        let leased: Vec<_> = (0..100)
+            .map(|_| {
+                let s = pool
+                    .acquire(AcquireRequest {
+                        template: "counter".into(),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                wait_report(&s.debug_log);
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        for s in &leased {
+            host.push(pss_mib(s.pid));
+        }
+        for s in &leased {
+            pool.release(&s.id).unwrap();
+        }
     }
     host.write();
-    for s in &leased {
-        pool.release(&s.id).unwrap();
-    }
 
     c.final_summary();
     pool.shutdown(false);

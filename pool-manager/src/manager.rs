@@ -413,6 +413,17 @@ impl Pool {
         st.templates.keys().map(|n| st.pool_info(n)).collect()
     }
 
+    /// Process ids of a template's pooled VMs, by tier (warm clones, then shells).
+    pub fn pooled_pids(&self, template: &str) -> Result<Vec<(Tier, u32)>, PoolError> {
+        let st = self.shared.lock();
+        let e = st.entry(template)?;
+        Ok(e.warm
+            .iter()
+            .map(|vm| (Tier::Warm, vm.pid()))
+            .chain(e.shells.iter().map(|vm| (Tier::Shell, vm.pid())))
+            .collect())
+    }
+
     /// Leases a sandbox of `req.template`: a warm clone, else a shell, else a shell created on
     /// the spot.
     pub fn acquire(&self, req: AcquireRequest) -> Result<SandboxInfo, PoolError> {
