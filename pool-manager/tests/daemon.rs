@@ -161,9 +161,25 @@ fn daemon_serves_100_concurrent_acquires_refills_and_leaves_nothing() {
     let _reaper = Reaper(&dirs);
     let mut d = Daemon::start(&dirs);
     build_counter(&d, "counter");
-    let p = d.json(&["pool", "set", "counter", "--shells", "4", "--max", "200"]);
+    // Warm clones once the VMM can activate them (pool_manager::warm::SUPPORTED).
+    let warm = if pool_manager::warm::SUPPORTED { 4 } else { 0 };
+    let p = d.json(&[
+        "pool",
+        "set",
+        "counter",
+        "--warm",
+        &warm.to_string(),
+        "--shells",
+        "4",
+        "--max",
+        "200",
+    ]);
     assert_eq!(p["targets"]["shells"], 4, "{p}");
-    wait_until("4 shells", Duration::from_secs(20), || pool_shells(&d) == 4);
+    let filled = |d: &Daemon| {
+        let p = &d.json(&["pool", "ls"])[0];
+        p["shells"] == 4 && p["warm"] == warm
+    };
+    wait_until("the pool filled", Duration::from_secs(20), || filled(&d));
 
     let got: Vec<Value> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..4)
@@ -184,6 +200,7 @@ fn daemon_serves_100_concurrent_acquires_refills_and_leaves_nothing() {
     assert_eq!(got.len(), 100);
     let mut ids = HashSet::new();
     let mut tiers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut entropy = HashSet::new();
     for s in &got {
         let id = s["id"].as_str().unwrap();
         assert!(ids.insert(id.to_string()));
@@ -193,6 +210,10 @@ fn daemon_serves_100_concurrent_acquires_refills_and_leaves_nothing() {
         assert_eq!(field(&r, "clone"), Some(id), "{r}");
         assert_eq!(field(&r, "gen"), Some("1"), "{r}");
         assert_eq!(field(&r, "pattern"), Some("ok"), "{r}");
+        // Test guests that report the identity page's entropy: every clone has its own.
+        if let Some(ent) = field(&r, "ent") {
+            assert!(entropy.insert(ent.to_string()), "entropy {ent} reused: {r}");
+        }
         assert!(Path::new(s["control"].as_str().unwrap()).exists());
     }
     let live = d.json(&["sandbox", "ls"]);
@@ -221,11 +242,18 @@ fn daemon_serves_100_concurrent_acquires_refills_and_leaves_nothing() {
         }
     });
     assert!(d.json(&["sandbox", "ls"]).as_array().unwrap().is_empty());
+    if warm > 0 {
+        assert!(tiers.get("warm").copied().unwrap_or(0) >= 4, "{tiers:?}");
+    }
     wait_until("refilled and reaped", Duration::from_secs(30), || {
-        pool_shells(&d) == 4 && live_processes_mentioning(&vm_needle(&dirs)).len() == 4
+        filled(&d) && live_processes_mentioning(&vm_needle(&dirs)).len() == 4 + warm as usize
     });
     let m = metrics(&d);
     assert_eq!(m["runv_pool_vms{template=\"counter\",tier=\"shell\"}"], 4.0);
+    assert_eq!(
+        m["runv_pool_vms{template=\"counter\",tier=\"warm\"}"],
+        warm as f64
+    );
     assert_eq!(m["runv_sandboxes_live"], 0.0);
     assert_eq!(m["runv_refill_failures_total"], 0.0);
 

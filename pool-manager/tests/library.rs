@@ -317,3 +317,50 @@ fn pool_builds_an_agent_template_with_a_linux_kernel() {
     assert_eq!(s.generation, 1);
     pool.release("l1").unwrap();
 }
+
+#[test]
+fn pool_activates_warm_clones_with_fresh_identities() {
+    if !pool_manager::warm::SUPPORTED {
+        eprintln!("SKIPPED: pool_activates_warm_clones_with_fresh_identities: the VMM has no activate request in this build");
+        return;
+    }
+    if !kvm_available("pool_activates_warm_clones_with_fresh_identities") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    pool.build_template("counter", &counter_spec()).unwrap();
+    pool.set_pool(
+        "counter",
+        PoolTargets {
+            warm: 3,
+            shells: 0,
+            max_sandboxes: 0,
+        },
+    )
+    .unwrap();
+    wait_until("3 warm", Duration::from_secs(20), || {
+        pool.pools()[0].warm == 3
+    });
+    // A warm clone has not run: no report before its activation.
+    let mut ents = std::collections::HashSet::new();
+    for i in 0..3 {
+        let s = acquire(&pool, "counter", &format!("w{i}"));
+        assert_eq!((s.tier, s.generation), (Tier::Warm, 1));
+        let r = resumed_report(&s.debug_log);
+        assert_eq!(field(&r, "clone"), Some(format!("w{i}").as_str()), "{r}");
+        assert_eq!(field(&r, "gen"), Some("1"), "{r}");
+        if let Some(e) = field(&r, "ent") {
+            assert!(ents.insert(e.to_string()), "entropy reused: {r}");
+        }
+    }
+    wait_until("warm refill", Duration::from_secs(20), || {
+        pool.pools()[0].warm == 3
+    });
+    for i in 0..3 {
+        pool.release(&format!("w{i}")).unwrap();
+    }
+    drop(pool);
+    assert!(vmm_pids(&dirs).is_empty());
+    assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
+}
