@@ -246,8 +246,13 @@ impl Pool {
         })?;
         for d in dirs.flatten() {
             let name = d.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".building") {
+                // A build that was interrupted.
+                let _ = std::fs::remove_dir_all(d.path());
+                continue;
+            }
             if names::validate("template", &name).is_err() {
-                continue; // `.x.building` leftovers and foreign files
+                continue; // foreign files
             }
             let mut entry = Entry::new(&name, template::open(&d.path(), &cfg.tmpfs_dir));
             entry.targets = saved.get(&name).copied().unwrap_or_default();

@@ -270,6 +270,10 @@ fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 pub async fn serve(cfg: PoolConfig) -> anyhow::Result<()> {
     let sock = cfg.run_dir.join("pool.sock");
     let record = cfg.state_dir.join(SANDBOXES_FILE);
+    // Bind first: a second daemon on the same directories must not adopt the first one's VMs.
+    std::fs::create_dir_all(&cfg.run_dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", cfg.run_dir.display()))?;
+    let listener = bind(&sock)?;
     let c2 = cfg.clone();
     let pool = tokio::task::spawn_blocking(move || Pool::open(c2)).await??;
     let recorded: Vec<SandboxInfo> = std::fs::read(&record)
@@ -289,7 +293,6 @@ pub async fn serve(cfg: PoolConfig) -> anyhow::Result<()> {
     })
     .await?;
     let _ = std::fs::remove_file(&record);
-    let listener = bind(&sock)?;
     let daemon = Arc::new(Daemon {
         pool,
         metrics: Metrics::new(),

@@ -358,6 +358,24 @@ fn daemon_refuses_bad_input_with_json_errors() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&d.sock).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     build_counter(&d, "counter");
+    // A second daemon on the same directories is refused and touches nothing.
+    let second = Command::new(BIN)
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(dirs.state())
+        .arg("--run-dir")
+        .arg(dirs.run())
+        .arg("--tmpfs-dir")
+        .arg(&dirs.shm)
+        .arg("--vmm")
+        .arg(vmm_bin())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("another runv-pool daemon"),
+        "{err}"
+    );
     let s = d.sock.clone();
     let check = |method: &str, path: &str, body: &[u8], status: u16, needle: &str| {
         let (got, text) = http(&s, method, path, body);
