@@ -39,6 +39,17 @@ pub struct RunControl {
 }
 
 impl RunControl {
+    /// Run control whose vCPUs start parked when `paused` (until [`resume`]).
+    pub fn new(paused: bool) -> Self {
+        Self {
+            state: Mutex::new(RunState {
+                paused,
+                ..RunState::default()
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
