@@ -383,3 +383,36 @@ fn kvm_control_warm_clones_get_their_identity_at_activate() {
     assert!(e.contains("paused=true"), "{e}");
     assert!(shell.shutdown().unwrap().success());
 }
+
+#[test]
+fn kvm_control_a_fifo_in_a_snapshot_is_refused_promptly() {
+    if !kvm_available("kvm_control_a_fifo_in_a_snapshot_is_refused_promptly") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    template(dir.path(), &snap);
+    for name in ["memory.bin", "state.bin"] {
+        let bad = dir.path().join(format!("bad-{name}"));
+        std::fs::create_dir_all(&bad).unwrap();
+        for f in ["memory.bin", "state.bin"] {
+            std::fs::copy(snap.join(f), bad.join(f)).unwrap();
+        }
+        std::fs::remove_file(bad.join(name)).unwrap();
+        let c = std::ffi::CString::new(bad.join(name).as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut shell = ShellProcess::spawn(&shell_spec(dir.path(), 64), "fifo").unwrap();
+        shell.client().set_timeout(Duration::from_secs(5)).unwrap();
+        let e = shell
+            .restore(&clone_opts(&bad, "fifo"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("regular file") || e.contains("not a regular"),
+            "{name}: {e}"
+        );
+        assert!(!shell.shutdown().unwrap().success());
+    }
+}
