@@ -79,17 +79,7 @@ fn kvm_control_a_client_that_never_reads_cannot_freeze_the_vmm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("c.sock");
-    let mut vmm = spawn(
-        &[
-            "--cmdline",
-            "rt.exit=halt",
-            "--control",
-            sock.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    wait_for_report(dir.path(), "READY");
+    let (mut vmm, sock) = spawn_halted_with_control(dir.path());
     let flood_sock = sock.clone();
     let flooder = std::thread::spawn(move || flood_without_reading(&flood_sock, 64 << 20));
     // While the flood runs, another client is served promptly.
@@ -135,17 +125,7 @@ fn kvm_control_an_over_long_line_is_refused_and_not_executed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("c.sock");
-    let mut vmm = spawn(
-        &[
-            "--cmdline",
-            "rt.exit=halt",
-            "--control",
-            sock.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    wait_for_report(dir.path(), "READY");
+    let (mut vmm, sock) = spawn_halted_with_control(dir.path());
     // A valid pause request padded past the limit, newline-terminated.
     let mut line = encode_request(&Request::Pause {}).unwrap();
     line.pop();
