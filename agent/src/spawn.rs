@@ -24,6 +24,7 @@ mod seccomp;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+pub use fields::unknown_field;
 pub use plan::Plan;
 
 /// Error preparing or starting a process.

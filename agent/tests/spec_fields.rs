@@ -431,3 +431,102 @@ fn domainname_and_umask_are_applied() {
     assert_eq!(st.code, 0, "{out} {err}");
     assert_eq!(out, "example.test\n600\n", "{err}");
 }
+
+/// Sends a request as raw JSON (fields oci-spec does not know survive only this way).
+fn raw_call(c: &mut Client, id: u32, req: serde_json::Value) -> Response {
+    let f = protocol::Frame::new(
+        protocol::FrameKind::Request,
+        id,
+        serde_json::to_vec(&req).unwrap(),
+    );
+    c.send_raw(&f.to_bytes()).unwrap();
+    c.response(id, std::time::Duration::from_secs(30)).unwrap()
+}
+
+/// `runc spec`'s config.json exactly as runc writes it (not round-tripped through oci-spec) is
+/// accepted; a field unknown to the agent's OCI spec version, in a spec or an exec'd process,
+/// is refused naming it instead of being dropped by decoding.
+#[test]
+fn fields_unknown_to_the_agent_are_refused_not_dropped() {
+    let test = "fields_unknown_to_the_agent_are_refused_not_dropped";
+    let Some((root, agent, mut c)) = setup(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("runc")
+        .arg("spec")
+        .current_dir(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIPPED: {test}: runc is not installed (apt-get install runc)");
+        return;
+    }
+    let mut runc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
+    runc["process"]["args"] = serde_json::json!(["sleep", "100"]);
+    runc["process"]["terminal"] = false.into();
+    let create = |id: &str, spec: &serde_json::Value| {
+        serde_json::json!({"op": "create", "id": id, "spec": spec,
+            "rootfs": {"type": "bind", "path": root.display().to_string()}})
+    };
+    let r = raw_call(&mut c, 1, create("runcraw", &runc));
+    assert!(matches!(r, Response::Created { .. }), "{r:?}");
+    for (i, (patch, what)) in [
+        ("/mounts/0", "mounts[0].uidMappings"),
+        ("/linux", "linux.fancyNewThing"),
+        ("/process", "process.fancyNewThing"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut sp = runc.clone();
+        let name = what.rsplit('.').next().unwrap();
+        sp.pointer_mut(patch).unwrap()[name] =
+            serde_json::json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+        let id = format!("unknown{i}");
+        let r = raw_call(&mut c, 10 + i as u32, create(&id, &sp));
+        let Response::Error(e) = &r else {
+            panic!("{what}: {r:?}")
+        };
+        assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+        assert!(
+            e.message.contains(what) && e.message.contains("not supported by runv-agent"),
+            "{e:?}"
+        );
+        for g in group_dirs(&agent.group) {
+            assert!(!g.join(&id).exists(), "{id}: cgroup left behind");
+        }
+    }
+    let r = c
+        .call(&Request::Start {
+            id: "runcraw".into(),
+        })
+        .unwrap();
+    assert!(matches!(r, Response::Started { .. }), "{r:?}");
+    let mut process = runc["process"].clone();
+    process["args"] = serde_json::json!(["true"]);
+    process["fancyNewThing"] = true.into();
+    let r = raw_call(
+        &mut c,
+        20,
+        serde_json::json!({"op": "exec", "id": "runcraw", "exec_id": "e1", "process": process}),
+    );
+    assert!(
+        matches!(&r, Response::Error(e) if e.code == ErrorCode::BadRequest && e.message.contains("process.fancyNewThing")),
+        "{r:?}"
+    );
+    assert_eq!(
+        c.call(&Request::List).unwrap(),
+        Response::Containers {
+            ids: vec!["runcraw".into()]
+        }
+    );
+    assert_eq!(
+        c.call(&Request::Destroy {
+            id: "runcraw".into()
+        })
+        .unwrap(),
+        Response::Ok
+    );
+}

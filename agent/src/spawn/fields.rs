@@ -134,6 +134,37 @@ pub(super) fn refuse_unsupported_process(p: &Process) -> Result<(), SpawnError> 
     }
 }
 
+/// The first field of `raw` (a spec or process as received) that decoding dropped: present and
+/// not null in `raw` but absent from `decoded` (the decoded value encoded again), as a dotted
+/// path (`mounts[2].uidMappings`). oci-spec ignores names it does not know; this keeps such a
+/// field from being ignored silently.
+pub fn unknown_field(raw: &serde_json::Value, decoded: &serde_json::Value) -> Option<String> {
+    fn walk(raw: &serde_json::Value, dec: &serde_json::Value, path: &str) -> Option<String> {
+        match (raw, dec) {
+            (serde_json::Value::Object(r), serde_json::Value::Object(d)) => {
+                r.iter().filter(|(_, v)| !v.is_null()).find_map(|(k, v)| {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    match d.get(k) {
+                        None => Some(p),
+                        Some(dv) => walk(v, dv, &p),
+                    }
+                })
+            }
+            (serde_json::Value::Array(r), serde_json::Value::Array(d)) => r
+                .iter()
+                .zip(d)
+                .enumerate()
+                .find_map(|(i, (rv, dv))| walk(rv, dv, &format!("{path}[{i}]"))),
+            _ => None,
+        }
+    }
+    walk(raw, decoded, "")
+}
+
 /// One `linux.sysctl` entry: the file under the container's proc mount and the value.
 #[derive(Debug)]
 pub(super) struct Sysctl {
@@ -384,6 +415,38 @@ mod tests {
         p.set_apparmor_profile(Some("docker-default".into()));
         let e = refuse_unsupported_process(&p).unwrap_err().to_string();
         assert!(e.contains("process.apparmorProfile"), "{e}");
+    }
+
+    #[test]
+    fn fields_dropped_by_decoding_are_found() {
+        let raw = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "annotations": {"a": "b"},
+            "linux": {"sysctl": {"kernel.shmmax": "1"}, "devices": null},
+            "mounts": [{"destination": "/proc", "type": "proc"},
+                       {"destination": "/x", "type": "bind", "source": "/y",
+                        "uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}]
+        });
+        let spec: Spec = serde_json::from_value(raw.clone()).unwrap();
+        let dec = serde_json::to_value(&spec).unwrap();
+        assert_eq!(
+            unknown_field(&raw, &dec).as_deref(),
+            Some("mounts[1].uidMappings")
+        );
+        let mut known = raw.clone();
+        known["mounts"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("uidMappings");
+        assert_eq!(unknown_field(&known, &dec), None);
+        known["linux"]["fancyNewThing"] = serde_json::json!({"on": true});
+        assert_eq!(
+            unknown_field(&known, &dec).as_deref(),
+            Some("linux.fancyNewThing")
+        );
+        let runc = serde_json::to_value(Spec::default()).unwrap();
+        assert_eq!(unknown_field(&runc, &runc), None);
     }
 
     #[test]
