@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::frame::{read_frame, FrameError};
-use protocol::{ErrorCode, Event, FrameKind, Request, Response, PROTOCOL_VERSION};
+use protocol::{ErrorCode, Event, FrameKind, Request, Response, StdioConfig, PROTOCOL_VERSION};
 
 use crate::error::OpError;
 use crate::limits::{self, Slot, Slots};
@@ -267,7 +267,11 @@ impl Conn {
                 rootfs,
                 stdio,
             } => {
-                let w = self.streams.wire(stdio).map_err(stdio_error)?;
+                let terminal = spec.process().as_ref().and_then(|p| p.terminal());
+                let w = self
+                    .streams
+                    .wire(with_terminal(stdio, terminal))
+                    .map_err(stdio_error)?;
                 let c = rt.create(&id, &spec, &rootfs, &w.child, w.io, self.on_exit(None))?;
                 Response::Created {
                     id,
@@ -285,7 +289,10 @@ impl Conn {
                 process,
                 stdio,
             } => {
-                let w = self.streams.wire(stdio).map_err(stdio_error)?;
+                let w = self
+                    .streams
+                    .wire(with_terminal(stdio, process.terminal()))
+                    .map_err(stdio_error)?;
                 let pid = rt.exec(
                     &id,
                     &exec_id,
@@ -376,6 +383,15 @@ impl Conn {
     fn reply(&self, id: u32, r: Result<Response, OpError>) {
         let resp = r.unwrap_or_else(|e| Response::error(e.code, e.message));
         self.out.send(&resp.to_frame(id));
+    }
+}
+
+/// The stdio of a process whose spec says `terminal: true`: a terminal, whether or not the
+/// request's stdio asked for one (the reply's streams say so: no separate stderr).
+fn with_terminal(stdio: StdioConfig, spec_terminal: Option<bool>) -> StdioConfig {
+    StdioConfig {
+        terminal: stdio.terminal || spec_terminal == Some(true),
+        ..stdio
     }
 }
 

@@ -530,3 +530,32 @@ fn fields_unknown_to_the_agent_are_refused_not_dropped() {
         Response::Ok
     );
 }
+
+/// `process.terminal: true` gives the process a terminal even when the request's stdio did not
+/// ask for one, sized by `process.consoleSize`.
+#[test]
+fn spec_terminal_and_console_size_are_applied() {
+    let Some((root, _agent, mut c)) = setup("spec_terminal_and_console_size_are_applied") else {
+        return;
+    };
+    let sp = linux_json(
+        spec(&["sh", "-c", "[ -t 1 ] && echo is-a-tty; stty size"]),
+        |v| {
+            v["process"]["terminal"] = true.into();
+            v["process"]["consoleSize"] = serde_json::json!({"height": 33, "width": 77});
+        },
+    );
+    let s = launch(&mut c, "tty", sp, &root, StdioConfig::default());
+    assert!(s.stderr.is_none(), "a terminal has one output stream");
+    let st = wait(&mut c, "tty");
+    let out = c
+        .read_to_close(s.stdout, std::time::Duration::from_secs(10))
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(st.code, 0, "{out}");
+    assert_eq!(out, "is-a-tty\r\n33 77\r\n");
+    assert_eq!(
+        c.call(&Request::Destroy { id: "tty".into() }).unwrap(),
+        Response::Ok
+    );
+}
