@@ -178,6 +178,14 @@ fn real_dir(path: &Path, what: &str) -> Result<PathBuf, SpawnError> {
     })
 }
 
+/// Whether `/proc/filesystems` lists `fstype` (built in or loaded).
+fn kernel_has_fs(fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.split_whitespace().last() == Some(fstype))
+    })
+}
+
 /// Device nodes bind-mounted from the agent's /dev when the spec mounts a tmpfs on /dev.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -225,6 +233,11 @@ impl Plan {
         let cgroupns = linux
             .and_then(|l| l.namespaces().as_ref())
             .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup));
+        if cgroupns && !Path::new("/proc/self/ns/cgroup").exists() {
+            return Err(invalid(
+                "linux.namespaces asks for a cgroup namespace, which this kernel lacks (CONFIG_CGROUPS): remove it or use a kernel with it",
+            ));
+        }
         let devices = super::fields::devices(spec)?;
         let sysctls = super::fields::sysctls(spec, flags & libc::CLONE_NEWNET != 0)?;
         let propagation = super::fields::root_propagation(spec)?;
@@ -254,6 +267,12 @@ impl Plan {
                     readonly: mf.readonly,
                 });
                 continue;
+            }
+            if typ == "mqueue" && !kernel_has_fs("mqueue") {
+                return Err(invalid(format!(
+                    "mount of type mqueue at {}: this kernel has no mqueue file system (CONFIG_POSIX_MQUEUE): remove the mount or use a kernel with it",
+                    dest.display()
+                )));
             }
             let bind = mf.bind || typ == "bind";
             if target.names.len() == 1 && target.names[0].as_bytes() == b"dev" && typ == "tmpfs" {
@@ -711,6 +730,12 @@ mod tests {
                 assert_ne!(last.flags & libc::MS_RDONLY, 0);
             }
         }
+    }
+
+    #[test]
+    fn kernel_file_systems_are_read_from_proc() {
+        assert!(kernel_has_fs("proc") && kernel_has_fs("tmpfs"));
+        assert!(!kernel_has_fs("nodev") && !kernel_has_fs("no-such-fs"));
     }
 
     #[test]
