@@ -62,6 +62,48 @@ fn namespaced_sysctls_are_applied_inside_the_container() {
     );
 }
 
+/// A sysctl is written only through the container's procfs: a file system mounted over
+/// /proc/sys (here a host directory holding a look-alike `shmmax`) is not crossed, so the create
+/// fails at the sysctl step instead of writing into it.
+#[test]
+fn sysctls_never_cross_a_mount_over_proc_sys() {
+    let Some((root, _agent, mut c)) = setup("sysctls_never_cross_a_mount_over_proc_sys") else {
+        return;
+    };
+    let decoy = tempfile::tempdir().unwrap();
+    std::fs::write(decoy.path().join("shmmax"), "orig\n").unwrap();
+    let sp = linux_json(spec(&["true"]), |v| {
+        v["linux"]["sysctl"] = serde_json::json!({"kernel.shmmax": "4096"});
+        v["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/proc/sys/kernel", "type": "bind",
+            "source": decoy.path(), "options": ["bind"]}));
+    });
+    let r = c
+        .call(&Request::Create {
+            id: "xdev".into(),
+            spec: Box::new(sp),
+            rootfs: RootfsSource::Bind {
+                path: root.display().to_string(),
+            },
+            stdio: StdioConfig::default(),
+        })
+        .unwrap();
+    assert!(
+        matches!(&r, Response::Error(e) if e.code == ErrorCode::Spawn
+            && e.message.contains("write a sysctl")
+            && e.message.contains("cross-device")),
+        "{r:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(decoy.path().join("shmmax")).unwrap(),
+        "orig\n"
+    );
+    assert_eq!(
+        c.call(&Request::List).unwrap(),
+        Response::Containers { ids: vec![] }
+    );
+}
+
 /// Asserts that creating `sp` is refused with BadRequest and a message containing each of
 /// `what`, and that no container, cgroup or scratch directory is left behind (overlay root, so
 /// a scratch directory would be made).
