@@ -219,12 +219,12 @@ fn unsupported_and_invalid_fields_are_refused_naming_them() {
         ),
         (
             "userns",
-            serde_json::json!({"linux": {"namespaces": [{"type": "user"}, {"type": "mount"}]}}),
+            serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "user"}]}}),
             vec!["type user"],
         ),
         (
             "netpath",
-            serde_json::json!({"linux": {"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}]}}),
+            serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network", "path": "/proc/1/ns/net"}]}}),
             vec!["type network with a path", "not supported by runv-agent"],
         ),
         (
@@ -249,8 +249,18 @@ fn unsupported_and_invalid_fields_are_refused_naming_them() {
         ),
         (
             "sysctlnet",
-            serde_json::json!({"linux": {"namespaces": [{"type": "mount"}, {"type": "pid"}], "sysctl": {"net.ipv4.ip_forward": "1"}}}),
+            serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}], "sysctl": {"net.ipv4.ip_forward": "1"}}}),
             vec!["net.ipv4.ip_forward", "network namespace"],
+        ),
+        (
+            "noipc",
+            serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "uts"}, {"type": "mount"}]}}),
+            vec!["no ipc namespace", "not supported by runv-agent"],
+        ),
+        (
+            "bindopt",
+            serde_json::json!({"mounts": [{"destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind", "rro"]}]}),
+            vec!["bind mount at /data", "rro", "not supported by runv-agent"],
         ),
         (
             "sysctldot",

@@ -89,8 +89,22 @@ pub(super) fn refuse_unsupported(spec: &Spec) -> Result<(), SpawnError> {
         }
     }
     let Some(l) = spec.linux() else {
-        return Ok(());
+        return Err(invalid(
+            "the spec has no linux section: runv-agent needs linux.namespaces (pid, ipc, uts, mount): add it",
+        ));
     };
+    for (typ, name) in [
+        (LinuxNamespaceType::Pid, "pid"),
+        (LinuxNamespaceType::Ipc, "ipc"),
+        (LinuxNamespaceType::Uts, "uts"),
+        (LinuxNamespaceType::Mount, "mount"),
+    ] {
+        if !l.namespaces().iter().flatten().any(|n| n.typ() == typ) {
+            return Err(invalid(format!(
+                "linux.namespaces has no {name} namespace: sharing the guest's is not supported by runv-agent, which gives every container its own pid, ipc, uts and mount namespaces: add {{\"type\": \"{name}\"}}"
+            )));
+        }
+    }
     for ns in l.namespaces().iter().flatten() {
         let name = serde_json::to_value(ns.typ())
             .ok()
@@ -399,11 +413,11 @@ mod tests {
                 "linux.uidMappings",
             ),
             (
-                serde_json::json!({"linux": {"namespaces": [{"type": "user"}]}}),
+                serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "user"}]}}),
                 "type user",
             ),
             (
-                serde_json::json!({"linux": {"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}]}}),
+                serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network", "path": "/proc/1/ns/net"}]}}),
                 "type network with a path",
             ),
         ] {
@@ -411,6 +425,14 @@ mod tests {
             assert!(e.contains(what), "{e}");
             assert!(e.contains("not supported by runv-agent"), "{e}");
         }
+        let e = refuse_unsupported(&spec(serde_json::json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "uts"}, {"type": "mount"}]}})))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("no ipc namespace") && e.contains("not supported"),
+            "{e}"
+        );
         let mut p = Spec::default().process().clone().unwrap();
         p.set_apparmor_profile(Some("docker-default".into()));
         let e = refuse_unsupported_process(&p).unwrap_err().to_string();

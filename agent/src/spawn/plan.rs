@@ -275,6 +275,14 @@ impl Plan {
                 )));
             }
             let bind = mf.bind || typ == "bind";
+            if bind && !mf.data.is_empty() {
+                // mount(2) ignores the data argument of a bind mount: these would be lost.
+                return Err(invalid(format!(
+                    "bind mount at {}: options {:?} are not supported by runv-agent for bind mounts (use ro/rw, [r]bind, nosuid/nodev/noexec, atime and propagation options): remove them",
+                    dest.display(),
+                    mf.data
+                )));
+            }
             if target.names.len() == 1 && target.names[0].as_bytes() == b"dev" && typ == "tmpfs" {
                 dev_tmpfs = true;
             }
