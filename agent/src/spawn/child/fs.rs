@@ -6,7 +6,9 @@ use std::os::fd::RawFd;
 use super::super::fields::{DeviceNode, Sysctl};
 use super::super::mounts::RootPath;
 use super::super::plan::{HostMount, MountOp, Rootfs};
-use super::super::resolve::{close, ensure_in_root, open_in_root, walk_no_symlinks, FdPath};
+use super::super::resolve::{
+    close, ensure_in_root, open_in_root, walk_no_symlinks, FdPath, OPENAT2_RETRIES,
+};
 use super::super::Step;
 use super::{check, errno, fail, mount, ptr, ChildFds};
 
@@ -363,21 +365,27 @@ fn open_beneath_wronly(dir: RawFd, path: &RootPath) -> Result<RawFd, i32> {
             | libc::RESOLVE_NO_MAGICLINKS
             | libc::RESOLVE_NO_XDEV,
     };
-    // SAFETY: openat2 with a plan-owned C string and a local `open_how` of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir,
-            rel.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd >= 0 {
-        return Ok(fd as RawFd);
-    }
-    if errno() != libc::ENOSYS {
-        return Err(errno());
+    let mut tries = 0;
+    loop {
+        // SAFETY: openat2 with a plan-owned C string and a local `open_how` of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir,
+                rel.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd >= 0 {
+            return Ok(fd as RawFd);
+        }
+        match errno() {
+            libc::ENOSYS => break,
+            // A concurrent mount or rename somewhere (see open_in_root): retry.
+            libc::EAGAIN if tries < OPENAT2_RETRIES => tries += 1,
+            e => return Err(e),
+        }
     }
     let opath = walk_no_symlinks(dir, &path.names)?;
     let at = FdPath::new(opath);
