@@ -190,6 +190,32 @@ impl CgroupRoot {
 }
 
 impl Cgroup {
+    /// The directory of a v2 cgroup; None on v1.
+    pub fn unified_dir(&self) -> Option<&Path> {
+        match self {
+            Cgroup::V2(d) => Some(d),
+            Cgroup::V1 { .. } => None,
+        }
+    }
+
+    /// The v1 controllers' directories, by controller name; None on v2.
+    pub fn controller_dirs(&self) -> Option<Vec<(&'static str, &Path)>> {
+        match self {
+            Cgroup::V2(_) => None,
+            Cgroup::V1 {
+                memory,
+                pids,
+                cpu,
+                devices,
+            } => {
+                let mut v: Vec<(&'static str, &Path)> =
+                    vec![("memory", memory), ("pids", pids), ("cpu", cpu)];
+                v.extend(devices.as_deref().map(|d| ("devices", d)));
+                Some(v)
+            }
+        }
+    }
+
     fn dirs(&self) -> Vec<&Path> {
         match self {
             Cgroup::V2(d) => vec![d],

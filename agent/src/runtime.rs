@@ -296,7 +296,7 @@ impl Runtime {
                 let _ = std::fs::remove_dir(&scratch);
             }
         };
-        let (plan, rootfs) = match Plan::for_container(spec, source, &scratch) {
+        let (mut plan, rootfs) = match Plan::for_container(spec, source, &scratch) {
             Ok(p) => p,
             Err(e) => {
                 cleanup_scratch();
@@ -310,6 +310,11 @@ impl Runtime {
                 return Err(OpError::new(ErrorCode::Io, e.to_string()));
             }
         };
+        if let Err(e) = plan.bind_cgroup(&cgroup) {
+            cgroup.remove();
+            cleanup_scratch();
+            return Err(e.into());
+        }
         let pending = match spawn::spawn(&plan, stdio) {
             Ok(p) => p,
             Err(e) => {

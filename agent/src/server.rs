@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::frame::{read_frame, FrameError};
-use protocol::{ErrorCode, Event, FrameKind, Request, Response, PROTOCOL_VERSION};
+use protocol::{ErrorCode, Event, FrameKind, Request, Response, StdioConfig, PROTOCOL_VERSION};
 
 use crate::error::OpError;
 use crate::limits::{self, Slot, Slots};
 use crate::runtime::Runtime;
+use crate::spawn;
 use crate::stall::{self, StallGuard};
 use crate::stdio::{Out, StreamTable};
 use crate::sync::LockOrRecover;
@@ -144,7 +145,10 @@ impl Server {
             match frame.kind {
                 FrameKind::Request => match Request::from_frame(&frame) {
                     Ok(Request::Wait { id, exec_id }) => conn.wait(frame.id, id, exec_id),
-                    Ok(req) => conn.reply(frame.id, conn.handle(req)),
+                    Ok(req) => match known_fields_only(&req, &frame.payload) {
+                        Ok(()) => conn.reply(frame.id, conn.handle(req)),
+                        Err(e) => conn.reply(frame.id, Err(e)),
+                    },
                     Err(e) => conn.reply(
                         frame.id,
                         Err(OpError::new(
@@ -263,7 +267,11 @@ impl Conn {
                 rootfs,
                 stdio,
             } => {
-                let w = self.streams.wire(stdio).map_err(stdio_error)?;
+                let terminal = spec.process().as_ref().and_then(|p| p.terminal());
+                let w = self
+                    .streams
+                    .wire(with_terminal(stdio, terminal))
+                    .map_err(stdio_error)?;
                 let c = rt.create(&id, &spec, &rootfs, &w.child, w.io, self.on_exit(None))?;
                 Response::Created {
                     id,
@@ -281,7 +289,10 @@ impl Conn {
                 process,
                 stdio,
             } => {
-                let w = self.streams.wire(stdio).map_err(stdio_error)?;
+                let w = self
+                    .streams
+                    .wire(with_terminal(stdio, process.terminal()))
+                    .map_err(stdio_error)?;
                 let pid = rt.exec(
                     &id,
                     &exec_id,
@@ -372,6 +383,43 @@ impl Conn {
     fn reply(&self, id: u32, r: Result<Response, OpError>) {
         let resp = r.unwrap_or_else(|e| Response::error(e.code, e.message));
         self.out.send(&resp.to_frame(id));
+    }
+}
+
+/// The stdio of a process whose spec says `terminal: true`: a terminal, whether or not the
+/// request's stdio asked for one (the reply's streams say so: no separate stderr).
+fn with_terminal(stdio: StdioConfig, spec_terminal: Option<bool>) -> StdioConfig {
+    StdioConfig {
+        terminal: stdio.terminal || spec_terminal == Some(true),
+        ..stdio
+    }
+}
+
+/// Refuses a create or exec whose spec (or process) has a field that decoding dropped because
+/// this build does not know it: a field asked for must be honoured or refused, never ignored.
+fn known_fields_only(req: &Request, payload: &[u8]) -> Result<(), OpError> {
+    let (key, decoded) = match req {
+        Request::Create { spec, .. } => ("spec", serde_json::to_value(spec)),
+        Request::Exec { process, .. } => ("process", serde_json::to_value(process)),
+        _ => return Ok(()),
+    };
+    let raw: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| OpError::new(ErrorCode::BadRequest, format!("undecodable request: {e}")))?;
+    let decoded = decoded
+        .map_err(|e| OpError::new(ErrorCode::Internal, format!("re-encoding the {key}: {e}")))?;
+    match raw.get(key).and_then(|r| spawn::unknown_field(r, &decoded)) {
+        None => Ok(()),
+        Some(field) => {
+            let field = if key == "process" {
+                format!("process.{field}")
+            } else {
+                field
+            };
+            Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("{field} is not supported by runv-agent (unknown to its OCI spec version): remove it from the spec"),
+            ))
+        }
     }
 }
 

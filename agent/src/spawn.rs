@@ -6,13 +6,16 @@
 //! its threads.
 //!
 //! Child steps: root file system, the spec's mounts (each target resolved inside the root, see
-//! [`resolve`]), device nodes, `pivot_root`, masked and read-only paths, hostname, rlimits,
-//! stdio, working directory; it then reports success (or the failing step and errno) on the
-//! `ready` pipe and blocks on the `start` pipe. On start it drops privileges (bounding set,
+//! [`resolve`]), device nodes (`linux.devices`), `pivot_root`, the root's propagation,
+//! sysctls, masked and read-only paths, hostname and domain name, rlimits, stdio (and terminal
+//! size), working directory, umask; it then reports success (or the failing step and errno) on the
+//! `ready` pipe and blocks on the `start` pipe. On start (now in the container's cgroup) it
+//! unshares the cgroup namespace when the spec asks for one, drops privileges (bounding set,
 //! groups, uid/gid, capabilities, no_new_privs), installs the seccomp filters ([`seccomp`]) and
 //! `execve`s; an exec failure goes back on the `ready` pipe, which `O_CLOEXEC` closes on success.
 
 mod child;
+mod fields;
 mod mounts;
 mod names;
 mod plan;
@@ -21,6 +24,7 @@ mod seccomp;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+pub use fields::unknown_field;
 pub use plan::Plan;
 
 /// Error preparing or starting a process.
@@ -71,10 +75,16 @@ pub(crate) enum Step {
     Exec,
     Setns,
     Fork,
+    Mknod,
+    RootPropagation,
+    Sysctl,
+    Domainname,
+    CgroupNs,
+    Console,
 }
 
 impl Step {
-    const ALL: [Step; 20] = [
+    const ALL: [Step; 26] = [
         Step::MakePrivate,
         Step::MountRoot,
         Step::MountPoint,
@@ -95,6 +105,12 @@ impl Step {
         Step::Exec,
         Step::Setns,
         Step::Fork,
+        Step::Mknod,
+        Step::RootPropagation,
+        Step::Sysctl,
+        Step::Domainname,
+        Step::CgroupNs,
+        Step::Console,
     ];
 
     fn from_index(i: i32) -> Option<Self> {
@@ -124,6 +140,12 @@ impl Step {
             Step::Exec => "execve",
             Step::Setns => "setns",
             Step::Fork => "fork",
+            Step::Mknod => "create a device node (linux.devices)",
+            Step::RootPropagation => "set the root's propagation (linux.rootfsPropagation)",
+            Step::Sysctl => "write a sysctl (linux.sysctl) through the container's /proc",
+            Step::Domainname => "setdomainname",
+            Step::CgroupNs => "unshare the cgroup namespace",
+            Step::Console => "set the terminal size (process.consoleSize)",
         }
     }
 }
@@ -198,6 +220,12 @@ fn read_report(fd: RawFd) -> Result<Option<i32>, SpawnError> {
 /// Clones the child per `plan` with `stdio`; returns once it is set up and waiting for
 /// [`start`], or with the step that failed (the child is then reaped).
 pub fn spawn(plan: &Plan, stdio: &ChildStdio) -> Result<Pending, SpawnError> {
+    if plan.needs_cgroup() {
+        return Err(SpawnError::Invalid(
+            "internal: the plan's cgroup mounts were never bound to a cgroup (Plan::bind_cgroup)"
+                .into(),
+        ));
+    }
     let (ready_r, ready_w) = pipe()?;
     let (start_r, start_w) = pipe()?;
     let fds = child::ChildFds {

@@ -581,6 +581,8 @@ static void task_counter(const struct boot_info *bi) {
         /* What this clone finds in its private page: it must never be another clone's id. */
         r_str(" prev="); r_str(clone_page);
         r_str(" pattern="); r_str(pattern_ok ? "ok" : "damaged");
+        /* A hash of the identity page's 32 entropy bytes: each clone must get its own. */
+        r_str(" ent="); r_hex(fnv1a((const u8 *)(IDENTITY_PAGE + 80), 32));
         r_send();
         if (touch) {
             u32 sum = 0, pages = 0;

@@ -179,6 +179,7 @@ impl Vmm {
             transports,
             mem_mode: None,
             source: None,
+            awaiting_activation: Default::default(),
             _irq_fds: {
                 irq_fds.push(serial_irq);
                 irq_fds

@@ -7,6 +7,27 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// What a file type is, in words for error messages ("a regular file", "a FIFO", ...).
+pub fn file_kind(ft: std::fs::FileType) -> &'static str {
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "something else"
+    }
+}
+
 /// Smallest guest RAM accepted.
 pub const MIN_MEM_MIB: u64 = 16;
 /// Largest guest RAM accepted.
@@ -90,19 +111,7 @@ pub fn open_regular(
     let meta = f.metadata().map_err(open_err)?;
     let ft = meta.file_type();
     if !ft.is_file() {
-        let kind = if ft.is_dir() {
-            "a directory"
-        } else if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_char_device() {
-            "a character device"
-        } else if ft.is_block_device() {
-            "a block device"
-        } else if ft.is_socket() {
-            "a socket"
-        } else {
-            "something else"
-        };
+        let kind = file_kind(ft);
         return Err(InputFileError::NotRegular {
             what,
             path: name(),

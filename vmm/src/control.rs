@@ -30,20 +30,6 @@ pub enum ControlError {
     },
 }
 
-fn kind_of(t: std::fs::FileType) -> &'static str {
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else {
-        "a device or other special file"
-    }
-}
-
 /// Binds a non-blocking Unix listener at `path`. A stale socket file (a socket nobody listens
 /// on) is replaced; anything else at the path (a live socket, a regular file, a link, a FIFO,
 /// a directory) is an error and is left untouched.
@@ -59,7 +45,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ControlError> {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(ControlError::NotASocket {
                 path: name,
-                kind: kind_of(meta.file_type()),
+                kind: crate::config::file_kind(meta.file_type()),
             })
         }
         Ok(_) => match UnixStream::connect(path) {

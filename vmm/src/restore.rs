@@ -91,6 +91,7 @@ impl Vmm {
         vmm.generation = generation;
         boot::write_identity(&vmm.ram.mem, generation, &opts.clone_id)?;
         vmm.source = Some(source);
+        vmm.awaiting_activation = opts.paused.into();
         tracing::debug!(elapsed = ?t0.elapsed(), mode = ?opts.mem_mode, "VM restored");
         Ok(vmm)
     }

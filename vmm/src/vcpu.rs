@@ -1,6 +1,7 @@
 //! vCPU threads: one per vCPU, running `KVM_RUN` and dispatching exits to the buses; parked at a
 //! consistent point (outside `KVM_RUN`) on pause and on shutdown.
 
+use crate::sync::LockOrRecover;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -39,8 +40,19 @@ pub struct RunControl {
 }
 
 impl RunControl {
+    /// Run control whose vCPUs start parked when `paused` (until [`resume`]).
+    pub fn new(paused: bool) -> Self {
+        Self {
+            state: Mutex::new(RunState {
+                paused,
+                ..RunState::default()
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_or_recover()
     }
 
     /// Whether the vCPUs are (asked to be) paused.
@@ -82,7 +94,7 @@ pub fn spawn(
         .spawn(move || {
             while ctl.checkpoint() {
                 let outcome = {
-                    let mut fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut fd = fd.lock_or_recover();
                     run_once(&mut fd, &pio, &mmio)
                 };
                 if let Some(reason) = outcome {

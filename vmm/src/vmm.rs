@@ -51,6 +51,9 @@ pub struct Vmm {
     pub(crate) backends: Vec<Backend>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub(crate) mem_mode: Option<MemoryMode>,
+    /// Set for a clone restored paused that has not run yet: `run` starts its vCPUs parked and
+    /// `activate` gives it its identity.
+    pub(crate) awaiting_activation: std::sync::atomic::AtomicBool,
     /// The snapshot a clone was restored from (its files back the clone's memory).
     pub(crate) source: Option<snapshot::SnapshotDir>,
     // irqfds must outlive the VM's use of them.
@@ -164,7 +167,10 @@ impl Vmm {
     pub fn run(mut self, term_fd: Option<RawFd>) -> Result<ExitReason, VmmError> {
         vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
         let mut plane = std::mem::take(&mut self.control);
-        let ctl = Arc::new(RunControl::default());
+        let ctl = Arc::new(RunControl::new(
+            self.awaiting_activation
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ));
         let mut threads: Vec<VcpuThread> = Vec::new();
         for (id, fd) in self.vcpu_fds.iter().enumerate() {
             match vcpu::spawn(

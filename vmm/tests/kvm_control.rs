@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use pool_manager::{ShellProcess, ShellSpec};
@@ -79,17 +79,7 @@ fn kvm_control_a_client_that_never_reads_cannot_freeze_the_vmm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("c.sock");
-    let mut vmm = spawn(
-        &[
-            "--cmdline",
-            "rt.exit=halt",
-            "--control",
-            sock.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    wait_for_report(dir.path(), "READY");
+    let (mut vmm, sock) = spawn_halted_with_control(dir.path());
     let flood_sock = sock.clone();
     let flooder = std::thread::spawn(move || flood_without_reading(&flood_sock, 64 << 20));
     // While the flood runs, another client is served promptly.
@@ -135,17 +125,7 @@ fn kvm_control_an_over_long_line_is_refused_and_not_executed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("c.sock");
-    let mut vmm = spawn(
-        &[
-            "--cmdline",
-            "rt.exit=halt",
-            "--control",
-            sock.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    wait_for_report(dir.path(), "READY");
+    let (mut vmm, sock) = spawn_halted_with_control(dir.path());
     // A valid pause request padded past the limit, newline-terminated.
     let mut line = encode_request(&Request::Pause {}).unwrap();
     line.pop();
@@ -339,5 +319,80 @@ fn kvm_a_crashed_guest_is_not_a_clean_exit() {
     c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(!status.success(), "a triple fault exited cleanly: {err}");
     assert!(err.contains("guest crashed"), "{err}");
-    let _ = Instant::now();
+}
+
+#[test]
+fn kvm_control_warm_clones_get_their_identity_at_activate() {
+    if !kvm_available("kvm_control_warm_clones_get_their_identity_at_activate") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    template(dir.path(), &snap);
+    let mut entropy = Vec::new();
+    for i in 0..2 {
+        let mut shell =
+            ShellProcess::spawn(&shell_spec(dir.path(), 64), &format!("warm{i}")).unwrap();
+        let mut opts = clone_opts(&snap, "placeholder");
+        opts.paused = true;
+        assert_eq!(shell.restore(&opts).unwrap().state, VmState::Paused);
+        assert_eq!(shell.status().unwrap().state, VmState::Paused);
+        let id = format!("acquired-{i}");
+        let reply = shell.client().activate(&id).unwrap();
+        assert_eq!((reply.state, reply.generation), (VmState::Running, 1));
+        let line = shell.next_stdout_line().unwrap();
+        assert!(line.starts_with("REPORT PASS resumed"), "{line}");
+        assert_eq!(field(line.trim(), "clone"), Some(id.as_str()), "{line}");
+        assert_eq!(field(line.trim(), "gen"), Some("1"), "{line}");
+        entropy.push(field(line.trim(), "ent").unwrap().to_string());
+        // Once running, it cannot be activated again.
+        match shell.client().activate("again") {
+            Err(ClientError::Refused { error, .. }) => {
+                assert_eq!(error.kind, ErrorKind::InvalidState)
+            }
+            other => panic!("a second activate was accepted: {other:?}"),
+        }
+        assert!(shell.shutdown().unwrap().success());
+    }
+    assert_ne!(entropy[0], entropy[1], "two clones got the same entropy");
+    // A clone restored running cannot be activated either.
+    let mut shell = ShellProcess::spawn(&shell_spec(dir.path(), 64), "running").unwrap();
+    shell.restore(&clone_opts(&snap, "running")).unwrap();
+    let e = shell.client().activate("late").unwrap_err().to_string();
+    assert!(e.contains("paused=true"), "{e}");
+    assert!(shell.shutdown().unwrap().success());
+}
+
+#[test]
+fn kvm_control_a_fifo_in_a_snapshot_is_refused_promptly() {
+    if !kvm_available("kvm_control_a_fifo_in_a_snapshot_is_refused_promptly") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    template(dir.path(), &snap);
+    for name in ["memory.bin", "state.bin"] {
+        let bad = dir.path().join(format!("bad-{name}"));
+        std::fs::create_dir_all(&bad).unwrap();
+        for f in ["memory.bin", "state.bin"] {
+            std::fs::copy(snap.join(f), bad.join(f)).unwrap();
+        }
+        std::fs::remove_file(bad.join(name)).unwrap();
+        let c = std::ffi::CString::new(bad.join(name).as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut shell = ShellProcess::spawn(&shell_spec(dir.path(), 64), "fifo").unwrap();
+        shell.client().set_timeout(Duration::from_secs(5)).unwrap();
+        let e = shell
+            .restore(&clone_opts(&bad, "fifo"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("regular file") || e.contains("not a regular"),
+            "{name}: {e}"
+        );
+        assert!(!shell.shutdown().unwrap().success());
+    }
 }

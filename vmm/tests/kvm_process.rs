@@ -23,17 +23,7 @@ fn kvm_control_socket_status_pause_resume_shutdown() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("control.sock");
-    let mut c = spawn(
-        &[
-            "--cmdline",
-            "rt.exit=halt",
-            "--control",
-            sock.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    wait_for_report(dir.path(), "READY");
+    let (mut c, sock) = spawn_halted_with_control(dir.path());
     let mut ctl = control(&sock);
     let st = ctl.status().unwrap();
     assert_eq!(st.state, VmState::Running);

@@ -16,8 +16,8 @@ use super::resolve::close;
 use super::{ChildStdio, Step};
 use creds::{drop_privileges, exec, install_seccomp};
 use fs::{
-    make_mounts_private, mask_path, mount_root, pivot, readonly_path, remount_root_readonly,
-    spec_mount,
+    make_device, make_mounts_private, mask_path, mount_root, pivot, readonly_path,
+    remount_root_readonly, root_propagation, spec_mount, write_sysctls,
 };
 
 /// The pipes of a child: it reports on `ready` and waits on `start`.
@@ -82,8 +82,14 @@ pub(super) fn child_main(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) -> isi
         for m in &r.mounts {
             spec_mount(root, m, fds);
         }
+        for d in &r.devices {
+            make_device(root, d, fds);
+        }
         pivot(root, fds);
         close(root);
+        root_propagation(r.propagation, fds);
+        // Before readonlyPaths, which usually make /proc/sys read-only.
+        write_sysctls(&r.sysctls, fds);
         for p in &r.masked {
             mask_path(p, fds);
         }
@@ -96,10 +102,22 @@ pub(super) fn child_main(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) -> isi
     }
     set_hostname(plan, fds);
     set_rlimits(plan, fds);
-    set_stdio(stdio, fds);
+    set_stdio(plan, stdio, fds);
     // SAFETY: chdir with a C string from the plan.
     check(fds, Step::Chdir, unsafe { libc::chdir(plan.cwd.as_ptr()) });
+    if let Some(m) = plan.umask {
+        // SAFETY: umask(2) cannot fail.
+        unsafe { libc::umask(m) };
+    }
     wait_for_start(fds);
+    if plan.cgroupns {
+        // Now in the container's cgroup (the agent moved it there before start): that cgroup
+        // becomes the namespace's root.
+        // SAFETY: unshare with a flag constant.
+        check(fds, Step::CgroupNs, unsafe {
+            libc::unshare(libc::CLONE_NEWCGROUP)
+        });
+    }
     if !plan.no_new_privs {
         // Without no_new_privs only a privileged process may install a filter: before the drop.
         install_seccomp(plan, fds);
@@ -161,6 +179,11 @@ fn set_hostname(plan: &Plan, fds: &ChildFds) {
         let rc = unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) };
         check(fds, Step::Hostname, rc);
     }
+    if let Some(d) = &plan.domainname {
+        // SAFETY: setdomainname with a C string from the plan and its length.
+        let rc = unsafe { libc::setdomainname(d.as_ptr(), d.as_bytes().len()) };
+        check(fds, Step::Domainname, rc);
+    }
 }
 
 fn set_rlimits(plan: &Plan, fds: &ChildFds) {
@@ -173,13 +196,18 @@ fn set_rlimits(plan: &Plan, fds: &ChildFds) {
 }
 
 /// A new session, the terminal as controlling tty, and the stdio fds as 0, 1, 2.
-fn set_stdio(stdio: &ChildStdio, fds: &ChildFds) {
+fn set_stdio(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) {
     // SAFETY: setsid has no arguments.
     check(fds, Step::Stdio, unsafe { libc::setsid() });
     if stdio.controlling_tty {
         // SAFETY: TIOCSCTTY on the pty slave fd the agent passed.
         let rc = unsafe { libc::ioctl(stdio.fds[0], libc::TIOCSCTTY, 0) };
         check(fds, Step::Stdio, rc);
+        if let Some(ws) = &plan.console {
+            // SAFETY: TIOCSWINSZ with a plan-owned winsize on the pty slave fd.
+            let rc = unsafe { libc::ioctl(stdio.fds[0], libc::TIOCSWINSZ, ws) };
+            check(fds, Step::Console, rc);
+        }
     }
     for (i, fd) in stdio.fds.iter().enumerate() {
         // SAFETY: dup2 of fds the agent passed onto 0..2.

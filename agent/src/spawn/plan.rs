@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use protocol::RootfsSource;
 
+use super::fields::{DeviceNode, Sysctl};
 use super::mounts::{mount_flags, RootPath};
 use super::names::{cap_number, rlimit_resource};
 use super::seccomp::Filters;
@@ -68,6 +69,25 @@ pub(super) struct Rootfs {
     pub(super) masked: Vec<CString>,
     /// `linux.readonlyPaths`, absolute container paths.
     pub(super) readonly_paths: Vec<CString>,
+    /// `linux.devices`: nodes created inside the root after the mounts.
+    pub(super) devices: Vec<DeviceNode>,
+    /// `linux.rootfsPropagation` as mount flags, applied to `/` after the pivot (0: none).
+    pub(super) propagation: libc::c_ulong,
+    /// `linux.sysctl`, written through the container's /proc after the pivot.
+    pub(super) sysctls: Vec<Sysctl>,
+    /// Mounts of type `cgroup`/`cgroup2`, waiting for the container's cgroup
+    /// ([`Plan::bind_cgroup`]): where they go in `mounts`, destination and options.
+    pub(super) cgroup_mounts: Vec<CgroupMount>,
+}
+
+/// A spec mount of the container's cgroup, expanded by [`Plan::bind_cgroup`].
+pub(super) struct CgroupMount {
+    /// Index in [`Rootfs::mounts`] where its mounts go.
+    at: usize,
+    dest: PathBuf,
+    /// nosuid/nodev/noexec/... flags of the spec's options.
+    flags: libc::c_ulong,
+    readonly: bool,
 }
 
 /// Capability sets, as bit masks.
@@ -85,6 +105,14 @@ pub struct Plan {
     pub(super) clone_flags: libc::c_int,
     pub(super) rootfs: Option<Rootfs>,
     pub(super) hostname: Option<CString>,
+    /// `domainname`, set with setdomainname(2) in the container's UTS namespace.
+    pub(super) domainname: Option<CString>,
+    /// Unshare the cgroup namespace once in the container's cgroup (after start).
+    pub(super) cgroupns: bool,
+    /// `process.user.umask`.
+    pub(super) umask: Option<libc::mode_t>,
+    /// `process.consoleSize`, applied to the terminal (ignored without one, as the spec says).
+    pub(super) console: Option<libc::winsize>,
     pub(super) rlimits: Vec<(libc::c_int, libc::rlimit)>,
     pub(super) cwd: CString,
     pub(super) exec_candidates: Vec<CString>,
@@ -150,6 +178,14 @@ fn real_dir(path: &Path, what: &str) -> Result<PathBuf, SpawnError> {
     })
 }
 
+/// Whether `/proc/filesystems` lists `fstype` (built in or loaded).
+fn kernel_has_fs(fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.split_whitespace().last() == Some(fstype))
+    })
+}
+
 /// Device nodes bind-mounted from the agent's /dev when the spec mounts a tmpfs on /dev.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -182,6 +218,7 @@ impl Plan {
             .as_ref()
             .ok_or_else(|| invalid("the spec has no process: add process.args"))?;
         let linux = spec.linux().as_ref();
+        super::fields::refuse_unsupported(spec)?;
         let mut flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         if linux
@@ -193,20 +230,59 @@ impl Plan {
         {
             flags |= libc::CLONE_NEWNET;
         }
+        let cgroupns = linux
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup));
+        if cgroupns && !Path::new("/proc/self/ns/cgroup").exists() {
+            return Err(invalid(
+                "linux.namespaces asks for a cgroup namespace, which this kernel lacks (CONFIG_CGROUPS): remove it or use a kernel with it",
+            ));
+        }
+        let devices = super::fields::devices(spec)?;
+        let sysctls = super::fields::sysctls(spec, flags & libc::CLONE_NEWNET != 0)?;
+        let propagation = super::fields::root_propagation(spec)?;
         crate::devices::rules_from_spec(spec).map_err(|e| invalid(e.to_string()))?;
         let (setup, root) = Self::root_mounts(source, scratch)?;
         let mut mounts = Vec::new();
+        let mut cgroup_mounts = Vec::new();
         let mut dev_tmpfs = false;
         for m in spec.mounts().iter().flatten() {
             let typ = m.typ().clone().unwrap_or_default();
-            if typ == "cgroup" || typ == "cgroup2" || typ == "mqueue" {
-                // Containers see no cgroupfs; mqueue needs an IPC namespace mount we skip.
-                continue;
-            }
             let dest = m.destination();
             let target = RootPath::new(dest)?;
             let mf = mount_flags(&m.options().clone().unwrap_or_default());
+            if typ == "cgroup" || typ == "cgroup2" {
+                if mf.bind || mf.propagation != 0 || !mf.data.is_empty() {
+                    return Err(invalid(format!(
+                        "mount of type {typ} at {}: options {:?} are not supported for the container's cgroup (use only ro/rw, nosuid, nodev, noexec and atime options)",
+                        dest.display(),
+                        m.options().clone().unwrap_or_default()
+                    )));
+                }
+                // The container's own cgroup, bound once it exists (Plan::bind_cgroup).
+                cgroup_mounts.push(CgroupMount {
+                    at: mounts.len(),
+                    dest: dest.clone(),
+                    flags: mf.flags,
+                    readonly: mf.readonly,
+                });
+                continue;
+            }
+            if typ == "mqueue" && !kernel_has_fs("mqueue") {
+                return Err(invalid(format!(
+                    "mount of type mqueue at {}: this kernel has no mqueue file system (CONFIG_POSIX_MQUEUE): remove the mount or use a kernel with it",
+                    dest.display()
+                )));
+            }
             let bind = mf.bind || typ == "bind";
+            if bind && !mf.data.is_empty() {
+                // mount(2) ignores the data argument of a bind mount: these would be lost.
+                return Err(invalid(format!(
+                    "bind mount at {}: options {:?} are not supported by runv-agent for bind mounts (use ro/rw, [r]bind, nosuid/nodev/noexec, atime and propagation options): remove them",
+                    dest.display(),
+                    mf.data
+                )));
+            }
             if target.names.len() == 1 && target.names[0].as_bytes() == b"dev" && typ == "tmpfs" {
                 dev_tmpfs = true;
             }
@@ -238,9 +314,19 @@ impl Plan {
         }
         if dev_tmpfs {
             for d in DEVICES {
+                let path = Path::new("/dev").join(d);
+                if spec
+                    .linux()
+                    .as_ref()
+                    .and_then(|l| l.devices().as_ref())
+                    .is_some_and(|v| v.iter().any(|dev| dev.path() == &path))
+                {
+                    // linux.devices lists it: created from the spec, as runc does.
+                    continue;
+                }
                 mounts.push(MountOp {
                     source: Some(cstr(format!("/dev/{d}"))?),
-                    target: RootPath::new(&Path::new("/dev").join(d))?,
+                    target: RootPath::new(&path)?,
                     fstype: None,
                     flags: libc::MS_BIND,
                     data: None,
@@ -266,14 +352,96 @@ impl Plan {
                 &linux.and_then(|l| l.readonly_paths().clone()),
                 "readonlyPaths",
             )?,
+            devices,
+            propagation,
+            sysctls,
+            cgroup_mounts,
         });
         plan.hostname = spec.hostname().as_ref().map(cstr).transpose()?;
+        plan.domainname = spec
+            .domainname()
+            .as_ref()
+            .filter(|d| !d.is_empty())
+            .map(cstr)
+            .transpose()?;
+        plan.cgroupns = cgroupns;
         plan.seccomp = linux
             .and_then(|l| l.seccomp().as_ref())
             .map(super::seccomp::compile)
             .transpose()?
             .map(std::sync::Arc::new);
         Ok((plan, root))
+    }
+
+    /// Adds the spec's `cgroup`/`cgroup2` mounts once the container's cgroup exists: its
+    /// directory bound at the destination (v2), or on v1 hosts a tmpfs there with each
+    /// controller's directory bound below it (`memory`, `pids`, `cpu`, `devices`), as runc
+    /// does; read-only unless the spec's options say `rw`. A plan with such mounts cannot be
+    /// spawned before this was called.
+    pub fn bind_cgroup(&mut self, cgroup: &crate::cgroup::Cgroup) -> Result<(), SpawnError> {
+        let Some(r) = self.rootfs.as_mut() else {
+            return Ok(());
+        };
+        let pending = std::mem::take(&mut r.cgroup_mounts);
+        // Back to front: each insertion leaves the earlier indices valid.
+        for cm in pending.into_iter().rev() {
+            let ro = if cm.readonly { libc::MS_RDONLY } else { 0 };
+            let bind = |src: &Path, dest: &Path| -> Result<MountOp, SpawnError> {
+                Ok(MountOp {
+                    source: Some(cpath(src)?),
+                    target: RootPath::new(dest)?,
+                    fstype: None,
+                    flags: libc::MS_BIND,
+                    data: None,
+                    file: false,
+                    remount: Some(cm.flags | ro),
+                    propagation: 0,
+                })
+            };
+            let ops = match cgroup.unified_dir() {
+                Some(dir) => vec![bind(dir, &cm.dest)?],
+                None => {
+                    let dirs = cgroup.controller_dirs().unwrap_or_default();
+                    let mut ops = vec![MountOp {
+                        source: Some(cstr("tmpfs")?),
+                        target: RootPath::new(&cm.dest)?,
+                        fstype: Some(cstr("tmpfs")?),
+                        flags: cm.flags,
+                        data: Some(cstr("mode=755")?),
+                        file: false,
+                        remount: None,
+                        propagation: 0,
+                    }];
+                    for (name, dir) in dirs {
+                        ops.push(bind(dir, &cm.dest.join(name))?);
+                    }
+                    if cm.readonly {
+                        // The tmpfs itself, read-only once the binds are in place.
+                        ops.push(MountOp {
+                            source: None,
+                            target: RootPath::new(&cm.dest)?,
+                            fstype: None,
+                            flags: libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | cm.flags,
+                            data: None,
+                            file: false,
+                            remount: None,
+                            propagation: 0,
+                        });
+                    }
+                    ops
+                }
+            };
+            let at = cm.at.min(r.mounts.len());
+            r.mounts.splice(at..at, ops);
+        }
+        Ok(())
+    }
+
+    /// Whether the plan still waits for [`Plan::bind_cgroup`].
+    pub(super) fn needs_cgroup(&self) -> bool {
+        self.rootfs
+            .as_ref()
+            .is_some_and(|r| !r.cgroup_mounts.is_empty())
     }
 
     /// The mounts that make the root, and where it will be.
@@ -343,7 +511,7 @@ impl Plan {
     ) -> Result<Self, SpawnError> {
         let mut plan = Self::for_process(process)?;
         // Order matters: user-visible namespaces first, mount last (it changes /proc).
-        for ns in ["ipc", "uts", "net", "pid", "mnt"] {
+        for ns in ["ipc", "uts", "net", "pid", "cgroup", "mnt"] {
             let path = format!("/proc/{init_pid}/ns/{ns}");
             let fd = std::fs::File::open(&path).map_err(|source| SpawnError::Sys {
                 what: "opening the container's namespaces",
@@ -357,6 +525,7 @@ impl Plan {
     }
 
     fn for_process(p: &oci_spec::runtime::Process) -> Result<Self, SpawnError> {
+        super::fields::refuse_unsupported_process(p)?;
         let args = p.args().clone().unwrap_or_default();
         let Some(arg0) = args.first() else {
             return Err(invalid("process.args is empty: give the program to run"));
@@ -421,10 +590,28 @@ impl Plan {
             None => None,
         };
         let user = p.user();
+        let umask = match user.umask() {
+            Some(m) if m > 0o777 => {
+                return Err(invalid(format!(
+                    "process.user.umask {m:#o} has bits beyond 0777: fix the spec"
+                )))
+            }
+            m => m,
+        };
+        let console = p.console_size().as_ref().map(|b| libc::winsize {
+            ws_row: u16::try_from(b.height()).unwrap_or(u16::MAX),
+            ws_col: u16::try_from(b.width()).unwrap_or(u16::MAX),
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        });
         Ok(Self {
             clone_flags: 0,
             rootfs: None,
             hostname: None,
+            domainname: None,
+            cgroupns: false,
+            umask,
+            console,
             rlimits,
             cwd: cpath(p.cwd())?,
             exec_candidates,
@@ -494,6 +681,69 @@ mod tests {
             .find(|m| m.target.prefixes.last().unwrap().to_str() == Ok("sys"))
             .unwrap();
         assert_ne!(sys.flags & libc::MS_RDONLY, 0, "sysfs is mounted ro");
+    }
+
+    fn targets(plan: &Plan) -> Vec<String> {
+        let r = plan.rootfs.as_ref().unwrap();
+        r.mounts
+            .iter()
+            .map(|m| m.target.prefixes.last().unwrap().to_str().unwrap().into())
+            .collect()
+    }
+
+    #[test]
+    fn cgroup_mounts_wait_for_the_cgroup_and_keep_their_place() {
+        let (_d, src) = bind_root();
+        let s = spec_with_process(|_| {});
+        for (cg, want) in [
+            (
+                crate::cgroup::Cgroup::V2("/sys/fs/cgroup/g/c".into()),
+                vec!["sys/fs/cgroup"],
+            ),
+            (
+                crate::cgroup::Cgroup::V1 {
+                    memory: "/sys/fs/cgroup/memory/g/c".into(),
+                    pids: "/sys/fs/cgroup/pids/g/c".into(),
+                    cpu: "/sys/fs/cgroup/cpu/g/c".into(),
+                    devices: None,
+                },
+                vec![
+                    "sys/fs/cgroup",
+                    "sys/fs/cgroup/memory",
+                    "sys/fs/cgroup/pids",
+                    "sys/fs/cgroup/cpu",
+                    "sys/fs/cgroup",
+                ],
+            ),
+        ] {
+            let (mut plan, _) = Plan::for_container(&s, &src, Path::new("/x")).unwrap();
+            assert!(plan.needs_cgroup());
+            let before = targets(&plan);
+            plan.bind_cgroup(&cg).unwrap();
+            assert!(!plan.needs_cgroup());
+            let after = targets(&plan);
+            // The default spec's cgroup mount is its last one, after /sys.
+            let sys = before.iter().position(|t| t == "sys").unwrap();
+            assert_eq!(after[..=sys], before[..=sys]);
+            assert_eq!(after[sys + 1..sys + 1 + want.len()], want[..], "{cg:?}");
+            let r = plan.rootfs.as_ref().unwrap();
+            let first = &r.mounts[sys + 1];
+            let ro = first.remount.unwrap_or(first.flags);
+            if matches!(cg, crate::cgroup::Cgroup::V2(_)) {
+                assert_eq!(first.flags, libc::MS_BIND);
+                assert_ne!(ro & libc::MS_RDONLY, 0, "read-only by default");
+            } else {
+                let last = &r.mounts[sys + want.len()];
+                assert_ne!(last.flags & libc::MS_REMOUNT, 0);
+                assert_ne!(last.flags & libc::MS_RDONLY, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_file_systems_are_read_from_proc() {
+        assert!(kernel_has_fs("proc") && kernel_has_fs("tmpfs"));
+        assert!(!kernel_has_fs("nodev") && !kernel_has_fs("no-such-fs"));
     }
 
     #[test]

@@ -56,24 +56,35 @@ pub(super) fn open_in_root(root: RawFd, path: &RootPath, depth: usize) -> Result
         mode: 0,
         resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
     };
-    // SAFETY: openat2 with a valid C string and a local `open_how` of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root,
-            prefix.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd >= 0 {
-        return Ok(fd as RawFd);
-    }
-    match errno() {
-        libc::ENOSYS => walk_no_symlinks(root, &path.names[..depth.min(path.names.len())]),
-        e => Err(e),
+    let mut tries = 0;
+    loop {
+        // SAFETY: openat2 with a valid C string and a local `open_how` of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root,
+                prefix.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd >= 0 {
+            return Ok(fd as RawFd);
+        }
+        match errno() {
+            libc::ENOSYS => {
+                return walk_no_symlinks(root, &path.names[..depth.min(path.names.len())])
+            }
+            // A `..` resolved while any mount or rename happened anywhere on the system: the
+            // kernel cannot prove the walk stayed inside and asks for a retry.
+            libc::EAGAIN if tries < OPENAT2_RETRIES => tries += 1,
+            e => return Err(e),
+        }
     }
 }
+
+/// How often a lookup is retried when openat2 reports a concurrent mount or rename (EAGAIN).
+pub(super) const OPENAT2_RETRIES: u32 = 1000;
 
 /// The fallback without openat2: component by component with `O_NOFOLLOW`; a symbolic link
 /// anywhere is refused with ELOOP (safe, if stricter than openat2).

@@ -9,7 +9,8 @@ use serde::de::DeserializeOwned;
 
 use crate::wire::{decode_reply, encode_request, MAX_LINE};
 use crate::{
-    ApiError, Request, RestoreOptions, RestoreReply, SnapshotReply, StateReply, StatusReply,
+    ActivateReply, ApiError, Request, RestoreOptions, RestoreReply, SnapshotReply, StateReply,
+    StatusReply,
 };
 
 /// How long a call waits for its reply unless [`ControlClient::set_timeout`] says otherwise.
@@ -213,6 +214,13 @@ impl ControlClient {
     pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotReply, ClientError> {
         self.call(&Request::Snapshot {
             dir: dir.to_path_buf(),
+        })
+    }
+
+    /// `activate` a clone restored paused: identity `clone_id`, fresh entropy, then resume.
+    pub fn activate(&mut self, clone_id: &str) -> Result<ActivateReply, ClientError> {
+        self.call(&Request::Activate {
+            clone_id: clone_id.into(),
         })
     }
 

@@ -26,6 +26,13 @@ pub enum Request {
     },
     /// Restore a snapshot into this idle shell: [`RestoreReply`].
     Restore(RestoreOptions),
+    /// Give a clone restored with [`RestoreOptions::paused`] (and never run since) its identity
+    /// (this clone id, fresh entropy, the restore's generation) and resume it: [`ActivateReply`].
+    /// A warm pool restores clones ahead of time and activates one per acquire.
+    Activate {
+        /// Clone id written into the identity page (at most [`MAX_CLONE_ID`] bytes, no NUL).
+        clone_id: String,
+    },
 }
 
 impl Request {
@@ -38,6 +45,7 @@ impl Request {
             Request::Shutdown {} => "shutdown",
             Request::Snapshot { .. } => "snapshot",
             Request::Restore(_) => "restore",
+            Request::Activate { .. } => "activate",
         }
     }
 }
@@ -169,6 +177,9 @@ pub struct RestoreOptions {
     /// `uffd` mode: how long the first clone records its working set, in milliseconds.
     #[serde(default = "default_record_ms")]
     pub record_ms: u64,
+    /// Restore but keep the vCPUs parked until an `activate` (a warm clone) or `resume`.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl RestoreOptions {
@@ -184,19 +195,14 @@ impl RestoreOptions {
             vsock_uds: None,
             block: Vec::new(),
             record_ms: DEFAULT_RECORD_MS,
+            paused: false,
         }
     }
 
     /// Checks what can be checked without the snapshot: the clone id fits the identity page
     /// and the recording window is in range.
     pub fn validate(&self) -> Result<(), String> {
-        if self.clone_id.len() > MAX_CLONE_ID || self.clone_id.contains('\0') {
-            return Err(format!(
-                "clone id {:?} is {} bytes: use at most {MAX_CLONE_ID} bytes and no NUL",
-                self.clone_id,
-                self.clone_id.len()
-            ));
-        }
+        validate_clone_id(&self.clone_id)?;
         if !(MIN_RECORD_MS..=MAX_RECORD_MS).contains(&self.record_ms) {
             return Err(format!(
                 "record_ms {}: use {MIN_RECORD_MS}..={MAX_RECORD_MS} (a shorter recording is not a representative working set)",
@@ -205,6 +211,17 @@ impl RestoreOptions {
         }
         Ok(())
     }
+}
+
+/// Checks that `clone_id` fits the identity page: at most [`MAX_CLONE_ID`] bytes, no NUL.
+pub fn validate_clone_id(clone_id: &str) -> Result<(), String> {
+    if clone_id.len() > MAX_CLONE_ID || clone_id.contains('\0') {
+        return Err(format!(
+            "clone id {clone_id:?} is {} bytes: use at most {MAX_CLONE_ID} bytes and no NUL",
+            clone_id.len()
+        ));
+    }
+    Ok(())
 }
 
 /// What a VMM process is doing.
@@ -301,6 +318,15 @@ pub struct RestoreReply {
     /// Page-server counters of a `uffd` clone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uffd: Option<UffdStats>,
+}
+
+/// Reply to `activate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivateReply {
+    /// State after the request (running).
+    pub state: VmState,
+    /// Identity generation the guest now sees.
+    pub generation: u64,
 }
 
 /// Machine-readable class of an [`ApiError`].

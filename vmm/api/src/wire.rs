@@ -10,7 +10,7 @@ use crate::{ApiError, ErrorKind, Request};
 pub const MAX_LINE: usize = 64 * 1024;
 
 const EXPECTED: &str =
-    "expected {\"cmd\": \"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"restore\", ...}";
+    "expected {\"cmd\": \"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"restore\"|\"activate\", ...}";
 
 /// Parses one request line (without its newline).
 pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
@@ -133,6 +133,9 @@ mod tests {
                 dir: PathBuf::from("/tmp/a\"b\nc"),
             },
             Request::Restore(opts),
+            Request::Activate {
+                clone_id: "warm-1".into(),
+            },
         ] {
             let line = encode_request(&req).unwrap();
             assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");

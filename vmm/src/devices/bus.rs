@@ -1,5 +1,6 @@
 //! Port-I/O and MMIO buses: map an address range to a device, dispatched from vCPU exits.
 
+use crate::sync::LockOrRecover;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -99,7 +100,7 @@ impl Bus {
 // A device that panicked while holding its lock is still driven: the guest must not be able to
 // wedge the VMM by provoking one poisoned mutex.
 fn lock(dev: &Arc<Mutex<dyn BusDevice>>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    dev.lock().unwrap_or_else(|p| p.into_inner())
+    dev.lock_or_recover()
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Legacy PC devices on the port-I/O bus: COM1 (16550), the i8042 reset line and the debug
 //! report port of the test guests.
 
+use crate::sync::LockOrRecover;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -130,7 +131,7 @@ impl BusDevice for DebugPort {
             return;
         }
         let report = self.read_report(u64::from(u32::from_le_bytes(bytes)));
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let mut log = self.log.lock_or_recover();
         let _ = writeln!(log, "REPORT {report}");
         let _ = log.flush();
         drop(log);

@@ -2,11 +2,12 @@
 //! device back-ends and the control plane, all on one thread.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use vmm_api::{
-    encode_error, encode_ok, ApiError, ErrorKind, Request, SnapshotReply, StateReply, StatusReply,
-    VmState, PROTOCOL_VERSION,
+    encode_error, encode_ok, validate_clone_id, ActivateReply, ApiError, ErrorKind, Request,
+    SnapshotReply, StateReply, StatusReply, VmState, PROTOCOL_VERSION,
 };
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 
@@ -91,6 +92,31 @@ impl DeviceLoop<'_> {
         Ok(())
     }
 
+    /// Writes a warm clone's identity (fresh entropy) and starts its vCPUs.
+    fn activate(&self, clone_id: &str) -> Vec<u8> {
+        let vmm = self.vmm;
+        if let Err(e) = validate_clone_id(clone_id) {
+            return encode_error(&ApiError::new(ErrorKind::BadRequest, e));
+        }
+        if !vmm.awaiting_activation.load(Ordering::Relaxed) {
+            return encode_error(&ApiError::new(
+                ErrorKind::InvalidState,
+                "activate applies to a clone restored with paused=true that has not run yet",
+            ));
+        }
+        // The vCPUs are parked and have never run since the restore: the guest first sees
+        // this identity.
+        if let Err(e) = crate::boot::write_identity(&vmm.ram.mem, vmm.generation, clone_id) {
+            return encode_error(&ApiError::new(ErrorKind::Failed, e.to_string()));
+        }
+        vmm.awaiting_activation.store(false, Ordering::Relaxed);
+        vcpu::resume(self.ctl);
+        encode_ok(&ActivateReply {
+            state: VmState::Running,
+            generation: vmm.generation,
+        })
+    }
+
     fn handle(&self, req: Request) -> Vec<u8> {
         let vmm = self.vmm;
         let (ctl, threads) = (self.ctl, self.threads);
@@ -121,7 +147,9 @@ impl DeviceLoop<'_> {
                     state: VmState::Paused,
                 })
             }
+            Request::Activate { clone_id } => self.activate(&clone_id),
             Request::Resume {} => {
+                vmm.awaiting_activation.store(false, Ordering::Relaxed);
                 vcpu::resume(ctl);
                 encode_ok(&StateReply {
                     state: VmState::Running,

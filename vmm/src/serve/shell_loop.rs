@@ -70,7 +70,10 @@ pub fn wait_for_restore(
             Ok(()) => Dispatch::Defer(Request::Restore(opts)),
             Err(e) => Dispatch::Reply(encode_error(&ApiError::new(ErrorKind::BadRequest, e))),
         },
-        Request::Pause {} | Request::Resume {} | Request::Snapshot { .. } => {
+        Request::Pause {}
+        | Request::Resume {}
+        | Request::Snapshot { .. }
+        | Request::Activate { .. } => {
             Dispatch::Reply(encode_error(&ApiError::new(
                 ErrorKind::InvalidState,
                 "this shell has no VM yet: send a restore request first",
@@ -109,7 +112,11 @@ pub fn wait_for_restore(
     match Vmm::restore_into(shell, &opts, ControlPlane::default()) {
         Ok(mut vm) => {
             let reply = encode_ok(&RestoreReply {
-                state: VmState::Running,
+                state: if opts.paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                },
                 restore_ms: t0.elapsed().as_secs_f64() * 1e3,
                 uffd: vm.uffd_stats(),
             });

@@ -127,3 +127,20 @@ pub fn wait_for_report(dir: &Path, report: &str) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Spawns `runv-vmm` with a guest that halts after `READY` and a control socket in `dir`; returns
+/// once the guest is ready.
+pub fn spawn_halted_with_control(dir: &Path) -> (Child, std::path::PathBuf) {
+    let sock = dir.join("control.sock");
+    let child = spawn(
+        &[
+            "--cmdline",
+            "rt.exit=halt",
+            "--control",
+            sock.to_str().expect("a UTF-8 temp path"),
+        ],
+        dir,
+    );
+    wait_for_report(dir, "READY");
+    (child, sock)
+}

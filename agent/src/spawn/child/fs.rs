@@ -1,10 +1,14 @@
 //! The child's file-system steps: the root, the spec's mounts (targets resolved inside the
-//! root), the pivot, masked and read-only paths.
+//! root), device nodes, the pivot, the root's propagation, sysctls, masked and read-only paths.
 
 use std::os::fd::RawFd;
 
+use super::super::fields::{DeviceNode, Sysctl};
+use super::super::mounts::RootPath;
 use super::super::plan::{HostMount, MountOp, Rootfs};
-use super::super::resolve::{close, ensure_in_root, open_in_root, FdPath};
+use super::super::resolve::{
+    close, ensure_in_root, open_in_root, walk_no_symlinks, FdPath, OPENAT2_RETRIES,
+};
 use super::super::Step;
 use super::{check, errno, fail, mount, ptr, ChildFds};
 
@@ -241,4 +245,165 @@ pub(super) fn remount_root_readonly(fds: &ChildFds) {
         std::ptr::null(),
     );
     check(fds, Step::Remount, rc);
+}
+
+/// Creates a `linux.devices` node inside the root (parent directories resolved and created in
+/// the root), as runc: an existing node is kept; a new one gets its mode (past the umask),
+/// owner and group through an fd of the node itself, never by path.
+pub(super) fn make_device(root: RawFd, d: &DeviceNode, fds: &ChildFds) {
+    let dir = match ensure_in_root(root, &d.dir, false) {
+        Ok(fd) => fd,
+        Err(e) => fail(fds, Step::Mknod, e),
+    };
+    // SAFETY: mknodat relative to a directory fd we hold, with a one-component name from the
+    // plan; mknod never follows a symbolic link in its last component.
+    let rc = unsafe { libc::mknodat(dir, d.name.as_ptr(), d.kind | d.perm, d.dev) };
+    if rc < 0 {
+        let e = errno();
+        close(dir);
+        if e == libc::EEXIST {
+            return;
+        }
+        fail(fds, Step::Mknod, e);
+    }
+    // SAFETY: openat relative to a directory fd we hold, one-component name, O_NOFOLLOW.
+    let node = unsafe {
+        libc::openat(
+            dir,
+            d.name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    close(dir);
+    check(fds, Step::Mknod, node);
+    // SAFETY: fchownat on an O_PATH fd we hold, with an empty path and AT_EMPTY_PATH.
+    let rc = unsafe { libc::fchownat(node, c"".as_ptr(), d.uid, d.gid, libc::AT_EMPTY_PATH) };
+    if rc < 0 {
+        let e = errno();
+        close(node);
+        fail(fds, Step::Mknod, e);
+    }
+    let at = FdPath::new(node);
+    // SAFETY: chmod of the node through its /proc/self/fd link (a stack buffer), which names
+    // the inode we just created.
+    let rc = unsafe { libc::chmod(at.as_ptr(), d.perm) };
+    close(node);
+    check(fds, Step::Mknod, rc);
+}
+
+/// Sets `linux.rootfsPropagation` on the container's `/` (after the pivot, as runc).
+pub(super) fn root_propagation(flags: libc::c_ulong, fds: &ChildFds) {
+    if flags == 0 {
+        return;
+    }
+    let rc = mount(
+        std::ptr::null(),
+        c"/".as_ptr(),
+        std::ptr::null(),
+        flags,
+        std::ptr::null(),
+    );
+    check(fds, Step::RootPropagation, rc);
+}
+
+/// procfs's `f_type`.
+const PROC_SUPER_MAGIC: libc::c_long = 0x9fa0;
+
+/// Writes the `linux.sysctl` values through the container's `/proc` (after the pivot): the
+/// proc mount is checked to be procfs and each file is opened beneath it without following
+/// any symbolic link or crossing a mount (openat2 `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+/// RESOLVE_NO_XDEV`; before 5.6, a component walk refusing links).
+pub(super) fn write_sysctls(sysctls: &[Sysctl], fds: &ChildFds) {
+    if sysctls.is_empty() {
+        return;
+    }
+    // SAFETY: open with a literal path.
+    let proc = unsafe {
+        libc::open(
+            c"/proc".as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    check(fds, Step::Sysctl, proc);
+    // SAFETY: an all-zero statfs is a valid buffer for fstatfs to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on an fd we hold into a local buffer.
+    check(fds, Step::Sysctl, unsafe { libc::fstatfs(proc, &mut st) });
+    if st.f_type as libc::c_long != PROC_SUPER_MAGIC {
+        fail(fds, Step::Sysctl, libc::ENOENT);
+    }
+    for s in sysctls {
+        let fd = match open_beneath_wronly(proc, &s.path) {
+            Ok(fd) => fd,
+            Err(e) => fail(fds, Step::Sysctl, e),
+        };
+        let bytes = s.value.as_bytes();
+        // SAFETY: writing a plan-owned buffer of its length to an fd we hold.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        let e = errno();
+        close(fd);
+        if n < 0 {
+            fail(fds, Step::Sysctl, e);
+        }
+        if n as usize != bytes.len() {
+            fail(fds, Step::Sysctl, libc::EIO);
+        }
+    }
+    close(proc);
+}
+
+/// Opens `path` beneath `dir` for writing, following no symbolic link and crossing no mount.
+fn open_beneath_wronly(dir: RawFd, path: &RootPath) -> Result<RawFd, i32> {
+    let Some(rel) = path.prefixes.last() else {
+        return Err(libc::EINVAL);
+    };
+    let how = OpenHow {
+        flags: (libc::O_WRONLY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH
+            | libc::RESOLVE_NO_SYMLINKS
+            | libc::RESOLVE_NO_MAGICLINKS
+            | libc::RESOLVE_NO_XDEV,
+    };
+    let mut tries = 0;
+    loop {
+        // SAFETY: openat2 with a plan-owned C string and a local `open_how` of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir,
+                rel.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd >= 0 {
+            return Ok(fd as RawFd);
+        }
+        match errno() {
+            libc::ENOSYS => break,
+            // A concurrent mount or rename somewhere (see open_in_root): retry.
+            libc::EAGAIN if tries < OPENAT2_RETRIES => tries += 1,
+            e => return Err(e),
+        }
+    }
+    let opath = walk_no_symlinks(dir, &path.names)?;
+    let at = FdPath::new(opath);
+    // SAFETY: reopening the file we resolved through its /proc/self/fd link (a stack buffer).
+    let fd = unsafe { libc::open(at.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    let e = errno();
+    close(opath);
+    if fd < 0 {
+        Err(e)
+    } else {
+        Ok(fd)
+    }
+}
+
+/// `struct open_how` of openat2(2) (libc's is `non_exhaustive`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
 }
