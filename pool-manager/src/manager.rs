@@ -386,12 +386,6 @@ impl Pool {
                 targets.warm, targets.shells, targets.max_sandboxes
             )));
         }
-        if targets.warm > 0 && !crate::warm::SUPPORTED {
-            return Err(PoolError::Invalid(
-                "warm clones need the VMM's activate request, not in this build yet: use shells"
-                    .into(),
-            ));
-        }
         let mut st = self.shared.lock();
         let e = st.entry_mut(name)?;
         e.targets = targets;

@@ -210,10 +210,9 @@ fn daemon_serves_100_concurrent_acquires_refills_and_leaves_nothing() {
         assert_eq!(field(&r, "clone"), Some(id), "{r}");
         assert_eq!(field(&r, "gen"), Some("1"), "{r}");
         assert_eq!(field(&r, "pattern"), Some("ok"), "{r}");
-        // Test guests that report the identity page's entropy: every clone has its own.
-        if let Some(ent) = field(&r, "ent") {
-            assert!(entropy.insert(ent.to_string()), "entropy {ent} reused: {r}");
-        }
+        // Every clone has its own entropy (FNV-1a of the identity page's 32 bytes).
+        let ent = field(&r, "ent").unwrap_or_else(|| panic!("no ent= in {r}"));
+        assert!(entropy.insert(ent.to_string()), "entropy {ent} reused: {r}");
         assert!(Path::new(s["control"].as_str().unwrap()).exists());
     }
     let live = d.json(&["sandbox", "ls"]);

@@ -343,6 +343,12 @@ fn pool_activates_warm_clones_with_fresh_identities() {
         pool.pools()[0].warm == 3
     });
     // A warm clone has not run: no report before its activation.
+    for f in dirs.run_files() {
+        if f.extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(&f).unwrap();
+            assert!(!text.contains("REPORT"), "{}: {text}", f.display());
+        }
+    }
     let mut ents = std::collections::HashSet::new();
     for i in 0..3 {
         let s = acquire(&pool, "counter", &format!("w{i}"));
@@ -350,9 +356,8 @@ fn pool_activates_warm_clones_with_fresh_identities() {
         let r = resumed_report(&s.debug_log);
         assert_eq!(field(&r, "clone"), Some(format!("w{i}").as_str()), "{r}");
         assert_eq!(field(&r, "gen"), Some("1"), "{r}");
-        if let Some(e) = field(&r, "ent") {
-            assert!(ents.insert(e.to_string()), "entropy reused: {r}");
-        }
+        let e = field(&r, "ent").unwrap_or_else(|| panic!("no ent= in {r}"));
+        assert!(ents.insert(e.to_string()), "entropy reused: {r}");
     }
     wait_until("warm refill", Duration::from_secs(20), || {
         pool.pools()[0].warm == 3
