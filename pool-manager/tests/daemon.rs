@@ -285,16 +285,26 @@ fn daemon_restart_readopts_leased_sandboxes_and_notices_deaths_and_ttls() {
     wait_until("2 shells", Duration::from_secs(20), || pool_shells(&d) == 2);
     let a = d.json(&["sandbox", "acquire", "counter", "--id", "keep-a"]);
     let b = d.json(&["sandbox", "acquire", "counter", "--id", "keep-b"]);
+    let c = d.json(&["sandbox", "acquire", "counter", "--id", "dies-while-down"]);
     let pid = |v: &Value| v["pid"].as_u64().unwrap() as u32;
 
     // SIGTERM: pooled VMs end, leased ones keep running and are recorded.
     d.stop();
-    assert!(alive(pid(&a)) && alive(pid(&b)));
+    assert!(alive(pid(&a)) && alive(pid(&b)) && alive(pid(&c)));
     let run = vm_needle(&dirs);
-    assert_eq!(live_processes_mentioning(&run).len(), 2);
+    assert_eq!(live_processes_mentioning(&run).len(), 3);
+    // One dies while no daemon runs: the next one cleans it up instead of adopting it.
+    // SAFETY: kill(2) on a VMM this test's daemon started.
+    unsafe { libc::kill(pid(&c) as i32, libc::SIGKILL) };
+    wait_until("the VMM gone", Duration::from_secs(5), || !alive(pid(&c)));
+    let c_sock = PathBuf::from(c["control"].as_str().unwrap());
+    assert!(c_sock.exists(), "a killed VMM leaves its socket file");
     let mut d = Daemon::start(&dirs);
     let ls = d.json(&["sandbox", "ls"]);
     assert_eq!(ls.as_array().unwrap().len(), 2, "{ls}");
+    wait_until("its files removed", Duration::from_secs(2), || {
+        !c_sock.exists()
+    });
     // Still controllable through their control sockets.
     for s in [&a, &b] {
         let mut c = pool_manager::vmm_api::ControlClient::connect(

@@ -369,3 +369,49 @@ fn pool_activates_warm_clones_with_fresh_identities() {
     assert!(vmm_pids(&dirs).is_empty());
     assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
 }
+
+#[test]
+fn pool_backs_off_when_vms_fail_to_start_and_says_why() {
+    if !kvm_available("pool_backs_off_when_vms_fail_to_start_and_says_why") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    pool.build_template("counter", &counter_spec()).unwrap();
+    drop(pool);
+    // The same state with a VMM that cannot start shells.
+    let mut cfg = dirs.config();
+    cfg.vmm = "/bin/false".into();
+    let pool = Pool::open(cfg).unwrap();
+    pool.set_pool(
+        "counter",
+        PoolTargets {
+            warm: 1,
+            shells: 1,
+            max_sandboxes: 0,
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let failures = pool
+        .counters()
+        .refill_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // Backoff 200 ms, 400 ms, 800 ms...: a handful of attempts, not one per 100 ms tick.
+    assert!((1..=6).contains(&failures), "{failures} refill failures");
+    assert!(pool.pools()[0].refill_failures >= 1);
+    // An acquire still tries (cold) and says what failed.
+    let e = pool
+        .acquire(AcquireRequest {
+            template: "counter".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(matches!(e, PoolError::Vm(_)), "{e}");
+    assert_eq!(
+        pool.template("counter").unwrap().status,
+        TemplateStatus::Ready
+    );
+    drop(pool);
+    assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
+}
