@@ -477,6 +477,24 @@ fn daemon_refuses_bad_input_with_json_errors() {
         404,
         "no template",
     );
+    let many: BTreeMap<String, String> = (0..33).map(|i| (format!("k{i}"), "v".into())).collect();
+    let body = serde_json::json!({"template": "counter", "labels": many}).to_string();
+    check("POST", "/v1/sandboxes", body.as_bytes(), 400, "labels");
+    // Labels and TTL travel through to the sandbox object.
+    let (got, text) = http(
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        br#"{"template":"counter","id":"labelled","ttl_s":600,"labels":{"fn":"hello"}}"#,
+    );
+    assert_eq!(got, 201, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["labels"]["fn"].as_str(), v["id"].as_str()),
+        (Some("hello"), Some("labelled"))
+    );
+    assert!(v["expires_at"].as_u64().is_some(), "{v}");
+    assert_eq!(http(&s, "DELETE", "/v1/sandboxes/labelled", b"").0, 204);
     // A template with a live sandbox is kept unless forced.
     let sb = d.json(&["sandbox", "acquire", "counter", "--id", "busy"]);
     check(
