@@ -171,7 +171,8 @@ struct Entry {
 struct State {
     templates: BTreeMap<String, Entry>,
     sandboxes: BTreeMap<String, Leased>,
-    reserved: HashSet<String>,
+    /// Ids of acquires in flight, with their template.
+    reserved: BTreeMap<String, String>,
     building: HashSet<String>,
     stopping: bool,
 }
@@ -440,16 +441,18 @@ impl Pool {
             if st.stopping {
                 return Err(PoolError::Conflict("the pool is shutting down".into()));
             }
-            if st.sandboxes.contains_key(&id) || st.reserved.contains(&id) {
+            if st.sandboxes.contains_key(&id) || st.reserved.contains_key(&id) {
                 return Err(PoolError::Conflict(format!(
                     "sandbox {id} already exists: pick another id"
                 )));
             }
+            // Leased and in flight: concurrent acquires cannot pass max_sandboxes together.
             let leased = st
                 .sandboxes
                 .values()
                 .filter(|l| l.info.template == req.template)
-                .count();
+                .count()
+                + st.reserved.values().filter(|t| **t == req.template).count();
             let e = st.entry_mut(&req.template)?;
             let t = match (&e.template, &e.info.status) {
                 (Some(t), TemplateStatus::Ready) => t.clone(),
@@ -471,7 +474,7 @@ impl Pool {
                 Some(vm) => Some((vm, Tier::Warm)),
                 None => e.shells.pop().map(|vm| (vm, Tier::Shell)),
             };
-            st.reserved.insert(id.clone());
+            st.reserved.insert(id.clone(), req.template.clone());
             (t, pooled)
         };
         self.shared.wake.notify_all();

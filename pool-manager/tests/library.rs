@@ -415,3 +415,46 @@ fn pool_backs_off_when_vms_fail_to_start_and_says_why() {
     drop(pool);
     assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
 }
+
+#[test]
+fn pool_max_sandboxes_holds_under_concurrent_acquires() {
+    if !kvm_available("pool_max_sandboxes_holds_under_concurrent_acquires") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    pool.build_template("counter", &counter_spec()).unwrap();
+    pool.set_pool(
+        "counter",
+        PoolTargets {
+            warm: 1,
+            shells: 1,
+            max_sandboxes: 3,
+        },
+    )
+    .unwrap();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..6)
+            .map(|i| {
+                let pool = &pool;
+                s.spawn(move || {
+                    pool.acquire(AcquireRequest {
+                        template: "counter".into(),
+                        id: Some(format!("m{i}")),
+                        ..Default::default()
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 3, "{results:?}");
+    for r in &results {
+        if let Err(e) = r {
+            assert!(e.to_string().contains("max_sandboxes"), "{e}");
+        }
+    }
+    drop(pool);
+    assert!(vmm_pids(&dirs).is_empty());
+}
