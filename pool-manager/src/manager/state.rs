@@ -1,0 +1,281 @@
+//! The pool's shared state under its one mutex, and the operations on it that the API and
+//! the worker threads share.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+use vmm_api::{MemoryMode, RestoreOptions, SerialOutput};
+
+use crate::names;
+use crate::sandbox::{PoolInfo, PoolTargets, SandboxInfo, TemplateInfo, TemplateStatus};
+use crate::shell::{ShellError, ShellProcess, ShellSpec};
+use crate::template::{Template, TemplateError};
+
+use super::types::{PoolConfig, PoolCounters, PoolError};
+
+/// The VMM behind a leased sandbox.
+pub(super) enum LeasedVm {
+    Owned(ShellProcess),
+    Adopted { pid: u32 },
+    Gone,
+}
+
+/// A leased sandbox.
+pub(super) struct Leased {
+    pub(super) info: SandboxInfo,
+    pub(super) vm: LeasedVm,
+    pub(super) deadline: Option<Instant>,
+}
+
+/// A template and its pools.
+pub(super) struct Entry {
+    pub(super) template: Option<Template>,
+    pub(super) info: TemplateInfo,
+    pub(super) targets: PoolTargets,
+    pub(super) shells: Vec<ShellProcess>,
+    pub(super) warm: Vec<ShellProcess>,
+    pub(super) starting_shells: usize,
+    pub(super) starting_warm: usize,
+    pub(super) failures: u32,
+    pub(super) retry_at: Instant,
+}
+
+/// Everything under the pool's mutex.
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) templates: BTreeMap<String, Entry>,
+    pub(super) sandboxes: BTreeMap<String, Leased>,
+    /// Ids of acquires in flight, with their template.
+    pub(super) reserved: BTreeMap<String, String>,
+    pub(super) building: HashSet<String>,
+    pub(super) stopping: bool,
+}
+
+/// Work for the reaper thread.
+pub(super) enum Reap {
+    Vm(ShellProcess),
+    Adopted(SandboxInfo),
+    Files(Vec<PathBuf>),
+    Stop,
+}
+
+/// What the API and the threads share.
+pub(super) struct Shared {
+    pub(super) cfg: PoolConfig,
+    pub(super) state: Mutex<State>,
+    pub(super) wake: Condvar,
+    pub(super) reap: Sender<Reap>,
+    pub(super) counters: PoolCounters,
+}
+
+pub(super) fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// 12 random hex digits for VM and sandbox names.
+pub(super) fn random_hex() -> String {
+    let mut b = [0u8; 6];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // Never fails for 6 bytes on Linux ≥ 3.17; fall back to time and a counter.
+        static N: AtomicU64 = AtomicU64::new(0);
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        b.copy_from_slice(&(t ^ N.fetch_add(1, Ordering::Relaxed) << 48).to_le_bytes()[..6]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub(super) fn not_found_sandbox(id: &str) -> PoolError {
+    PoolError::NotFound(format!(
+        "no sandbox {id:?}: list them with GET /v1/sandboxes"
+    ))
+}
+
+/// Whether `pid` runs: it exists and is not a zombie (a VMM whose parent, an earlier daemon,
+/// is gone is reaped by init, which may take its time).
+pub(super) fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name.
+        Ok(stat) => {
+            pid > 0
+                && stat.rsplit_once(')').is_some_and(|(_, rest)| {
+                    !matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))
+                })
+        }
+        Err(_) => false,
+    }
+}
+
+pub(super) fn info_files(info: &SandboxInfo) -> Vec<PathBuf> {
+    vec![
+        info.control.clone(),
+        info.vsock_uds.clone(),
+        info.debug_log.clone(),
+    ]
+}
+
+pub(super) struct VmPaths {
+    pub(super) log: PathBuf,
+    pub(super) vsock: PathBuf,
+}
+
+impl Entry {
+    pub(super) fn new(name: &str, t: Result<Template, TemplateError>) -> Self {
+        let (template, status) = match t {
+            Ok(t) => (Some(t), TemplateStatus::Ready),
+            Err(e) => (None, TemplateStatus::Broken(e.to_string())),
+        };
+        let info = TemplateInfo {
+            name: name.into(),
+            spec: template.as_ref().map(|t| t.meta.spec.clone()),
+            status,
+            build_s: template.as_ref().map(|t| t.meta.build_s).unwrap_or(0.0),
+            sandboxes: 0,
+        };
+        Self {
+            template,
+            info,
+            targets: PoolTargets::default(),
+            shells: Vec::new(),
+            warm: Vec::new(),
+            starting_shells: 0,
+            starting_warm: 0,
+            failures: 0,
+            retry_at: Instant::now(),
+        }
+    }
+}
+
+impl State {
+    pub(super) fn entry(&self, name: &str) -> Result<&Entry, PoolError> {
+        names::validate("template", name)?;
+        self.templates
+            .get(name)
+            .ok_or_else(|| not_found_template(name))
+    }
+
+    pub(super) fn entry_mut(&mut self, name: &str) -> Result<&mut Entry, PoolError> {
+        names::validate("template", name)?;
+        self.templates
+            .get_mut(name)
+            .ok_or_else(|| not_found_template(name))
+    }
+
+    pub(super) fn template_info(&self, e: &Entry) -> TemplateInfo {
+        let mut info = e.info.clone();
+        info.sandboxes = self
+            .sandboxes
+            .values()
+            .filter(|l| l.info.template == info.name)
+            .count();
+        info
+    }
+
+    pub(super) fn pool_info(&self, name: &str) -> PoolInfo {
+        let e = &self.templates[name];
+        PoolInfo {
+            template: name.into(),
+            targets: e.targets,
+            warm: e.warm.len(),
+            shells: e.shells.len(),
+            leased: self
+                .sandboxes
+                .values()
+                .filter(|l| l.info.template == name)
+                .count(),
+            refill_failures: e.failures,
+        }
+    }
+}
+
+pub(super) fn not_found_template(name: &str) -> PoolError {
+    PoolError::NotFound(format!(
+        "no template {name:?}: build it first (POST /v1/templates) or list them (GET /v1/templates)"
+    ))
+}
+
+impl Shared {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn vm_paths(&self, vm: &str) -> VmPaths {
+        VmPaths {
+            log: self.cfg.run_dir.join(format!("{vm}.log")),
+            vsock: self.cfg.run_dir.join(format!("{vm}.vsock")),
+        }
+    }
+
+    pub(super) fn spawn_shell(&self, t: &Template) -> Result<ShellProcess, ShellError> {
+        let spec = ShellSpec {
+            vmm: self.cfg.vmm.clone(),
+            mem_mib: t.meta.spec.mem_mib,
+            vcpus: t.meta.spec.vcpus,
+            run_dir: self.cfg.run_dir.clone(),
+        };
+        ShellProcess::spawn(&spec, &format!("vm-{}", random_hex()))
+    }
+
+    /// Restores template `t` into shell `vm` as clone `id` (cow, debug log and vsock socket
+    /// next to its control socket); `warm` leaves it paused, its identity written at activation.
+    pub(super) fn restore(
+        &self,
+        vm: &mut ShellProcess,
+        t: &Template,
+        id: &str,
+        warm: bool,
+    ) -> Result<(), ShellError> {
+        let paths = self.vm_paths(vm.name());
+        let mut opts = RestoreOptions::new(&t.tmpfs, MemoryMode::Cow);
+        opts.clone_id = id.into();
+        opts.serial = SerialOutput::None;
+        opts.debug_log = Some(paths.log.to_string_lossy().into_owned());
+        opts.vsock_uds = Some(paths.vsock);
+        if warm {
+            crate::warm::set_paused(&mut opts);
+        }
+        vm.restore(&opts).map(|_| ())
+    }
+
+    /// A pooled VM of tier `warm`/shell for `t`.
+    pub(super) fn make_pooled(&self, t: &Template, warm: bool) -> Result<ShellProcess, ShellError> {
+        let mut vm = self.spawn_shell(t)?;
+        if warm {
+            self.restore(&mut vm, t, "", true)?;
+        }
+        Ok(vm)
+    }
+
+    pub(super) fn reap_leased(&self, l: Leased) {
+        let job = match l.vm {
+            LeasedVm::Owned(vm) => Reap::Vm(vm),
+            LeasedVm::Adopted { .. } => Reap::Adopted(l.info),
+            LeasedVm::Gone => Reap::Files(info_files(&l.info)),
+        };
+        let _ = self.reap.send(job);
+    }
+
+    pub(super) fn save_targets(&self) {
+        let st = self.lock();
+        let targets: BTreeMap<&String, PoolTargets> =
+            st.templates.iter().map(|(n, e)| (n, e.targets)).collect();
+        let json = serde_json::to_vec_pretty(&targets).expect("targets serialize");
+        drop(st);
+        let path = self.cfg.state_dir.join("pools.json");
+        let tmp = self.cfg.state_dir.join(".pools.json.tmp");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::warn!("saving {}: {e}", path.display());
+        }
+    }
+}
