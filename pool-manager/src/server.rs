@@ -289,6 +289,10 @@ pub async fn serve(cfg: PoolConfig) -> anyhow::Result<()> {
                 tracing::info!("sandbox {id} did not survive; cleaned up");
             }
         }
+        let orphans = pool.clean_orphans();
+        if orphans > 0 {
+            tracing::info!("shut down {orphans} VMs an earlier daemon left behind");
+        }
         pool
     })
     .await?;

@@ -350,6 +350,21 @@ fn daemon_restart_readopts_leased_sandboxes_and_notices_deaths_and_ttls() {
         d.json(&["sandbox", "ls"]).as_array().unwrap().is_empty()
     });
     wait_until("TTL VMM ended", Duration::from_secs(3), || !alive(pid(&t)));
+
+    // kill -9 of the daemon: the next one ends the pooled VMMs it left behind.
+    wait_until("2 shells", Duration::from_secs(20), || pool_shells(&d) == 2);
+    let left = live_processes_mentioning(&run);
+    assert_eq!(left.len(), 2);
+    let mut c = d.child.take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let mut d = Daemon::start(&dirs);
+    wait_until("orphans ended", Duration::from_secs(5), || {
+        left.iter().all(|p| !alive(*p))
+    });
+    wait_until("a fresh pool", Duration::from_secs(20), || {
+        pool_shells(&d) == 2 && live_processes_mentioning(&run).len() == 2
+    });
     d.stop();
     assert!(live_processes_mentioning(&run).is_empty());
     assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use vmm_api::ControlClient;
 
-use crate::names::{self};
+use crate::names;
 use crate::sandbox::{
     PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus, Tier,
 };
@@ -461,6 +461,54 @@ impl Pool {
             },
         );
         true
+    }
+
+    /// Ends what a previous pool left in the run dir and this one does not own (a daemon that
+    /// was killed leaves its pooled VMs behind): every VMM whose command line controls a
+    /// `<run_dir>/vm-*.sock` and that is neither this process's child nor an adopted sandbox gets
+    /// SIGTERM, and `vm-*` files that no live VMM claims are removed. Call it after
+    /// [`Pool::adopt`]ing the recorded sandboxes; returns how many VMMs were ended.
+    pub fn clean_orphans(&self) -> usize {
+        let run = &self.shared.cfg.run_dir;
+        let adopted: std::collections::HashSet<u32> = {
+            let st = self.shared.lock();
+            st.sandboxes
+                .values()
+                .filter(|l| matches!(l.vm, LeasedVm::Adopted { .. }))
+                .map(|l| l.info.pid)
+                .collect()
+        };
+        let me = std::process::id();
+        let mut claimed = std::collections::HashSet::new();
+        let mut ended = 0;
+        for (pid, ppid, socket) in vmm_processes(run) {
+            if ppid == me || adopted.contains(&pid) {
+                claimed.insert(socket);
+                continue;
+            }
+            // SAFETY: kill(2) with SIGTERM on a VMM serving a socket in our run dir that no
+            // live pool owns; SIGTERM ends a VMM cleanly.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            tracing::info!(
+                "ended VMM {pid} ({}) left by an earlier pool",
+                socket.display()
+            );
+            ended += 1;
+        }
+        let mut stale = Vec::new();
+        if let Ok(dir) = std::fs::read_dir(run) {
+            for f in dir.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Some(vm) = name.strip_prefix("vm-").and_then(|n| n.split('.').next()) else {
+                    continue;
+                };
+                if !claimed.contains(&run.join(format!("vm-{vm}.sock"))) {
+                    stale.push(f.path());
+                }
+            }
+        }
+        let _ = self.shared.reap.send(Reap::Files(stale));
+        ended
     }
 
     /// Stops the pool: no more refills or acquires, pooled VMs are shut down. Leased sandboxes

@@ -279,3 +279,45 @@ impl Shared {
         }
     }
 }
+
+/// Live VMM processes serving a control socket `<run>/vm-*.sock`: (pid, parent pid, socket),
+/// from `/proc/<pid>/cmdline` (`--control PATH`) and `/proc/<pid>/stat`.
+pub(super) fn vmm_processes(run: &std::path::Path) -> Vec<(u32, u32, PathBuf)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let prefix = run.join("vm-");
+    let prefix = prefix.as_os_str().as_encoded_bytes();
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let Some(socket) = args
+            .windows(2)
+            .find(|w| w[0] == b"--control" && w[1].starts_with(prefix))
+            .map(|w| PathBuf::from(String::from_utf8_lossy(w[1]).into_owned()))
+        else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let (_, rest) = s.rsplit_once(')')?;
+                let mut f = rest.split_whitespace();
+                let state = f.next()?;
+                if state == "Z" || state == "X" {
+                    return None;
+                }
+                f.next()?.parse().ok()
+            });
+        if let Some(ppid) = ppid {
+            out.push((pid, ppid, socket));
+        }
+    }
+    out
+}
