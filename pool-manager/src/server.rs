@@ -296,7 +296,7 @@ pub async fn serve(cfg: PoolConfig) -> anyhow::Result<()> {
         pool
     })
     .await?;
-    let _ = std::fs::remove_file(&record);
+    pool.record_to(record.clone());
     let daemon = Arc::new(Daemon {
         pool,
         metrics: Metrics::new(),

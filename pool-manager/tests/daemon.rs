@@ -351,17 +351,31 @@ fn daemon_restart_readopts_leased_sandboxes_and_notices_deaths_and_ttls() {
     });
     wait_until("TTL VMM ended", Duration::from_secs(3), || !alive(pid(&t)));
 
-    // kill -9 of the daemon: the next one ends the pooled VMMs it left behind.
+    // kill -9 of the daemon: the next one re-adopts the leased sandbox (recorded within
+    // 100 ms of its acquire) and ends the pooled VMMs left behind.
+    let leased = d.json(&["sandbox", "acquire", "counter", "--id", "survivor"]);
     wait_until("2 shells", Duration::from_secs(20), || pool_shells(&d) == 2);
-    let left = live_processes_mentioning(&run);
-    assert_eq!(left.len(), 2);
+    let pooled: Vec<u32> = live_processes_mentioning(&run)
+        .into_iter()
+        .filter(|p| *p != pid(&leased))
+        .collect();
+    assert_eq!(pooled.len(), 2);
+    wait_until("recorded", Duration::from_secs(2), || {
+        std::fs::read_to_string(dirs.state().join("sandboxes.json"))
+            .is_ok_and(|t| t.contains("survivor"))
+    });
     let mut c = d.child.take().unwrap();
     c.kill().unwrap();
     c.wait().unwrap();
     let mut d = Daemon::start(&dirs);
     wait_until("orphans ended", Duration::from_secs(5), || {
-        left.iter().all(|p| !alive(*p))
+        pooled.iter().all(|p| !alive(*p))
     });
+    assert!(alive(pid(&leased)));
+    let ls = d.json(&["sandbox", "ls"]);
+    assert_eq!(ls[0]["id"], "survivor", "{ls}");
+    let (ok, _, err) = d.cli(&["sandbox", "release", "survivor"]);
+    assert!(ok, "{err}");
     wait_until("a fresh pool", Duration::from_secs(20), || {
         pool_shells(&d) == 2 && live_processes_mentioning(&run).len() == 2
     });

@@ -20,6 +20,7 @@ pub use types::{AcquireRequest, ErrorClass, PoolConfig, PoolCounters, PoolError}
 use workers::*;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -90,6 +91,7 @@ impl Pool {
             wake: Condvar::new(),
             reap: tx,
             counters: PoolCounters::default(),
+            record: Mutex::new(None),
         });
         let mut threads = Vec::new();
         for _ in 0..shared.cfg.refill_workers.max(1) {
@@ -461,6 +463,13 @@ impl Pool {
             },
         );
         true
+    }
+
+    /// Keeps the leased sandboxes recorded in `path` (JSON list of [`SandboxInfo`], replaced
+    /// atomically by the monitor within [`MONITOR_PERIOD`] of a change), so that a daemon that
+    /// is killed can be followed by one that [`Pool::adopt`]s them.
+    pub fn record_to(&self, path: PathBuf) {
+        *self.shared.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
     }
 
     /// Ends what a previous pool left in the run dir and this one does not own (a daemon that

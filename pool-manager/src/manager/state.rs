@@ -70,6 +70,8 @@ pub(super) struct Shared {
     pub(super) wake: Condvar,
     pub(super) reap: Sender<Reap>,
     pub(super) counters: PoolCounters,
+    /// Where the monitor keeps the leased sandboxes recorded ([`super::Pool::record_to`]).
+    pub(super) record: Mutex<Option<PathBuf>>,
 }
 
 pub(super) fn now_s() -> u64 {

@@ -96,6 +96,7 @@ pub(super) fn refill_loop(s: &Shared) {
 
 /// The monitor: notices dead VMMs and expired TTLs every [`MONITOR_PERIOD`].
 pub(super) fn monitor_loop(s: &Shared) {
+    let mut recorded = Vec::new();
     loop {
         let mut st = s.lock();
         if st.stopping {
@@ -137,7 +138,21 @@ pub(super) fn monitor_loop(s: &Shared) {
                 s.reap_leased(l);
             }
         }
+        let record = s.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let json = record.as_ref().map(|_| {
+            let live: Vec<&SandboxInfo> = st.sandboxes.values().map(|l| &l.info).collect();
+            serde_json::to_vec_pretty(&live).expect("sandboxes serialize")
+        });
         drop(st);
+        if let (Some(path), Some(json)) = (record, json) {
+            if json != recorded {
+                let tmp = path.with_extension("json.tmp");
+                match std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, &path)) {
+                    Ok(()) => recorded = json,
+                    Err(e) => tracing::warn!("recording sandboxes in {}: {e}", path.display()),
+                }
+            }
+        }
         if died > 0 {
             s.counters
                 .vm_deaths
