@@ -109,11 +109,14 @@ impl Drop for Reaper<'_> {
     }
 }
 
-/// Parses the Prometheus text format: `name{labels}` → value.
+/// `GET /metrics` parsed (Prometheus text format): `name{labels}` → value; every line is a
+/// comment or a sample, and the exposition ends with `# EOF`. Cross-checked with
+/// `runv-pool --json stats`.
 fn metrics(d: &Daemon) -> BTreeMap<String, f64> {
-    let (ok, out, err) = d.cli(&["stats"]);
-    assert!(ok, "{err}");
-    out.lines()
+    let (status, text) = http(&d.sock, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    let m: BTreeMap<String, f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
             let (k, v) = l
@@ -124,7 +127,14 @@ fn metrics(d: &Daemon) -> BTreeMap<String, f64> {
                 v.parse().unwrap_or_else(|_| panic!("bad value {l:?}")),
             )
         })
-        .collect()
+        .collect();
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    let cli = d.json(&["stats"]);
+    assert_eq!(
+        cli["runv_sandboxes_live"].as_f64(),
+        m.get("runv_sandboxes_live").copied()
+    );
+    m
 }
 
 /// What the command line of a VMM of this test (not its daemon) contains.

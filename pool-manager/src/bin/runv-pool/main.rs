@@ -231,12 +231,39 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Stats => {
             let r = client::request(&cli.socket, "GET", "/metrics", None)?;
-            print!("{}", String::from_utf8_lossy(&r.body));
+            if r.status != 200 {
+                return Err(anyhow!("GET /metrics answered HTTP {}", r.status));
+            }
+            let text = String::from_utf8_lossy(&r.body);
+            if cli.json {
+                // The samples (histogram buckets left out) as {"series": value}.
+                let map: serde_json::Map<String, Value> = samples(&text)
+                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&map)?);
+            } else {
+                let rows: Vec<(&str, f64)> = samples(&text).collect();
+                let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+                println!("{:<w$}  VALUE", "METRIC");
+                for (k, v) in rows {
+                    println!("{k:<w$}  {v}");
+                }
+            }
             return Ok(());
         }
     };
     print(&out, cli.json);
     Ok(())
+}
+
+/// The samples of a Prometheus text exposition, histogram buckets left out.
+fn samples(text: &str) -> impl Iterator<Item = (&str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.contains("_bucket{"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k, v.parse().ok()?))
+        })
 }
 
 /// Percent-encodes a path segment (names are validated by the daemon; this only keeps the
