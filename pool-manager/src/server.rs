@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -125,6 +126,14 @@ struct ForceQuery {
 
 type St = State<Arc<Daemon>>;
 
+/// A path parameter, or a JSON 400 that says what is wrong with it.
+type Seg = Result<UrlPath<String>, PathRejection>;
+
+fn seg(p: Seg) -> ApiResult<String> {
+    p.map(|UrlPath(s)| s)
+        .map_err(|e| bad(format!("bad path parameter: {e}")))
+}
+
 async fn build_template(State(d): St, body: Body) -> ApiResult<Response> {
     let b: BuildBody = json_body(body).await?;
     let spec = TemplateSpec {
@@ -145,20 +154,23 @@ async fn list_templates(State(d): St) -> Response {
     Json(d.pool.templates()).into_response()
 }
 
-async fn get_template(State(d): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(d.pool.template(&name)?).into_response())
+async fn get_template(State(d): St, name: Seg) -> ApiResult<Response> {
+    Ok(Json(d.pool.template(&seg(name)?)?).into_response())
 }
 
 async fn delete_template(
     State(d): St,
-    UrlPath(name): UrlPath<String>,
-    Query(q): Query<ForceQuery>,
+    name: Seg,
+    q: Result<Query<ForceQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
+    let name = seg(name)?;
+    let Query(q) = q.map_err(|e| bad(format!("{e}: use ?force=true or ?force=false")))?;
     blocking(move || d.pool.remove_template(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn set_pool(State(d): St, UrlPath(name): UrlPath<String>, body: Body) -> ApiResult<Response> {
+async fn set_pool(State(d): St, name: Seg, body: Body) -> ApiResult<Response> {
+    let name = seg(name)?;
     let targets: PoolTargets = json_body(body).await?;
     Ok(Json(blocking(move || d.pool.set_pool(&name, targets)).await?).into_response())
 }
@@ -197,12 +209,12 @@ async fn list_sandboxes(State(d): St) -> Response {
     Json(d.pool.sandboxes()).into_response()
 }
 
-async fn get_sandbox(State(d): St, UrlPath(id): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(d.pool.sandbox(&id)?).into_response())
+async fn get_sandbox(State(d): St, id: Seg) -> ApiResult<Response> {
+    Ok(Json(d.pool.sandbox(&seg(id)?)?).into_response())
 }
 
-async fn release(State(d): St, UrlPath(id): UrlPath<String>) -> ApiResult<Response> {
-    d.pool.release(&id)?;
+async fn release(State(d): St, id: Seg) -> ApiResult<Response> {
+    d.pool.release(&seg(id)?)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -228,6 +240,13 @@ async fn not_found() -> ApiError {
     )
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this method is not served on this path: see docs/pool-api.md".into(),
+    )
+}
+
 /// The API's routes.
 pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
@@ -243,6 +262,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(d)
 }
 

@@ -445,6 +445,15 @@ fn daemon_refuses_bad_input_with_json_errors() {
     check("GET", "/v1/sandboxes/nope", b"", 404, "no sandbox");
     check("DELETE", "/v1/sandboxes/nope", b"", 404, "no sandbox");
     check("GET", "/v1/nothing", b"", 404, "no such endpoint");
+    check("PATCH", "/v1/sandboxes", b"", 405, "not served");
+    check(
+        "DELETE",
+        "/v1/templates/counter?force=maybe",
+        b"",
+        400,
+        "force=true",
+    );
+    check("GET", "/v1/templates/%FF", b"", 400, "path");
     check(
         "POST",
         "/v1/sandboxes",
