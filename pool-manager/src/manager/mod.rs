@@ -288,7 +288,12 @@ impl Pool {
                         reason: reason.clone(),
                     })
                 }
-                (None, _) => unreachable!("a template without files is broken"),
+                (None, _) => {
+                    return Err(PoolError::Broken {
+                        name: req.template.clone(),
+                        reason: "its files are missing".into(),
+                    })
+                }
             };
             if e.targets.max_sandboxes != 0 && leased >= e.targets.max_sandboxes {
                 return Err(PoolError::Conflict(format!(
@@ -303,8 +308,10 @@ impl Pool {
             st.reserved.insert(id.clone(), req.template.clone());
             (t, pooled)
         };
-        self.shared.wake.notify_all();
         let result = self.make_clone(&template, &id, pooled);
+        // Refill after the clone is served: the refill's VM creation must not compete with the
+        // acquire for the cores.
+        self.shared.wake.notify_all();
         let mut st = self.shared.lock();
         st.reserved.remove(&id);
         let (vm, tier, generation) = match result {
@@ -369,10 +376,7 @@ impl Pool {
             None => (self.shared.spawn_shell(t)?, Tier::Cold),
         };
         match self.shared.restore(&mut vm, t, id, false) {
-            Ok(()) => {
-                let generation = vm.status().ok().and_then(|s| s.generation).unwrap_or(0);
-                Ok((vm, tier, generation))
-            }
+            Ok(generation) => Ok((vm, tier, generation)),
             Err(e) => {
                 let _ = self.shared.reap.send(Reap::Vm(vm));
                 Err(e)

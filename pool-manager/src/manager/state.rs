@@ -237,7 +237,7 @@ impl Shared {
         t: &Template,
         id: &str,
         warm: bool,
-    ) -> Result<(), ShellError> {
+    ) -> Result<u64, ShellError> {
         let paths = self.vm_paths(vm.name());
         let mut opts = RestoreOptions::new(&t.tmpfs, MemoryMode::Cow);
         opts.clone_id = id.into();
@@ -247,7 +247,7 @@ impl Shared {
         if warm {
             crate::warm::set_paused(&mut opts);
         }
-        vm.restore(&opts).map(|_| ())
+        vm.restore(&opts).map(|r| r.generation)
     }
 
     /// A pooled VM of tier `warm`/shell for `t`.

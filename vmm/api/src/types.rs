@@ -315,6 +315,8 @@ pub struct RestoreReply {
     pub state: VmState,
     /// Time the restore took inside the VMM, in milliseconds.
     pub restore_ms: f64,
+    /// Identity generation of the clone (the snapshot's + 1).
+    pub generation: u64,
     /// Page-server counters of a `uffd` clone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uffd: Option<UffdStats>,

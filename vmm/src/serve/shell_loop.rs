@@ -118,6 +118,7 @@ pub fn wait_for_restore(
                     VmState::Running
                 },
                 restore_ms: t0.elapsed().as_secs_f64() * 1e3,
+                generation: vm.generation,
                 uffd: vm.uffd_stats(),
             });
             plane.send_to(token, &reply);
