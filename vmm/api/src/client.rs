@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use crate::wire::{decode_reply, encode_request, MAX_LINE};
 use crate::{
-    ActivateReply, ApiError, Request, RestoreOptions, RestoreReply, SnapshotReply, StateReply,
-    StatusReply,
+    ActivateReply, ApiError, DiskReply, Request, RestoreOptions, RestoreReply, SnapshotReply,
+    StateReply, StatusReply,
 };
 
 /// How long a call waits for its reply unless [`ControlClient::set_timeout`] says otherwise.
@@ -222,6 +222,25 @@ impl ControlClient {
         self.call(&Request::Activate {
             clone_id: clone_id.into(),
         })
+    }
+
+    /// `attach_disk`: swap disk slot `slot` to `path`.
+    pub fn attach_disk(
+        &mut self,
+        slot: usize,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<DiskReply, ClientError> {
+        self.call(&Request::AttachDisk {
+            slot,
+            path: path.to_path_buf(),
+            read_only,
+        })
+    }
+
+    /// `detach_disk`: put slot `slot`'s placeholder back.
+    pub fn detach_disk(&mut self, slot: usize) -> Result<DiskReply, ClientError> {
+        self.call(&Request::DetachDisk { slot })
     }
 
     /// `restore` into this shell.

@@ -33,7 +33,33 @@ pub enum Request {
         /// Clone id written into the identity page (at most [`MAX_CLONE_ID`] bytes, no NUL).
         clone_id: String,
     },
+    /// Swap disk slot `slot` (the block device with id `runv-slot<slot>`) of a running VM to
+    /// `path`, a regular file or block device: [`DiskReply`]. The guest sees a capacity change
+    /// (config generation bump and configuration-change interrupt), as for a resize.
+    AttachDisk {
+        /// Slot index: the block device's index in the config (`--block` order).
+        slot: usize,
+        /// New backing file (regular file or block device; symbolic links are refused).
+        path: PathBuf,
+        /// Refuse the guest's writes to it.
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Put slot `slot`'s placeholder (the template's or snapshot's backing file) back:
+    /// [`DiskReply`]. Detaching a slot that holds its placeholder changes nothing.
+    DetachDisk {
+        /// Slot index.
+        slot: usize,
+    },
 }
+
+/// Id (virtio-blk serial) of disk slot `slot`: `runv-slot<slot>`.
+pub fn slot_id(slot: usize) -> String {
+    format!("{SLOT_ID_PREFIX}{slot}")
+}
+
+/// Prefix of a disk slot's id; see [`slot_id`].
+pub const SLOT_ID_PREFIX: &str = "runv-slot";
 
 impl Request {
     /// The request's name on the wire (`cmd`).
@@ -46,6 +72,8 @@ impl Request {
             Request::Snapshot { .. } => "snapshot",
             Request::Restore(_) => "restore",
             Request::Activate { .. } => "activate",
+            Request::AttachDisk { .. } => "attach_disk",
+            Request::DetachDisk { .. } => "detach_disk",
         }
     }
 }
@@ -329,6 +357,17 @@ pub struct ActivateReply {
     pub state: VmState,
     /// Identity generation the guest now sees.
     pub generation: u64,
+}
+
+/// Reply to `attach_disk` and `detach_disk`: what the slot holds now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReply {
+    /// The slot.
+    pub slot: usize,
+    /// Capacity the guest now sees, in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// The device's serial (virtio-blk id), `runv-slot<slot>`.
+    pub serial: String,
 }
 
 /// Machine-readable class of an [`ApiError`].

@@ -136,6 +136,12 @@ mod tests {
             Request::Activate {
                 clone_id: "warm-1".into(),
             },
+            Request::AttachDisk {
+                slot: 1,
+                path: PathBuf::from("/img \"x\"\n"),
+                read_only: true,
+            },
+            Request::DetachDisk { slot: 0 },
         ] {
             let line = encode_request(&req).unwrap();
             assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
@@ -155,6 +161,9 @@ mod tests {
             br#"{"cmd":"status","verbose":true}"#,
             br#"{"cmd":"snapshot","dir":"/s","force":true}"#,
             br#"{"nocmd":1}"#,
+            br#"{"cmd":"attach_disk","slot":-1,"path":"/d"}"#,
+            br#"{"cmd":"attach_disk","path":"/d"}"#,
+            br#"{"cmd":"detach_disk","slot":0,"path":"/d"}"#,
             b"\xff",
         ] {
             let e = parse_request(bad).unwrap_err();
