@@ -6,12 +6,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use vmm_api::{
-    encode_error, encode_ok, validate_clone_id, ActivateReply, ApiError, ErrorKind, Request,
-    SnapshotReply, StateReply, StatusReply, VmState, PROTOCOL_VERSION,
+    encode_error, encode_ok, slot_id, validate_clone_id, ActivateReply, ApiError, DiskReply,
+    ErrorKind, Request, SnapshotReply, StateReply, StatusReply, VmState, PROTOCOL_VERSION,
 };
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 
 use super::{epoll_add, epoll_wait, ControlPlane, Dispatch};
+use crate::devices::virtio::block::Backing;
 use crate::error::{io_err, VmmError};
 use crate::sync::LockOrRecover;
 use crate::vcpu::{self, RunControl, VcpuThread};
@@ -117,6 +118,74 @@ impl DeviceLoop<'_> {
         })
     }
 
+    /// Attaches `path` to disk slot `slot` (`attach` = Some) or puts its placeholder back. Runs on
+    /// the device-loop thread, which serves the queues: the swap happens between two requests.
+    fn swap_disk(&self, slot: usize, attach: Option<(&std::path::Path, bool)>) -> Vec<u8> {
+        let refuse = |kind, msg: String| encode_error(&ApiError::new(kind, msg));
+        if self.ctl.is_paused() {
+            return refuse(
+                ErrorKind::InvalidState,
+                "the VM is paused: resume (or activate) it before attaching or detaching disks"
+                    .into(),
+            );
+        }
+        let blocks = self.vmm.config.block.len();
+        let Some(transport) = self.vmm.transports.get(slot).filter(|_| slot < blocks) else {
+            return refuse(
+                ErrorKind::BadRequest,
+                format!("slot {slot} is out of range: this VM has {blocks} block devices"),
+            );
+        };
+        let want = slot_id(slot);
+        if self.vmm.config.block[slot].id.as_deref() != Some(want.as_str()) {
+            return refuse(
+                ErrorKind::BadRequest,
+                format!(
+                    "block device {slot} is not a disk slot (its id is {:?}): declare slots as --block path=PLACEHOLDER,id={want}",
+                    self.vmm.config.block[slot].id.as_deref().unwrap_or("")
+                ),
+            );
+        }
+        // Opened before taking the transport's lock: a slow open never holds up the vCPUs.
+        let backing = match attach.map(|(p, ro)| Backing::open(p, ro)).transpose() {
+            Ok(b) => b,
+            Err(e) => return refuse(ErrorKind::Failed, e.to_string()),
+        };
+        let mut t = transport.lock_or_recover();
+        let Some(blk) = t.device_mut().as_block_mut() else {
+            return refuse(
+                ErrorKind::BadRequest,
+                format!("device {slot} is not a block device"),
+            );
+        };
+        let changed = match backing {
+            Some(b) => {
+                blk.attach(b);
+                true
+            }
+            None => blk.detach(),
+        };
+        let reply = DiskReply {
+            slot,
+            capacity_sectors: blk.capacity_sectors(),
+            serial: blk.id(),
+        };
+        if changed {
+            t.config_changed();
+        }
+        encode_ok(&reply)
+    }
+
+    /// The first slot holding an attached disk, if any.
+    fn attached_slot(&self) -> Option<usize> {
+        self.vmm.transports.iter().position(|t| {
+            t.lock_or_recover()
+                .device()
+                .as_block()
+                .is_some_and(|b| b.is_attached())
+        })
+    }
+
     fn handle(&self, req: Request) -> Vec<u8> {
         let vmm = self.vmm;
         let (ctl, threads) = (self.ctl, self.threads);
@@ -161,7 +230,19 @@ impl DeviceLoop<'_> {
                     state: VmState::Stopping,
                 })
             }
+            Request::AttachDisk {
+                slot,
+                path,
+                read_only,
+            } => self.swap_disk(slot, Some((&path, read_only))),
+            Request::DetachDisk { slot } => self.swap_disk(slot, None),
             Request::Snapshot { dir } => {
+                if let Some(slot) = self.attached_slot() {
+                    return encode_error(&ApiError::new(
+                        ErrorKind::InvalidState,
+                        format!("disk slot {slot} holds an attached disk, which a snapshot cannot record: detach disks before snapshotting"),
+                    ));
+                }
                 vcpu::pause(ctl, threads);
                 let t0 = Instant::now();
                 match vmm.snapshot(&dir) {

@@ -73,7 +73,9 @@ pub fn wait_for_restore(
         Request::Pause {}
         | Request::Resume {}
         | Request::Snapshot { .. }
-        | Request::Activate { .. } => {
+        | Request::Activate { .. }
+        | Request::AttachDisk { .. }
+        | Request::DetachDisk { .. } => {
             Dispatch::Reply(encode_error(&ApiError::new(
                 ErrorKind::InvalidState,
                 "this shell has no VM yet: send a restore request first",

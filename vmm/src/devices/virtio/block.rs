@@ -1,7 +1,8 @@
 //! virtio-blk on a raw file (virtio 1.2, section 5.2): read, write, flush, get-id.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use virtio_queue::{Queue, QueueT};
@@ -50,6 +51,76 @@ pub enum BlockError {
     },
 }
 
+/// Error opening a disk to attach to a slot.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The file could not be opened or inspected.
+    #[error("opening disk {path}{}: {source} (pass an existing regular file or block device, not a symbolic link)", if *read_only { " read-only" } else { "" })]
+    Open {
+        /// The file.
+        path: String,
+        /// Opened read-only.
+        read_only: bool,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Neither a regular file nor a block device.
+    #[error("disk {path} is {kind}: pass a regular file or a block device")]
+    NotADisk {
+        /// The file.
+        path: String,
+        /// What it is instead.
+        kind: &'static str,
+    },
+}
+
+/// An opened disk image: the file, whether the device refuses writes, its capacity.
+pub struct Backing {
+    file: File,
+    read_only: bool,
+    capacity_sectors: u64,
+}
+
+impl Backing {
+    /// Opens `path` to attach it: `O_NOFOLLOW | O_NONBLOCK` (a symbolic link is refused, a FIFO
+    /// does not block the open), then checked with `fstat` to be a regular file or a block device.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, AttachError> {
+        let err = |source| AttachError::Open {
+            path: path.display().to_string(),
+            read_only,
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(path)
+            .map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let ft = meta.file_type();
+        let bytes = if ft.is_file() {
+            meta.len()
+        } else if ft.is_block_device() {
+            file.seek(SeekFrom::End(0)).map_err(err)?
+        } else {
+            return Err(AttachError::NotADisk {
+                path: path.display().to_string(),
+                kind: crate::config::file_kind(ft),
+            });
+        };
+        Ok(Self {
+            file,
+            read_only,
+            capacity_sectors: bytes / SECTOR,
+        })
+    }
+
+    /// Capacity in 512-byte sectors (the size rounded down).
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+}
+
 /// A virtio block device.
 pub struct Block {
     file: File,
@@ -57,6 +128,11 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
     config: [u8; 8],
+    /// While a disk is attached: the backing it replaced (the slot's placeholder).
+    placeholder: Option<Backing>,
+    /// `VIRTIO_BLK_F_RO` offered: fixed at creation (the driver negotiated it), whatever an
+    /// attached disk's mode; the device itself refuses writes to a read-only disk.
+    offers_ro: bool,
     /// Requests failed because the guest's descriptors were malformed.
     pub malformed: u64,
 }
@@ -105,8 +181,61 @@ impl Block {
             capacity_sectors,
             id: id_bytes,
             config: capacity_sectors.to_le_bytes(),
+            placeholder: None,
+            offers_ro: read_only,
             malformed: 0,
         })
+    }
+
+    /// The device id (virtio-blk serial), without NUL padding.
+    pub fn id(&self) -> String {
+        let n = self.id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
+        String::from_utf8_lossy(&self.id[..n]).into_owned()
+    }
+
+    /// Capacity the driver sees, in sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    /// Whether an attached disk replaces the original backing file.
+    pub fn is_attached(&self) -> bool {
+        self.placeholder.is_some()
+    }
+
+    /// Serves the guest from `backing` from now on; the original backing file is kept to
+    /// [`Block::detach`] to (a second attach replaces the first, keeping the original). The caller
+    /// reports the configuration change to the driver. Requests are served one at a time under
+    /// the transport's lock, so none straddles the swap.
+    pub fn attach(&mut self, backing: Backing) {
+        let old = self.swap(backing);
+        if self.placeholder.is_none() {
+            self.placeholder = Some(old);
+        }
+    }
+
+    /// Puts the original backing file back; false (nothing changed) when none was replaced.
+    pub fn detach(&mut self) -> bool {
+        match self.placeholder.take() {
+            Some(original) => {
+                self.swap(original);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn swap(&mut self, backing: Backing) -> Backing {
+        let old = Backing {
+            file: std::mem::replace(&mut self.file, backing.file),
+            read_only: std::mem::replace(&mut self.read_only, backing.read_only),
+            capacity_sectors: std::mem::replace(
+                &mut self.capacity_sectors,
+                backing.capacity_sectors,
+            ),
+        };
+        self.config = self.capacity_sectors.to_le_bytes();
+        old
     }
 
     /// Splits a chain into header, data and status descriptors, checking directions.
@@ -212,11 +341,19 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let event_idx = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-        F_FLUSH | event_idx | if self.read_only { F_RO } else { 0 }
+        F_FLUSH | event_idx | if self.offers_ro { F_RO } else { 0 }
     }
 
     fn config_space(&self) -> &[u8] {
         &self.config
+    }
+
+    fn as_block_mut(&mut self) -> Option<&mut Block> {
+        Some(self)
+    }
+
+    fn as_block(&self) -> Option<&Block> {
+        Some(self)
     }
 
     fn process_queue(
@@ -386,6 +523,73 @@ mod tests {
             blk.process(&mut rig.q.queue, &rig.mem);
             assert_eq!(rig.status(), S_IOERR, "sector {sector} len {len}");
         }
+    }
+
+    #[test]
+    fn attach_serves_the_new_file_and_detach_puts_the_placeholder_back() {
+        let (placeholder, _) = disk(1);
+        let (img, data) = disk(16);
+        let mut blk = Block::new(placeholder.path(), false, Some("runv-slot0")).unwrap();
+        let features = blk.features();
+        let mut rig = Rig::new();
+        let backing = Backing::open(img.path(), true).unwrap();
+        assert_eq!(backing.capacity_sectors(), 16);
+        blk.attach(backing);
+        assert!(blk.is_attached());
+        assert_eq!(
+            (blk.capacity_sectors(), blk.id().as_str()),
+            (16, "runv-slot0")
+        );
+        let mut cap = [0u8; 8];
+        blk.read_config(0, &mut cap);
+        assert_eq!(
+            u64::from_le_bytes(cap),
+            16,
+            "config space follows the attach"
+        );
+        assert_eq!(blk.features(), features, "offered features never change");
+        rig.request(T_IN, 15, 512, true);
+        blk.process(&mut rig.q.queue, &rig.mem);
+        assert_eq!(rig.status(), S_OK);
+        let mut got = vec![0u8; 512];
+        rig.mem.read_slice(&mut got, GA(0x5000)).unwrap();
+        assert_eq!(got, data[15 * 512..]);
+        // Attached read-only: writes fail, the image is untouched.
+        rig.request(T_OUT, 0, 512, false);
+        blk.process(&mut rig.q.queue, &rig.mem);
+        assert_eq!(rig.status(), S_IOERR);
+        assert_eq!(std::fs::read(img.path()).unwrap(), data);
+        assert!(blk.detach());
+        assert!(!blk.detach(), "a second detach changes nothing");
+        assert_eq!(blk.capacity_sectors(), 1);
+        rig.request(T_IN, 1, 512, true);
+        blk.process(&mut rig.q.queue, &rig.mem);
+        assert_eq!(rig.status(), S_IOERR, "past the placeholder's end");
+    }
+
+    #[test]
+    fn only_regular_files_and_block_devices_are_attached() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for ro in [true, false] {
+            let e = Backing::open(&fifo, ro).err().unwrap().to_string();
+            assert!(e.contains("a FIFO"), "{e}");
+        }
+        let e = Backing::open(dir.path(), true).err().unwrap().to_string();
+        assert!(e.contains("a directory"), "{e}");
+        let (img, _) = disk(2);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(img.path(), &link).unwrap();
+        let e = Backing::open(&link, true).err().unwrap().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        let e = Backing::open(&dir.path().join("absent"), true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("absent"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,8 @@ const VENDOR: u32 = 0x5255_4e56; // "RUNV"
 /// Offset of `QueueNotify`, where the VMM registers one ioeventfd per queue.
 pub const QUEUE_NOTIFY: u64 = 0x50;
 const INT_VRING: u32 = 1;
+/// Interrupt status bit of a configuration change (`VIRTIO_MMIO_INT_CONFIG`).
+pub const INT_CONFIG: u32 = 2;
 
 /// Device status bits.
 mod status {
@@ -285,6 +287,29 @@ impl MmioTransport {
         self.interrupt(&used);
     }
 
+    /// The device back-end, e.g. to swap a block device's backing file; call
+    /// [`MmioTransport::config_changed`] after changing its configuration space.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        &mut *self.device
+    }
+
+    /// The device back-end.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        &*self.device
+    }
+
+    /// Tells the driver that the configuration space changed: bumps the configuration
+    /// generation and, once the driver is up, raises a configuration-change interrupt.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.active() {
+            self.interrupt_status |= INT_CONFIG;
+            if let Err(e) = self.irq.write(1) {
+                tracing::warn!("virtio: raising the configuration interrupt failed: {e}");
+            }
+        }
+    }
+
     /// The back-end's fd for the device loop, if it has one.
     pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
         self.device.backend_fd()
@@ -475,6 +500,24 @@ mod tests {
         wr(&mut t, 0x70, 0);
         assert_eq!(rd(&mut t, 0x70), 0);
         assert!(!t.queues[0].ready());
+    }
+
+    #[test]
+    fn config_changes_bump_the_generation_and_interrupt_a_live_driver() {
+        let (mut t, _f) = transport();
+        t.config_changed();
+        assert_eq!(rd(&mut t, 0xfc), 1);
+        assert_eq!(rd(&mut t, 0x60), 0, "no interrupt before DRIVER_OK");
+        let st = negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0x1000, 0x2000, 0x3000);
+        wr(&mut t, 0x70, st | status::DRIVER_OK);
+        let _ = t.irq().read();
+        t.config_changed();
+        assert_eq!(rd(&mut t, 0xfc), 2);
+        assert_eq!(rd(&mut t, 0x60), INT_CONFIG);
+        assert_eq!(t.irq().read().unwrap(), 1, "irqfd signalled");
+        wr(&mut t, 0x64, INT_CONFIG);
+        assert_eq!(rd(&mut t, 0x60), 0);
     }
 
     #[test]

@@ -59,6 +59,14 @@ pub trait VirtioDevice: Send {
     fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
         Vec::new()
     }
+    /// This device as a block device (whose backing file can be swapped), if it is one.
+    fn as_block_mut(&mut self) -> Option<&mut block::Block> {
+        None
+    }
+    /// This device as a block device, if it is one.
+    fn as_block(&self) -> Option<&block::Block> {
+        None
+    }
     /// Handles back-end events; returns the queues whose used rings changed.
     fn process_backend(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
         Vec::new()
