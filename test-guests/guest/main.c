@@ -335,6 +335,60 @@ static void task_blk(void) {
     r_send();
 }
 
+/* ---- rt.blk_watch[=N]: disk slot hot swap ---------------------------------------------- */
+/* Drives the first virtio-blk device (slot 0), reports "PASS blk_watching capacity=C", then
+ * polls its config generation (at most N thousand polls per change, default 20000) until it
+ * moves: reads the capacity (generation-consistent), the interrupt status (bit 1: configuration
+ * change; acknowledged), the serial (GET_ID) and sector 0, and reports "PASS blk_attached
+ * capacity=C serial=S sum0=HEX config_irq=0|1"; then waits for the next change and reports
+ * "PASS blk_detached capacity=C config_irq=0|1". Survives a snapshot: a clone keeps polling. */
+static u64 blk_capacity(void) { return vio_rd(0x100) | ((u64)vio_rd(0x104) << 32); }
+
+/* Polls until the generation differs from *gen; 1 with *gen, *cap and *irq updated. */
+static int blk_wait_change(u32 *gen, u64 *cap, u32 *irq, u64 budget) {
+    for (u64 i = 0; i < budget; i++) {
+        u32 g = vio_rd(0xfc);
+        if (g == *gen) continue;
+        u64 c;
+        do { g = vio_rd(0xfc); c = blk_capacity(); } while (g != vio_rd(0xfc));
+        *gen = g; *cap = c;
+        *irq = (vio_rd(0x60) >> 1) & 1;
+        vio_wr(0x64, 2);
+        return 1;
+    }
+    return 0;
+}
+
+static void task_blk_watch(u64 budget) {
+    const char *why;
+    if (!vio_find(2)) { fail("blk_watch", "no virtio-blk device announced"); return; }
+    if ((why = vio_init(1))) { fail("blk_watch", why); return; }
+    u32 gen = vio_rd(0xfc), irq = 0;
+    u64 cap = blk_capacity();
+    r_str("PASS blk_watching capacity="); r_dec(cap); r_send();
+    if (!blk_wait_change(&gen, &cap, &irq, budget)) { fail("blk_watch", "no attach in time"); return; }
+    static char serial[21];
+    for (u32 i = 0; i < 21; i++) blk_buf[i] = 0;
+    u8 st = blk_request(8, 0, 20, 1);
+    if (st) { r_str("FAIL blk_watch: get-id status "); r_dec(st); r_send(); return; }
+    for (u32 i = 0; i < 21; i++) serial[i] = (char)blk_buf[i];
+    u32 sum0 = 0;
+    if (cap) {
+        st = blk_request(0, 0, 512, 1);
+        if (st) { r_str("FAIL blk_watch: read status "); r_dec(st); r_send(); return; }
+        sum0 = fnv1a(blk_buf, 512);
+    }
+    r_str("PASS blk_attached capacity="); r_dec(cap);
+    r_str(" serial="); r_str(serial);
+    r_str(" sum0="); r_hex(sum0);
+    r_str(" config_irq="); r_dec(irq);
+    r_send();
+    if (!blk_wait_change(&gen, &cap, &irq, budget)) { fail("blk_watch", "no detach in time"); return; }
+    r_str("PASS blk_detached capacity="); r_dec(cap);
+    r_str(" config_irq="); r_dec(irq);
+    r_send();
+}
+
 /* ---- SMP: INIT-SIPI-SIPI every AP of the MP table ------------------------------------- */
 extern const u8 ap_tramp_start[], ap_tramp_end[];
 #define AP_TRAMPOLINE 0x6000UL
@@ -611,6 +665,8 @@ void guest_main(const u8 *info, int pvh) {
     if ((a = find_token("rt.serial")) && *a == '=') task_serial(a + 1);
     if (find_token("rt.smp")) task_smp();
     if (find_token("rt.blk")) task_blk();
+    if ((a = find_token("rt.blk_watch")))
+        task_blk_watch((*a == '=' ? parse_dec(a + 1) : 20000) * 1000);
     if ((a = find_token("rt.vsock_listen")) && *a == '=') task_vsock_listen((u32)parse_dec(a + 1));
     if ((a = find_token("rt.vsock_connect")) && *a == '=') task_vsock_connect((u32)parse_dec(a + 1));
     if (find_token("rt.counter")) task_counter(&bi);
