@@ -217,11 +217,17 @@ fn kvm_disks_a_cow_clone_sees_the_attached_disk() {
     opts.serial = vmm::config::SerialOutput::None;
     opts.debug_log = Some(d.join("clone.log").display().to_string());
     opts.control = Some(clone_sock.clone());
+    // Restored as a warm pool clone: parked until `activate`, and no disk before that.
+    opts.paused = true;
     let vm = vmm::Vmm::restore(&opts).unwrap();
     let reports = vm.reports().unwrap();
     let t = std::thread::spawn(move || vm.run(None));
     let mut c = control(&clone_sock);
     c.set_timeout(Duration::from_secs(5)).unwrap();
+    let (img, _) = image(d, "early.img", 3);
+    let (kind, msg) = refused(c.attach_disk(0, &img, false));
+    assert_eq!(kind, ErrorKind::InvalidState, "{msg}");
+    assert_eq!(c.activate("disk-clone").unwrap().generation, 1);
     attach_and_detach(&mut c, &reports, d, 42);
     c.shutdown().unwrap();
     assert_eq!(t.join().unwrap().unwrap(), vmm::ExitReason::Shutdown);
