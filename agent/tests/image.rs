@@ -9,32 +9,29 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
 use protocol::{ErrorCode, Request, Response, RootfsSource, StdioConfig, Writable};
 
-/// The busybox rootfs as an EROFS image, built once per test binary; None (after a loud
-/// SKIPPED line) without root, busybox or mkfs.erofs.
-fn image(test: &str) -> Option<PathBuf> {
+/// The busybox rootfs as an EROFS image of this test's own (so parallel tests never share a
+/// loop backing file), in a temporary directory removed on drop; None (after a loud SKIPPED
+/// line) without root, busybox or mkfs.erofs.
+fn image(test: &str) -> Option<(tempfile::TempDir, PathBuf)> {
     let root = rootfs(test)?;
-    static IMG: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let img = IMG.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("busybox-{}.erofs", std::process::id()));
-        let st = Command::new("mkfs.erofs")
-            .args(["-T", "0", "--quiet"])
-            .arg(&out)
-            .arg(&root)
-            .status()
-            .ok()?;
-        st.success().then_some(out)
-    });
-    if img.is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("busybox.erofs");
+    let built = Command::new("mkfs.erofs")
+        .args(["-T", "0", "--quiet"])
+        .arg(&out)
+        .arg(&root)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
         println!("SKIPPED: {test}: mkfs.erofs missing or failed (apt-get install erofs-utils)");
+        return None;
     }
-    img.clone()
+    Some((dir, out))
 }
 
 fn image_source(path: &Path) -> RootfsSource {
@@ -101,7 +98,7 @@ fn assert_clean(agent: &Agent, img: &Path) {
 
 #[test]
 fn erofs_root_runs_writes_go_to_tmpfs_and_delete_leaves_nothing() {
-    let Some(img) = image("erofs_root_runs") else {
+    let Some((_img_dir, img)) = image("erofs_root_runs") else {
         return;
     };
     let Some((_, agent, mut c)) = setup("erofs_root_runs") else {
@@ -139,7 +136,7 @@ fn erofs_root_runs_writes_go_to_tmpfs_and_delete_leaves_nothing() {
 
 #[test]
 fn twenty_erofs_containers_leak_nothing() {
-    let Some(img) = image("twenty_erofs") else {
+    let Some((_img_dir, img)) = image("twenty_erofs") else {
         return;
     };
     let Some((_, agent, mut c)) = setup("twenty_erofs") else {
@@ -190,7 +187,7 @@ fn create_err(
 
 #[test]
 fn bad_images_are_refused_clearly_and_cleaned_up() {
-    let Some(img) = image("bad_images") else {
+    let Some((_img_dir, img)) = image("bad_images") else {
         return;
     };
     let Some((_, agent, mut c)) = setup("bad_images") else {
