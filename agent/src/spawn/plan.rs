@@ -898,6 +898,46 @@ mod tests {
         refused(v, "RLIMIT_TURBO");
     }
 
+    /// An image root mounts the writable layer, the image read-only on `lower/`, then the
+    /// overlay on `merged/`, which becomes the root.
+    #[test]
+    fn image_roots_mount_writable_then_image_then_overlay() {
+        let scratch = tempfile::tempdir().unwrap();
+        let s = spec_with_process(|_| {});
+        let src = RootfsSource::Image {
+            path: "/i.erofs".into(),
+            fstype: "erofs".into(),
+            writable: protocol::Writable::Tmpfs,
+        };
+        let e = Plan::for_container(&s, &src, scratch.path()).err().unwrap();
+        assert!(e.to_string().contains("needs its block device"), "{e}");
+        for scratch_device in [None, Some(PathBuf::from("/dev/vdb"))] {
+            let image = ImageRoot {
+                device: "/dev/loop7".into(),
+                fstype: "erofs",
+                scratch_device: scratch_device.clone(),
+            };
+            let (setup, root) = Plan::root_mounts(&src, scratch.path(), Some(&image)).unwrap();
+            let real = std::fs::canonicalize(scratch.path()).unwrap();
+            assert_eq!(root, real.join("merged"));
+            let fstypes: Vec<_> = setup
+                .iter()
+                .map(|m| m.fstype.as_ref().unwrap().to_str().unwrap().to_string())
+                .collect();
+            let first = if scratch_device.is_some() {
+                "ext4"
+            } else {
+                "tmpfs"
+            };
+            assert_eq!(fstypes, [first, "erofs", "overlay"]);
+            assert_eq!(
+                setup[1].source.as_ref().unwrap().to_str().unwrap(),
+                "/dev/loop7"
+            );
+            assert_ne!(setup[1].flags & libc::MS_RDONLY, 0);
+        }
+    }
+
     #[test]
     fn symlinked_root_file_systems_are_refused() {
         let d = tempfile::tempdir().unwrap();
