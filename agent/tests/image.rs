@@ -250,3 +250,39 @@ fn bad_images_are_refused_clearly_and_cleaned_up() {
     let r = c.call(&Request::List).unwrap();
     assert_eq!(r, Response::Containers { ids: vec![] });
 }
+
+/// An ext4 image (`mkfs.ext4 -d`) works the same way, mounted read-only without journal replay.
+#[test]
+fn ext4_image_root_runs_and_stays_unchanged() {
+    let Some((_, agent, mut c)) = setup("ext4_image_root") else {
+        return;
+    };
+    let root = rootfs("ext4_image_root").unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("busybox.ext4");
+    let built = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
+        println!("SKIPPED: ext4_image_root: mkfs.ext4 -d failed (apt-get install e2fsprogs)");
+        return;
+    }
+    let before = std::fs::read(&img).unwrap();
+    let (out, err, st) = run_from(
+        &mut c,
+        "x1",
+        spec(&["sh", "-c", "echo ext4 > /etc/w; cat /etc/w"]),
+        RootfsSource::Image {
+            path: img.display().to_string(),
+            fstype: "ext4".into(),
+            writable: Writable::Tmpfs,
+        },
+    );
+    assert_eq!((out.as_str(), err.as_str(), st.code), ("ext4\n", "", 0));
+    assert_eq!(std::fs::read(&img).unwrap(), before, "image bytes changed");
+    assert_clean(&agent, &img);
+}

@@ -554,7 +554,10 @@ impl Plan {
                     target: cpath(&lower)?,
                     fstype: Some(cstr(image.fstype)?),
                     flags: libc::MS_RDONLY | libc::MS_NODEV,
-                    data: None,
+                    // ext4: never replay a journal into the image (that would write to it).
+                    data: (image.fstype == "ext4")
+                        .then(|| cstr("noload"))
+                        .transpose()?,
                     mkdirs: vec![cpath(&lower)?],
                 };
                 let overlay = HostMount {
