@@ -230,6 +230,28 @@ impl ImageCache {
         })
     }
 
+    /// The version of the `mkfs.erofs` this cache would run: the first line of its
+    /// `--version` (erofs-utils 1.6 and later), or a note that it predates `--version`.
+    /// Errors like a build would when it is missing.
+    pub fn mkfs_version(&self) -> Result<String, ImageError> {
+        let mkfs = self.find_mkfs()?;
+        let out = Command::new(&mkfs)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("running", &mkfs))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let first = text.lines().next().unwrap_or("").trim();
+        Ok(if out.status.success() && !first.is_empty() {
+            first.chars().take(200).collect()
+        } else {
+            format!(
+                "{} (erofs-utils older than 1.6: no --version)",
+                mkfs.display()
+            )
+        })
+    }
+
     fn find_mkfs(&self) -> Result<PathBuf, ImageError> {
         std::env::split_paths(&self.search_path)
             .filter(|d| d.is_absolute())

@@ -56,6 +56,7 @@ fn cold_build_then_hit_and_layer_keys() {
     let outside = cache_dir.path().join("outside");
     let root = tree(&outside);
     let cache = ImageCache::new(cache_dir.path().join("images")).unwrap();
+    assert!(cache.mkfs_version().unwrap().contains("mkfs.erofs"));
     let cold = cache.erofs_for(root.path(), None).unwrap();
     assert!(cold.built);
     assert_eq!(cold.path, cache.dir().join(format!("{}.erofs", cold.key)));
@@ -182,6 +183,10 @@ fn missing_mkfs_is_a_clear_error() {
         .with_search_path(d.path().join("empty-bin"));
     let e = cache.erofs_for(root.path(), None).unwrap_err();
     assert!(matches!(e, ImageError::MkfsMissing { .. }), "{e}");
+    assert!(matches!(
+        cache.mkfs_version(),
+        Err(ImageError::MkfsMissing { .. })
+    ));
     assert!(e.to_string().contains("install erofs-utils"), "{e}");
     assert!(leftovers(cache.dir()).is_empty());
 }
