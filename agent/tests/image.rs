@@ -286,3 +286,33 @@ fn ext4_image_root_runs_and_stays_unchanged() {
     assert_eq!(std::fs::read(&img).unwrap(), before, "image bytes changed");
     assert_clean(&agent, &img);
 }
+
+/// A rootfs type this agent does not know (what an agent older than `block`/`image` sees) is
+/// refused as `bad_request` naming it, and the connection stays usable.
+#[test]
+fn unknown_rootfs_types_are_refused_by_name() {
+    let Some((_, _agent, mut c)) = setup("unknown_rootfs_types") else {
+        return;
+    };
+    c.send_raw(
+        &protocol::Frame::new(
+            protocol::FrameKind::Request,
+            7,
+            br#"{"op":"create","id":"u","spec":{"ociVersion":"1.0.2"},"rootfs":{"type":"nbd","export":"x"}}"#
+                .to_vec(),
+        )
+        .to_bytes(),
+    )
+    .unwrap();
+    match c.response(7, Duration::from_secs(5)).unwrap() {
+        Response::Error(e) => {
+            assert_eq!(e.code, ErrorCode::BadRequest);
+            assert!(e.message.contains("unknown variant `nbd`"), "{}", e.message);
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(matches!(
+        c.call(&Request::Ping).unwrap(),
+        Response::Pong { ready: true, .. }
+    ));
+}
