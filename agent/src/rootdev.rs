@@ -222,6 +222,10 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+// The kernel's sizes (linux/loop.h): a layout mistake must not reach an ioctl.
+const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
+
 /// A loop device attached read-only (autoclear) to an image file. Dropping it closes the
 /// agent's handle; the kernel detaches the device once no mount uses it either.
 #[derive(Debug)]
