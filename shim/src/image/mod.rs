@@ -143,6 +143,7 @@ impl ImageCache {
                 hint: "give a real directory as the image cache",
             });
         }
+        remove_stale_temps(&dir, STALE_TEMP_AGE);
         Ok(Self {
             dir,
             search_path: std::env::var_os("PATH").unwrap_or_default(),
@@ -335,6 +336,33 @@ impl ImageCache {
             stack.extend(subdirs.into_iter().rev());
         }
         Ok(hex(&h.finalize()))
+    }
+}
+
+/// Temporary images older than this are left by a builder that died: removed by
+/// [`ImageCache::new`]. (A live build takes seconds, far less than this.)
+pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes `.tmp-*` regular files in `dir` last modified more than `age` ago (best effort).
+fn remove_stale_temps(dir: &Path, age: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten().take(100_000) {
+        if !e.file_name().as_bytes().starts_with(b".tmp-") {
+            continue;
+        }
+        let Ok(m) = e.path().symlink_metadata() else {
+            continue;
+        };
+        let old = m
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|a| a > age);
+        if m.is_file() && old {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 

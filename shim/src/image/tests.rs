@@ -232,3 +232,24 @@ fn walk_bounds_are_enforced() {
     assert!(matches!(e, ImageError::TooDeep { max: 1, .. }), "{e}");
     assert!(e.to_string().contains("etc/deep"), "{e}");
 }
+
+/// A temporary image a dead builder left is removed when a cache opens; a fresh one is not.
+#[test]
+fn stale_temporaries_are_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("images");
+    std::fs::create_dir(&dir).unwrap();
+    let stale = dir.join(".tmp-abc-1-0");
+    let fresh = dir.join(".tmp-abc-2-0");
+    std::fs::write(&stale, b"partial").unwrap();
+    std::fs::write(&fresh, b"partial").unwrap();
+    let two_hours = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(two_hours)
+        .unwrap();
+    ImageCache::new(&dir).unwrap();
+    assert!(!stale.exists() && fresh.exists());
+}
