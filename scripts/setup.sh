@@ -3,7 +3,7 @@
 # Idempotent: packages already present are not reinstalled.
 set -euo pipefail
 
-PKGS=(libclang-dev clang busybox-static e2fsprogs runc cpio binutils gcc)
+PKGS=(libclang-dev clang busybox-static e2fsprogs erofs-utils runc cpio binutils gcc)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -15,6 +15,7 @@ pub mod error;
 pub mod initramfs;
 pub mod limits;
 pub mod pid1;
+pub mod rootdev;
 pub mod runtime;
 pub mod server;
 pub mod spawn;

@@ -1,7 +1,7 @@
 //! Containers and their processes: the registry, the reaper, and the lifecycle operations.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,6 +9,7 @@ use protocol::{ContainerState, ContainerStats, ContainerStatus, ErrorCode, ExitS
 
 use crate::cgroup::{Cgroup, CgroupRoot, Limits};
 use crate::error::OpError;
+use crate::rootdev::{self, ImageRoot, LoopDevice, RootDevError};
 use crate::spawn::{self, ChildStdio, Pending, Plan};
 use crate::stdio::ProcIo;
 use crate::sync::LockOrRecover;
@@ -147,6 +148,8 @@ pub struct Container {
     pub id: String,
     rootfs: PathBuf,
     scratch: Option<PathBuf>,
+    /// The loop device of an `Image` root, held until destroy.
+    loop_dev: Mutex<Option<LoopDevice>>,
     cgroup: Cgroup,
     /// The container's process.
     pub init: Arc<Proc>,
@@ -265,15 +268,21 @@ impl Runtime {
     ) -> Result<Arc<Container>, OpError> {
         valid_id(id)?;
         let dir = match source {
-            protocol::RootfsSource::Bind { path } => path,
-            protocol::RootfsSource::Overlay { lower } => lower,
+            protocol::RootfsSource::Bind { path } => Some(path),
+            protocol::RootfsSource::Overlay { lower } => Some(lower),
+            protocol::RootfsSource::Block { .. } | protocol::RootfsSource::Image { .. } => None,
         };
-        if !std::path::Path::new(dir).is_dir() {
-            return Err(OpError::new(
-                ErrorCode::NotFound,
-                format!("root file system {dir} does not exist or is not a directory: unpack the bundle first"),
-            ));
+        if let Some(dir) = dir {
+            if !std::path::Path::new(dir).is_dir() {
+                return Err(OpError::new(
+                    ErrorCode::NotFound,
+                    format!("root file system {dir} does not exist or is not a directory: unpack the bundle first"),
+                ));
+            }
         }
+        // Image roots: find (Block) or attach (Image) the device now; a loop device is dropped,
+        // so detached, on every failure path below, and on destroy.
+        let (image, loop_dev) = image_root(source)?;
         let mut map = self.containers.lock_or_recover();
         if map.contains_key(id) {
             return Err(OpError::new(
@@ -282,7 +291,7 @@ impl Runtime {
             ));
         }
         let scratch = self.state_dir.join(id);
-        let overlay = matches!(source, protocol::RootfsSource::Overlay { .. });
+        let overlay = !matches!(source, protocol::RootfsSource::Bind { .. });
         if overlay {
             std::fs::create_dir_all(&scratch).map_err(|e| {
                 OpError::new(
@@ -296,13 +305,14 @@ impl Runtime {
                 let _ = std::fs::remove_dir(&scratch);
             }
         };
-        let (mut plan, rootfs) = match Plan::for_container(spec, source, &scratch) {
-            Ok(p) => p,
-            Err(e) => {
-                cleanup_scratch();
-                return Err(e.into());
-            }
-        };
+        let (mut plan, rootfs) =
+            match Plan::for_container_with(spec, source, &scratch, image.as_ref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    cleanup_scratch();
+                    return Err(e.into());
+                }
+            };
         let cgroup = match Limits::from_spec(spec).and_then(|l| self.cgroups.create(id, &l)) {
             Ok(c) => c,
             Err(e) => {
@@ -337,6 +347,7 @@ impl Runtime {
             id: id.to_string(),
             rootfs,
             scratch: overlay.then_some(scratch),
+            loop_dev: Mutex::new(loop_dev),
             cgroup,
             init: init.clone(),
             pending: Mutex::new(Some(pending)),
@@ -526,6 +537,9 @@ impl Runtime {
         if let Some(s) = &c.scratch {
             let _ = std::fs::remove_dir(s);
         }
+        // The mounts died with the container's mount namespace: closing the handle lets the
+        // kernel autoclear the loop device.
+        drop(c.loop_dev.lock_or_recover().take());
         if c.init.exited().is_none() {
             return Err(OpError::new(
                 ErrorCode::Internal,
@@ -534,4 +548,75 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// The device of a `Block` or `Image` root (`None` for directory roots) and, for `Image`, the
+/// loop device to hold.
+fn image_root(
+    source: &protocol::RootfsSource,
+) -> Result<(Option<ImageRoot>, Option<LoopDevice>), OpError> {
+    use protocol::{RootfsSource, Writable};
+    let (fstype, writable) = match source {
+        RootfsSource::Bind { .. } | RootfsSource::Overlay { .. } => return Ok((None, None)),
+        RootfsSource::Block {
+            fstype, writable, ..
+        }
+        | RootfsSource::Image {
+            fstype, writable, ..
+        } => (fstype, writable),
+    };
+    let fstype = rootdev::check_fstype(fstype).map_err(rootdev_error)?;
+    let sys_block = Path::new("/sys/block");
+    let scratch_device = match writable {
+        Writable::Tmpfs => None,
+        Writable::Block { serial } => {
+            let dev = rootdev::find_by_serial(sys_block, serial).map_err(rootdev_error)?;
+            rootdev::check_device(&dev, "ext4").map_err(rootdev_error)?;
+            Some(dev)
+        }
+    };
+    Ok(match source {
+        RootfsSource::Block { serial, .. } => {
+            let dev = rootdev::find_by_serial(sys_block, serial).map_err(rootdev_error)?;
+            rootdev::check_device(&dev, fstype).map_err(rootdev_error)?;
+            (
+                Some(ImageRoot {
+                    device: dev,
+                    fstype,
+                    scratch_device,
+                }),
+                None,
+            )
+        }
+        RootfsSource::Image { path, .. } => {
+            if !Path::new(path).is_absolute() {
+                return Err(OpError::new(
+                    ErrorCode::BadRequest,
+                    format!("image path {path:?} is not absolute: give an absolute path"),
+                ));
+            }
+            let l = LoopDevice::attach(Path::new(path), fstype).map_err(rootdev_error)?;
+            (
+                Some(ImageRoot {
+                    device: l.path().to_path_buf(),
+                    fstype,
+                    scratch_device,
+                }),
+                Some(l),
+            )
+        }
+        RootfsSource::Bind { .. } | RootfsSource::Overlay { .. } => (None, None),
+    })
+}
+
+fn rootdev_error(e: RootDevError) -> OpError {
+    let code = match &e {
+        RootDevError::NoSerial { .. } => ErrorCode::NotFound,
+        RootDevError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            ErrorCode::NotFound
+        }
+        RootDevError::Io { .. } | RootDevError::NoLoop { .. } => ErrorCode::Io,
+        _ => ErrorCode::BadRequest,
+    };
+    OpError::new(code, e.to_string())
 }

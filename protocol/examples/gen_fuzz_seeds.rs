@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use protocol::stream;
 use protocol::{
     ContainerStatus, ErrorCode, Event, ExitStatus, Frame, FrameKind, Request, Response,
-    RootfsSource, StdioConfig, Streams, PROTOCOL_VERSION,
+    RootfsSource, StdioConfig, Streams, Writable, PROTOCOL_VERSION,
 };
 
 fn small_spec() -> Box<oci_spec::runtime::Spec> {
@@ -54,6 +54,34 @@ fn requests() -> Vec<(&'static str, Request)> {
                     terminal: true,
                     stdin: true,
                 },
+            },
+        ),
+        (
+            "create_block",
+            Request::Create {
+                id: id(),
+                spec: small_spec(),
+                rootfs: RootfsSource::Block {
+                    serial: "rootfs0".into(),
+                    fstype: "erofs".into(),
+                    writable: Writable::Block {
+                        serial: "scratch0".into(),
+                    },
+                },
+                stdio: StdioConfig::default(),
+            },
+        ),
+        (
+            "create_image",
+            Request::Create {
+                id: id(),
+                spec: small_spec(),
+                rootfs: RootfsSource::Image {
+                    path: "/var/lib/runv/images/k.erofs".into(),
+                    fstype: "erofs".into(),
+                    writable: Writable::Tmpfs,
+                },
+                stdio: StdioConfig::default(),
             },
         ),
         ("start", Request::Start { id: id() }),

@@ -1,1 +1,3 @@
 //! Placeholder: this crate is filled by a later issue (see README "Status").
+
+pub mod image;

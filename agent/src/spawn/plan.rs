@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use protocol::RootfsSource;
 
+use crate::rootdev::ImageRoot;
+
 use super::fields::{DeviceNode, Sysctl};
 use super::mounts::{mount_flags, RootPath};
 use super::names::{cap_number, rlimit_resource};
@@ -213,6 +215,17 @@ impl Plan {
         source: &RootfsSource,
         scratch: &Path,
     ) -> Result<(Self, PathBuf), SpawnError> {
+        Self::for_container_with(spec, source, scratch, None)
+    }
+
+    /// [`Plan::for_container`] for every source: `image` is the block device the agent found
+    /// or attached for a `Block` or `Image` source (required for those, ignored otherwise).
+    pub fn for_container_with(
+        spec: &Spec,
+        source: &RootfsSource,
+        scratch: &Path,
+        image: Option<&ImageRoot>,
+    ) -> Result<(Self, PathBuf), SpawnError> {
         let process = spec
             .process()
             .as_ref()
@@ -242,7 +255,7 @@ impl Plan {
         let sysctls = super::fields::sysctls(spec, flags & libc::CLONE_NEWNET != 0)?;
         let propagation = super::fields::root_propagation(spec)?;
         crate::devices::rules_from_spec(spec).map_err(|e| invalid(e.to_string()))?;
-        let (setup, root) = Self::root_mounts(source, scratch)?;
+        let (setup, root) = Self::root_mounts(source, scratch, image)?;
         let mut mounts = Vec::new();
         let mut cgroup_mounts = Vec::new();
         let mut dev_tmpfs = false;
@@ -448,6 +461,7 @@ impl Plan {
     fn root_mounts(
         source: &RootfsSource,
         scratch: &Path,
+        image: Option<&ImageRoot>,
     ) -> Result<(Vec<HostMount>, PathBuf), SpawnError> {
         Ok(match source {
             RootfsSource::Bind { path } => {
@@ -499,6 +513,67 @@ impl Plan {
                     mkdirs: vec![cpath(&upper)?, cpath(&work)?, cpath(&merged)?],
                 };
                 (vec![tmpfs, overlay], merged)
+            }
+            RootfsSource::Block { .. } | RootfsSource::Image { .. } => {
+                let image = image.ok_or_else(|| {
+                    invalid("an image root source needs its block device: use Runtime::create")
+                })?;
+                let scratch = real_dir(scratch, "overlay scratch directory")?;
+                if scratch.as_os_str().as_encoded_bytes().contains(&b',')
+                    || scratch.as_os_str().as_encoded_bytes().contains(&b':')
+                {
+                    return Err(invalid(format!(
+                        "overlay path {} contains ',' or ':', which overlayfs options cannot carry: rename it",
+                        scratch.display()
+                    )));
+                }
+                let lower = scratch.join("lower");
+                let merged = scratch.join("merged");
+                let (upper, work) = (scratch.join("upper"), scratch.join("work"));
+                // The writable layer: a tmpfs, or a scratch ext4 device.
+                let writable = match &image.scratch_device {
+                    None => HostMount {
+                        source: Some(cstr("tmpfs")?),
+                        target: cpath(&scratch)?,
+                        fstype: Some(cstr("tmpfs")?),
+                        flags: 0,
+                        data: Some(cstr("mode=0755")?),
+                        mkdirs: Vec::new(),
+                    },
+                    Some(dev) => HostMount {
+                        source: Some(cpath(dev)?),
+                        target: cpath(&scratch)?,
+                        fstype: Some(cstr("ext4")?),
+                        flags: libc::MS_NODEV | libc::MS_NOSUID,
+                        data: None,
+                        mkdirs: Vec::new(),
+                    },
+                };
+                let ro = HostMount {
+                    source: Some(cpath(&image.device)?),
+                    target: cpath(&lower)?,
+                    fstype: Some(cstr(image.fstype)?),
+                    flags: libc::MS_RDONLY | libc::MS_NODEV,
+                    // ext4: never replay a journal into the image (that would write to it).
+                    data: (image.fstype == "ext4")
+                        .then(|| cstr("noload"))
+                        .transpose()?,
+                    mkdirs: vec![cpath(&lower)?],
+                };
+                let overlay = HostMount {
+                    source: Some(cstr("overlay")?),
+                    target: cpath(&merged)?,
+                    fstype: Some(cstr("overlay")?),
+                    flags: 0,
+                    data: Some(cstr(format!(
+                        "lowerdir={},upperdir={},workdir={}",
+                        lower.display(),
+                        upper.display(),
+                        work.display()
+                    ))?),
+                    mkdirs: vec![cpath(&upper)?, cpath(&work)?, cpath(&merged)?],
+                };
+                (vec![writable, ro, overlay], merged)
             }
         })
     }
@@ -824,6 +899,46 @@ mod tests {
         v["process"]["rlimits"] =
             serde_json::json!([{"type": "RLIMIT_TURBO", "soft": 1, "hard": 1}]);
         refused(v, "RLIMIT_TURBO");
+    }
+
+    /// An image root mounts the writable layer, the image read-only on `lower/`, then the
+    /// overlay on `merged/`, which becomes the root.
+    #[test]
+    fn image_roots_mount_writable_then_image_then_overlay() {
+        let scratch = tempfile::tempdir().unwrap();
+        let s = spec_with_process(|_| {});
+        let src = RootfsSource::Image {
+            path: "/i.erofs".into(),
+            fstype: "erofs".into(),
+            writable: protocol::Writable::Tmpfs,
+        };
+        let e = Plan::for_container(&s, &src, scratch.path()).err().unwrap();
+        assert!(e.to_string().contains("needs its block device"), "{e}");
+        for scratch_device in [None, Some(PathBuf::from("/dev/vdb"))] {
+            let image = ImageRoot {
+                device: "/dev/loop7".into(),
+                fstype: "erofs",
+                scratch_device: scratch_device.clone(),
+            };
+            let (setup, root) = Plan::root_mounts(&src, scratch.path(), Some(&image)).unwrap();
+            let real = std::fs::canonicalize(scratch.path()).unwrap();
+            assert_eq!(root, real.join("merged"));
+            let fstypes: Vec<_> = setup
+                .iter()
+                .map(|m| m.fstype.as_ref().unwrap().to_str().unwrap().to_string())
+                .collect();
+            let first = if scratch_device.is_some() {
+                "ext4"
+            } else {
+                "tmpfs"
+            };
+            assert_eq!(fstypes, [first, "erofs", "overlay"]);
+            assert_eq!(
+                setup[1].source.as_ref().unwrap().to_str().unwrap(),
+                "/dev/loop7"
+            );
+            assert_ne!(setup[1].flags & libc::MS_RDONLY, 0);
+        }
     }
 
     #[test]

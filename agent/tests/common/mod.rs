@@ -157,13 +157,25 @@ pub fn launch(
     root: &Path,
     stdio: StdioConfig,
 ) -> protocol::Streams {
+    let rootfs = RootfsSource::Bind {
+        path: root.display().to_string(),
+    };
+    launch_from(c, id, spec, rootfs, stdio)
+}
+
+/// Creates and starts container `id` with root file system `rootfs`.
+pub fn launch_from(
+    c: &mut Client,
+    id: &str,
+    spec: oci_spec::runtime::Spec,
+    rootfs: RootfsSource,
+    stdio: StdioConfig,
+) -> protocol::Streams {
     let r = c
         .call(&Request::Create {
             id: id.into(),
             spec: Box::new(spec),
-            rootfs: RootfsSource::Bind {
-                path: root.display().to_string(),
-            },
+            rootfs,
             stdio,
         })
         .unwrap();
@@ -196,7 +208,20 @@ pub fn run(
     spec: oci_spec::runtime::Spec,
     root: &Path,
 ) -> (String, String, ExitStatus) {
-    let s = launch(c, id, spec, root, StdioConfig::default());
+    let rootfs = RootfsSource::Bind {
+        path: root.display().to_string(),
+    };
+    run_from(c, id, spec, rootfs)
+}
+
+/// [`run`] with root file system `rootfs`.
+pub fn run_from(
+    c: &mut Client,
+    id: &str,
+    spec: oci_spec::runtime::Spec,
+    rootfs: RootfsSource,
+) -> (String, String, ExitStatus) {
+    let s = launch_from(c, id, spec, rootfs, StdioConfig::default());
     let status = wait(c, id);
     let out = c.read_to_close(s.stdout, Duration::from_secs(10)).unwrap();
     let err = c
