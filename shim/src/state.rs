@@ -234,7 +234,7 @@ impl Record {
         }
     }
 
-    /// The OCI state document (`runv state`).
+    /// The OCI state document (`runv state`), plus `exitStatus` once stopped.
     pub fn oci_state(&self) -> serde_json::Value {
         let status = self.status();
         let pid = if matches!(status, Status::Created | Status::Running) {
@@ -242,7 +242,7 @@ impl Record {
         } else {
             0
         };
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "ociVersion": "1.2.0",
             "id": self.id,
             "pid": pid,
@@ -252,6 +252,11 @@ impl Record {
             "created": self.created,
             "owner": "",
             "annotations": self.annotations,
-        })
+        });
+        // Not in the OCI schema (consumers ignore unknown fields): how the process ended.
+        if let (Some(code), Some(o)) = (self.exit, v.as_object_mut()) {
+            o.insert("exitStatus".into(), code.into());
+        }
+        v
     }
 }

@@ -1,0 +1,322 @@
+//! runv end to end with the host sandbox: create/start/state, run exit codes, kill, delete,
+//! exec, ps, pid files, logs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{processes_mentioning, wait_file_contains, Env};
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn create_start_state_output_and_exit_code() {
+    let Some(env) = Env::new("create_start_state_output_and_exit_code") else {
+        return;
+    };
+    let id = env.id("life");
+    let b = env.bundle(
+        "life",
+        &["sh", "-c", "echo hello from runv; echo oops >&2; exit 3"],
+        false,
+    );
+    let pid_file = env.dir.path().join("life.pid");
+    let (st, out, err) = env.runv_to_files(
+        &[
+            "create",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            &id,
+        ],
+        "life",
+    );
+    assert!(
+        st.success(),
+        "create: {}",
+        std::fs::read_to_string(&err).unwrap()
+    );
+    let warning = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        warning.contains("WARNING") && warning.contains("NO VM isolation"),
+        "{warning}"
+    );
+
+    let s = env.state(&id);
+    assert_eq!(s["status"], "created", "{s}");
+    assert_eq!(s["id"], id.as_str());
+    assert_eq!(s["bundle"], b.canonicalize().unwrap().to_str().unwrap());
+    assert_eq!(s["annotations"]["runv.sandbox"], "host");
+    assert_eq!(s["annotations"]["org.example.test"], "yes");
+    assert!(s["pid"].as_i64().unwrap() > 0, "{s}");
+
+    // The pid file holds the monitor's pid.
+    let monitor: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{monitor}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("__monitor"),
+        "pid file {monitor}"
+    );
+
+    let o = env.runv(&["start", &id]);
+    assert!(o.status.success(), "start: {}", stderr(&o));
+    let s = env.wait_status(&id, "stopped");
+    assert_eq!(s["exitStatus"], 3, "{s}");
+    assert_eq!(s["pid"], 0);
+    assert_eq!(wait_file_contains(&out, "hello"), "hello from runv\n");
+    wait_file_contains(&err, "oops");
+
+    // A stopped container deletes without --force; the root is empty afterwards.
+    let o = env.runv(&["delete", &id]);
+    assert!(o.status.success(), "delete: {}", stderr(&o));
+    assert!(env.left().is_empty(), "{:?}", env.left());
+    assert!(common::gone(monitor.into()), "monitor {monitor} survived");
+    assert!(env.runv(&["state", &id]).status.code() == Some(1));
+}
+
+#[test]
+fn run_foreground_exit_codes() {
+    let Some(env) = Env::new("run_foreground_exit_codes") else {
+        return;
+    };
+    for (name, script, want) in [("zero", "echo ok", 0), ("seven", "exit 7", 7)] {
+        let id = env.id(name);
+        let b = env.bundle(name, &["sh", "-c", script], false);
+        let o = env.runv(&["run", "--bundle", b.to_str().unwrap(), &id]);
+        assert_eq!(o.status.code(), Some(want), "{name}: {}", stderr(&o));
+        if want == 0 {
+            assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n");
+        }
+    }
+    // Killed with SIGKILL: 128 + 9.
+    let id = env.id("killed");
+    let b = env.bundle("killed", &["sleep", "100"], false);
+    let mut c = env.cmd(&["run", "--bundle", b.to_str().unwrap(), &id]);
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = c.spawn().unwrap();
+    env.wait_status(&id, "running");
+    let o = env.runv(&["kill", &id, "KILL"]);
+    assert!(o.status.success(), "kill: {}", stderr(&o));
+    let st = common::wait_bounded(child, Duration::from_secs(10));
+    assert_eq!(st.code(), Some(137));
+    // run (foreground) deletes the container.
+    assert!(env.left().is_empty(), "{:?}", env.left());
+}
+
+#[test]
+fn kill_with_signal_names_and_numbers() {
+    let Some(env) = Env::new("kill_with_signal_names_and_numbers") else {
+        return;
+    };
+    for (name, sig, want) in [
+        ("term", "TERM", 143),
+        ("num", "15", 143),
+        ("sigint", "SIGINT", 130),
+    ] {
+        let id = env.id(name);
+        // PID 1 of a pid namespace ignores signals it has no handler for: --all reaches the
+        // sleep, and sh exits with wait's 128 + signal.
+        let b = env.bundle(name, &["sh", "-c", "sleep 100 & wait $!"], false);
+        let (st, _, err) =
+            env.runv_to_files(&["run", "-d", "--bundle", b.to_str().unwrap(), &id], name);
+        assert!(st.success(), "{}", std::fs::read_to_string(err).unwrap());
+        let o = env.runv(&["kill", "--all", &id, sig]);
+        assert!(o.status.success(), "kill {sig}: {}", stderr(&o));
+        let s = env.wait_status(&id, "stopped");
+        assert_eq!(s["exitStatus"], want, "{sig}: {s}");
+        assert!(env.runv(&["delete", &id]).status.success());
+    }
+    let o = env.runv(&["kill", &env.id("term"), "NOPE"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown signal"), "{}", stderr(&o));
+}
+
+#[test]
+fn delete_running_needs_force() {
+    let Some(env) = Env::new("delete_running_needs_force") else {
+        return;
+    };
+    let id = env.id("busy");
+    let b = env.bundle("busy", &["sleep", "100"], false);
+    let (st, _, err) =
+        env.runv_to_files(&["run", "-d", "--bundle", b.to_str().unwrap(), &id], "busy");
+    assert!(st.success(), "{}", std::fs::read_to_string(err).unwrap());
+    let s = env.wait_status(&id, "running");
+    let init = s["pid"].as_i64().unwrap();
+    let o = env.runv(&["delete", &id]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is running") && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(env.state(&id)["status"], "running");
+    let o = env.runv(&["delete", "--force", &id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(env.left().is_empty());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{init}")).exists(),
+        "init {init} survived"
+    );
+    assert!(processes_mentioning(env.root.path().to_str().unwrap()).is_empty());
+}
+
+#[test]
+fn delete_created_container() {
+    let Some(env) = Env::new("delete_created_container") else {
+        return;
+    };
+    let id = env.id("idle");
+    let b = env.bundle("idle", &["sleep", "100"], false);
+    let (st, _, _) = env.runv_to_files(&["create", "--bundle", b.to_str().unwrap(), &id], "idle");
+    assert!(st.success());
+    assert_eq!(env.state(&id)["status"], "created");
+    let o = env.runv(&["delete", &id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(env.left().is_empty());
+    assert!(processes_mentioning(env.root.path().to_str().unwrap()).is_empty());
+}
+
+#[test]
+fn exec_output_exit_code_and_ps() {
+    let Some(env) = Env::new("exec_output_exit_code_and_ps") else {
+        return;
+    };
+    let id = env.id("ex");
+    let b = env.bundle("ex", &["sleep", "100"], false);
+    let (st, _, _) = env.runv_to_files(&["run", "-d", "--bundle", b.to_str().unwrap(), &id], "ex");
+    assert!(st.success());
+    let init = env.wait_status(&id, "running")["pid"].as_i64().unwrap();
+
+    let o = env.runv(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "echo out $(hostname 2>/dev/null || cat /proc/sys/kernel/hostname); echo err >&2; exit 5",
+    ]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out runv-test\n");
+    assert_eq!(stderr(&o), "err\n");
+
+    // exec --process with a process.json.
+    let p = env.dir.path().join("process.json");
+    std::fs::write(&p, r#"{"args":["sh","-c","echo $FOO"],"env":["PATH=/bin","FOO=bar"],"cwd":"/","user":{"uid":0,"gid":0}}"#).unwrap();
+    let o = env.runv(&["exec", "--process", p.to_str().unwrap(), &id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "bar\n");
+
+    // ps: the init and a detached exec's process.
+    let pid_file = env.dir.path().join("exec.pid");
+    let o = env.runv(&[
+        "exec",
+        "-d",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        &id,
+        "sleep",
+        "50",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let exec_pid: i64 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let o = env.runv(&["ps", "--format", "json", &id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pids: Vec<i64> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        pids.contains(&init) && pids.contains(&exec_pid),
+        "{pids:?} init {init} exec {exec_pid}"
+    );
+    let o = env.runv(&["ps", &id]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.starts_with("PID\tCMD\n")
+            && table.contains("sleep 100")
+            && table.contains("sleep 50"),
+        "{table}"
+    );
+
+    // exec into a stopped container fails.
+    assert!(env.runv(&["kill", &id, "KILL"]).status.success());
+    env.wait_status(&id, "stopped");
+    let o = env.runv(&["exec", &id, "true"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("stopped"), "{}", stderr(&o));
+    assert!(env.runv(&["delete", &id]).status.success());
+    assert!(common::gone(exec_pid), "exec {exec_pid} survived");
+}
+
+#[test]
+fn list_features_spec_and_json_log() {
+    let Some(env) = Env::new("list_features_spec_and_json_log") else {
+        return;
+    };
+    let id = env.id("ls");
+    let b = env.bundle("ls", &["sleep", "100"], false);
+    let (st, _, _) = env.runv_to_files(&["create", "--bundle", b.to_str().unwrap(), &id], "ls");
+    assert!(st.success());
+    let o = env.runv(&["list", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["id"], id.as_str());
+    assert_eq!(v[0]["status"], "created");
+    let o = env.runv(&["list", "-q"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), id);
+
+    let o = env.runv(&["features"]);
+    let f: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(f["ociVersionMax"], "1.2.0");
+    assert!(f["linux"]["namespaces"].as_array().unwrap().len() >= 5);
+
+    let sd = env.dir.path().join("specdir");
+    std::fs::create_dir(&sd).unwrap();
+    assert!(env
+        .runv(&["spec", "--bundle", sd.to_str().unwrap()])
+        .status
+        .success());
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sd.join("config.json")).unwrap()).unwrap();
+    assert!(s["ociVersion"].as_str().unwrap().starts_with("1."));
+    let o = env.runv(&["spec", "--bundle", sd.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("exists"));
+
+    // Errors go to stderr and, with --log-format json, to the log file as runc writes them.
+    let log = env.dir.path().join("runv.log");
+    let o = env.runv(&[
+        "--log",
+        log.to_str().unwrap(),
+        "--log-format",
+        "json",
+        "start",
+        "nosuch",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("nosuch does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&log).unwrap().trim()).unwrap();
+    assert_eq!(line["level"], "error");
+    assert!(line["msg"].as_str().unwrap().contains("nosuch"), "{line}");
+    assert!(line["time"].as_str().unwrap().ends_with('Z'));
+
+    let o = env.runv(&["pause", &id]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("not supported"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(env.runv(&["delete", &id]).status.success());
+}
