@@ -128,6 +128,17 @@ fn kill_with_signal_names_and_numbers() {
         let (st, _, err) =
             env.runv_to_files(&["run", "-d", "--bundle", b.to_str().unwrap(), &id], name);
         assert!(st.success(), "{}", std::fs::read_to_string(err).unwrap());
+        // Signal once the sleep runs (before, only the signal-immune PID 1 would get it).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = env.runv(&["ps", "--format", "json", &id]);
+            let pids: Vec<i64> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            if pids.len() >= 2 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no sleep in {id}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let o = env.runv(&["kill", "--all", &id, sig]);
         assert!(o.status.success(), "kill {sig}: {}", stderr(&o));
         let s = env.wait_status(&id, "stopped");

@@ -148,6 +148,9 @@ pub fn start(cli: &Cli, id: &str) -> Result<()> {
     dir.update(|r| r.started = true)?;
     match c.call(&Request::Start { id: id.into() }) {
         Ok(Response::Started { .. }) => Ok(()),
+        // A process that ends at once can end its sandbox before the reply reaches us: the
+        // monitor records the exit before it stops the agent.
+        Err(_) if dir.load().is_ok_and(|r| r.exit.is_some()) => Ok(()),
         other => {
             let _ = dir.update(|r| r.started = false);
             match other {

@@ -111,7 +111,11 @@ impl Env {
             "root": {"path": self.rootfs, "readonly": false},
             "hostname": "runv-test",
             "annotations": {"org.example.test": "yes"},
-            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
+            ],
             "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]}
         });
         std::fs::write(b.join("config.json"), config.to_string()).unwrap();
