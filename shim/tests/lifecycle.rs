@@ -331,3 +331,54 @@ fn list_features_spec_and_json_log() {
     );
     assert!(env.runv(&["delete", &id]).status.success());
 }
+
+#[test]
+fn delete_after_monitor_killed_leaves_nothing() {
+    let Some(env) = Env::new("delete_after_monitor_killed_leaves_nothing") else {
+        return;
+    };
+    let id = env.id("orphan");
+    let b = env.bundle("orphan", &["sleep", "100"], false);
+    let pid_file = env.dir.path().join("orphan.pid");
+    let (st, _, _) = env.runv_to_files(
+        &[
+            "run",
+            "-d",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "--bundle",
+            b.to_str().unwrap(),
+            &id,
+        ],
+        "orphan",
+    );
+    assert!(st.success());
+    let init = env.wait_status(&id, "running")["pid"].as_i64().unwrap();
+    let monitor: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the monitor this test created.
+    unsafe { libc::kill(monitor, libc::SIGKILL) };
+    env.wait_status(&id, "stopped");
+    // The agent ended with its monitor (parent-death signal); the container's process did not.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!common::gone(init), "init {init} died with the agent");
+    let o = env.runv(&["delete", &id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        common::gone(init),
+        "init {init} survived its monitor's death and delete"
+    );
+    assert!(env.left().is_empty());
+    assert!(processes_mentioning(env.root.path().to_str().unwrap()).is_empty());
+    let group = format!("runv-{id}");
+    for ctl in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        assert!(
+            !ctl.path().join(&group).exists(),
+            "{}",
+            ctl.path().display()
+        );
+    }
+}

@@ -264,6 +264,10 @@ pub fn delete(cli: &Cli, id: &str, force: bool) -> Result<()> {
         unsafe { libc::kill(r.agent_pid, libc::SIGKILL) };
         wait_gone(r.agent_pid, Duration::from_secs(5));
     }
+    // A monitor and agent killed from outside leave the container's processes behind.
+    if r.sandbox == Kind::Host.name() {
+        shim::sandbox::host::reap_leftovers(id);
+    }
     dir.remove()?;
     Ok(())
 }

@@ -151,3 +151,49 @@ impl Drop for HostSandbox {
         self.shutdown();
     }
 }
+
+/// Kills whatever is left in the cgroups of container `id`'s agent and removes them: the
+/// container's processes outlive an agent that was killed together with its monitor.
+/// Returns the number of processes signalled.
+pub fn reap_leftovers(id: &str) -> usize {
+    let root = Path::new("/sys/fs/cgroup");
+    let group = cgroup_group(id);
+    let mut dirs = vec![root.join(&group)];
+    if let Ok(ctls) = std::fs::read_dir(root) {
+        dirs.extend(ctls.flatten().map(|c| c.path().join(&group)));
+    }
+    let mut killed = 0;
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        let mut tree = Vec::new();
+        collect_dirs(d, &mut tree, 0);
+        // Deepest first, so each rmdir finds its children gone.
+        for cg in tree.iter().rev() {
+            let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a process listed in this container's own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed += 1;
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(cg).is_err() && cg.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    killed
+}
+
+/// `dir` and its cgroup subdirectories, parents first (bounded depth).
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+    out.push(dir.to_path_buf());
+    if depth >= 8 {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&e.path(), out, depth + 1);
+            }
+        }
+    }
+}
