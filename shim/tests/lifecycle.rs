@@ -382,3 +382,87 @@ fn delete_after_monitor_killed_leaves_nothing() {
         );
     }
 }
+
+#[test]
+fn run_forwards_signals_to_the_container() {
+    let Some(env) = Env::new("run_forwards_signals_to_the_container") else {
+        return;
+    };
+    let id = env.id("fwd");
+    let script = "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.05; done";
+    let b = env.bundle("fwd", &["sh", "-c", script], false);
+    let mut c = env.cmd(&["run", "--bundle", b.to_str().unwrap(), &id]);
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = Vec::new();
+        let mut buf = [0u8; 256];
+        let mut signalled = false;
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if !signalled && String::from_utf8_lossy(&all).contains("ready") {
+                signalled = true;
+                // The container trapped TERM: signal `runv run` itself.
+                // SAFETY: kill(2) on the runv process this test started.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+        }
+        (child, String::from_utf8_lossy(&all).into_owned())
+    });
+    // Bounded: a runv that never forwards leaves the monitor holding the pipe.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runv run did not end after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (child, text) = reader.join().unwrap();
+    let st = common::wait_bounded(child, Duration::from_secs(10));
+    assert_eq!(st.code(), Some(42), "output {text:?}");
+    assert_eq!(text, "ready\ngot-term\n");
+    assert!(env.left().is_empty());
+}
+
+#[test]
+fn concurrent_execs_all_succeed() {
+    let Some(env) = Env::new("concurrent_execs_all_succeed") else {
+        return;
+    };
+    let id = env.id("par");
+    let b = env.bundle("par", &["sleep", "100"], false);
+    let (st, _, _) = env.runv_to_files(&["run", "-d", "--bundle", b.to_str().unwrap(), &id], "par");
+    assert!(st.success());
+    env.wait_status(&id, "running");
+    // Parallel execs once raced the agent's exec helper (its pid report and the inner child's
+    // ready report share a pipe) into kill(0, SIGKILL), taking the monitor with it.
+    for round in 0..10 {
+        let outs: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    let (env, id) = (&env, &id);
+                    s.spawn(move || {
+                        env.runv(&["exec", id, "sh", "-c", &format!("echo r{round}-{i}")])
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "round {round} exec {i}: {}", stderr(o));
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout),
+                format!("r{round}-{i}\n")
+            );
+        }
+    }
+    assert_eq!(env.state(&id)["status"], "running");
+    assert!(env.runv(&["delete", "--force", &id]).status.success());
+}

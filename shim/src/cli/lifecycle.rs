@@ -165,6 +165,10 @@ pub fn start(cli: &Cli, id: &str) -> Result<()> {
 /// `runv run`: create + start; in the foreground wait, delete, and return the exit status.
 pub fn run(cli: &Cli, o: &CreateOpts<'_>, detach: bool) -> Result<i32> {
     let mut child = create(cli, o)?;
+    if !detach {
+        // Before start: a signal that arrives once the process runs must reach it.
+        forward_signals(cli, o.id);
+    }
     if let Err(e) = start(cli, o.id) {
         let _ = delete(cli, o.id, true);
         let _ = child.wait();
@@ -180,6 +184,42 @@ pub fn run(cli: &Cli, o: &CreateOpts<'_>, detach: bool) -> Result<i32> {
         .unwrap_or(255);
     delete(cli, o.id, true)?;
     Ok(code)
+}
+
+/// Signals `runv run` passes on to the container's process, as runc does in the foreground.
+const FORWARDED: [nix::sys::signal::Signal; 6] = {
+    use nix::sys::signal::Signal::*;
+    [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2]
+};
+
+/// Blocks the forwarded signals in this process (the monitor is already started, so it does not
+/// inherit the mask) and passes each one that arrives to the container's process.
+fn forward_signals(cli: &Cli, id: &str) {
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    let mut set = SigSet::empty();
+    FORWARDED.iter().for_each(|s| set.add(*s));
+    if nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).is_err() {
+        return;
+    }
+    let (root, id) = (cli.root.clone(), id.to_string());
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let Ok(sig) = set.wait() else { return };
+            let dir = ContainerDir::new(&root, &id);
+            let Ok(r) = dir.load() else { return };
+            if let Ok(mut c) = client(&dir, &r) {
+                let _ = c.call_timeout(
+                    &Request::Signal {
+                        id: id.clone(),
+                        exec_id: None,
+                        signal: sig as i32,
+                        all: false,
+                    },
+                    Duration::from_secs(5),
+                );
+            }
+        });
 }
 
 /// Parses a signal name (`KILL`, `SIGKILL`) or number.

@@ -66,10 +66,12 @@ impl HostSandbox {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-        // is async-signal-safe; it makes the agent end with the monitor that started it.
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2) and
+        // prctl(2), which are async-signal-safe: the agent gets its own session and process
+        // group (a signal to its group never reaches the monitor) and ends with the monitor.
         unsafe {
             cmd.pre_exec(|| {
+                libc::setsid();
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }

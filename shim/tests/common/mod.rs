@@ -202,7 +202,16 @@ impl Drop for Env {
 }
 
 /// Waits for a child, killing it after `limit`.
-pub fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::process::ExitStatus {
+pub fn wait_bounded(child: std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    wait_bounded_as(child, limit, "runv")
+}
+
+/// [`wait_bounded`] naming the command in the failure.
+pub fn wait_bounded_as(
+    mut child: std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -210,7 +219,7 @@ pub fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::pro
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            panic!("runv did not finish within {limit:?}");
+            panic!("{what} did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -236,7 +245,7 @@ pub fn run_bounded(c: &mut Command) -> Output {
         let _ = se.read_to_end(&mut v);
         v
     });
-    let status = wait_bounded(child, Duration::from_secs(20));
+    let status = wait_bounded_as(child, Duration::from_secs(20), &format!("{c:?}"));
     Output {
         status,
         stdout: t1.join().unwrap(),
