@@ -466,3 +466,22 @@ fn concurrent_execs_all_succeed() {
     assert_eq!(env.state(&id)["status"], "running");
     assert!(env.runv(&["delete", "--force", &id]).status.success());
 }
+
+#[test]
+fn run_foreground_with_a_terminal_uses_runv_stdio() {
+    let Some(env) = Env::new("run_foreground_with_a_terminal_uses_runv_stdio") else {
+        return;
+    };
+    let id = env.id("fgtty");
+    let b = env.bundle("fgtty", &["sh", "-c", "echo on-a-pty; exit 3"], true);
+    let o = env.runv(&["run", "--bundle", b.to_str().unwrap(), &id]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    // The container's pty turns "\n" into "\r\n".
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "on-a-pty\r\n");
+    assert!(env.left().is_empty());
+    // Detached, a terminal still needs a console socket.
+    let o = env.runv(&["run", "-d", "--bundle", b.to_str().unwrap(), &id]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--console-socket"), "{}", stderr(&o));
+    assert!(env.left().is_empty());
+}

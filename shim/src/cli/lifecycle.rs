@@ -32,6 +32,8 @@ pub struct CreateOpts<'a> {
     pub preserve_fds: u32,
     /// Container id.
     pub id: &'a str,
+    /// `run` without `--detach`: a terminal may use runv's own stdio.
+    pub foreground: bool,
 }
 
 /// `runv create`: checks everything, then leaves a monitor; returns it (our child).
@@ -48,8 +50,8 @@ pub fn create(cli: &Cli, o: &CreateOpts<'_>) -> Result<Child> {
         .as_ref()
         .and_then(|p| p.terminal())
         .unwrap_or(false);
-    if terminal && o.console_socket.is_none() {
-        bail!("process.terminal is true: pass --console-socket to receive the pty, or set process.terminal to false");
+    if terminal && o.console_socket.is_none() && !o.foreground {
+        bail!("process.terminal is true: pass --console-socket to receive the pty, run it in the foreground (`runv run` without --detach), or set process.terminal to false");
     }
     kind.preflight()?;
     let dir = ContainerDir::create(&cli.root, o.id)?;
@@ -177,13 +179,34 @@ pub fn run(cli: &Cli, o: &CreateOpts<'_>, detach: bool) -> Result<i32> {
     if detach {
         return Ok(0);
     }
-    let status = child.wait().context("waiting for the monitor")?;
+    // The container's pty does the line discipline: our terminal passes keys through (as runc).
+    let terminal = monitor::load_spec(&ContainerDir::new(&cli.root, o.id))
+        .ok()
+        .and_then(|s| s.process().as_ref().and_then(|p| p.terminal()))
+        .unwrap_or(false);
+    let saved = if terminal { raw_stdin() } else { None };
+    let status = child.wait();
+    if let Some(t) = saved {
+        let _ =
+            nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &t);
+    }
+    let status = status.context("waiting for the monitor")?;
     let code = status
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(255);
     delete(cli, o.id, true)?;
     Ok(code)
+}
+
+/// Puts stdin in raw mode when it is a terminal; returns the settings to restore.
+fn raw_stdin() -> Option<nix::sys::termios::Termios> {
+    use nix::sys::termios;
+    let saved = termios::tcgetattr(std::io::stdin()).ok()?;
+    let mut raw = saved.clone();
+    termios::cfmakeraw(&mut raw);
+    termios::tcsetattr(std::io::stdin(), termios::SetArg::TCSANOW, &raw).ok()?;
+    Some(saved)
 }
 
 /// Signals `runv run` passes on to the container's process, as runc does in the foreground.

@@ -192,6 +192,7 @@ pub fn dispatch(cli: &Cli) -> Result<i32> {
                 console_socket: console_socket.as_deref(),
                 preserve_fds: *preserve_fds,
                 id,
+                foreground: false,
             };
             lifecycle::create(cli, &opts).map(|_| 0)
         }
@@ -211,6 +212,7 @@ pub fn dispatch(cli: &Cli) -> Result<i32> {
                 console_socket: console_socket.as_deref(),
                 preserve_fds: *preserve_fds,
                 id,
+                foreground: !*detach,
             };
             lifecycle::run(cli, &opts, *detach)
         }
