@@ -182,3 +182,51 @@ fn fifty_containers_leave_nothing() {
     }
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
 }
+
+#[test]
+fn exec_tty_with_console_socket() {
+    let Some(env) = Env::new("exec_tty_with_console_socket") else {
+        return;
+    };
+    let id = env.id("extty");
+    let b = env.bundle("extty", &["sleep", "100"], false);
+    let (st, _, _) = env.runv_to_files(
+        &["run", "-d", "--bundle", b.to_str().unwrap(), &id],
+        "extty",
+    );
+    assert!(st.success());
+    env.wait_status(&id, "running");
+    let sock = env.dir.path().join("exec-console.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut c = env.cmd(&[
+        "exec",
+        "--tty",
+        "--console-socket",
+        sock.to_str().unwrap(),
+        &id,
+        "sh",
+        "-c",
+        "read line; echo got-$line; exit 6",
+    ]);
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let exec = c.spawn().unwrap();
+    let (_, master) = receive_master(&listener);
+    let mut m = std::fs::File::from(master);
+    m.write_all(b"abc\n").unwrap();
+    let st = common::wait_bounded(exec, Duration::from_secs(10));
+    assert_eq!(st.code(), Some(6));
+    // SAFETY: fcntl(2) on a descriptor we own.
+    unsafe { libc::fcntl(m.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = m.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // The pty echoes the line, then the process answers.
+    assert_eq!(String::from_utf8_lossy(&seen), "abc\r\ngot-abc\r\n");
+    assert!(env.runv(&["delete", "--force", &id]).status.success());
+}
