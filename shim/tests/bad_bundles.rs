@@ -119,3 +119,26 @@ fn bad_bundles_leave_nothing() {
     assert!(env.runv(&["delete", &id]).status.success());
     assert!(env.left().is_empty(), "{:?}", env.left());
 }
+
+#[test]
+fn damaged_state_is_reported_and_force_deleted() {
+    let Some(env) = Env::new("damaged_state_is_reported_and_force_deleted") else {
+        return;
+    };
+    let id = env.id("damaged");
+    let dir = env.root.path().join(&id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("state.json"), "{not json").unwrap();
+    for cmd in ["state", "start", "delete"] {
+        let o = env.runv(&[cmd, &id]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{cmd}: {err}");
+        assert!(
+            err.contains("damaged state file") && err.contains("--force"),
+            "{cmd}: {err}"
+        );
+    }
+    let o = env.runv(&["delete", "--force", &id]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(env.left().is_empty(), "{:?}", env.left());
+}

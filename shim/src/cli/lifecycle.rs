@@ -297,7 +297,18 @@ fn wait_gone(pid: i32, timeout: Duration) -> bool {
 
 /// `runv delete`.
 pub fn delete(cli: &Cli, id: &str, force: bool) -> Result<()> {
-    let (dir, r) = load(cli, id)?;
+    shim::id::validate(id)?;
+    let dir = ContainerDir::new(&cli.root, id);
+    let r = match dir.load() {
+        Ok(r) => r,
+        // A damaged or half-written record: --force still removes what the id left behind.
+        Err(shim::state::StateError::Corrupt(..)) if force => {
+            shim::sandbox::host::reap_leftovers(id);
+            dir.remove()?;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let status = r.status();
     if status == Status::Running && !force {
         bail!("container {id} is running: stop it (`runv kill {id}`) or use `runv delete --force {id}`");
