@@ -181,8 +181,44 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Report kind of the exec helper's inner pid. The helper and the inner child write the same
+/// pipe, so the inner child's ready report (kind -1) may come first: the kinds tell them apart.
+pub(crate) const PID_REPORT: i32 = -2;
+
+/// Reads the exec helper's inner pid and, when it came first, the inner child's own report.
+fn read_inner_pid(fd: RawFd) -> Result<(i32, Option<Option<i32>>), SpawnError> {
+    match read_report_kind(fd)? {
+        None => Err(SpawnError::Invalid("exec helper exited early".into())),
+        Some((PID_REPORT, pid)) if pid > 0 => Ok((pid, None)),
+        Some((-1, ready)) => match read_report_kind(fd)? {
+            Some((PID_REPORT, pid)) if pid > 0 => Ok((pid, Some(Some(ready)))),
+            _ => Err(SpawnError::Invalid("exec helper sent no valid pid".into())),
+        },
+        Some((kind, val)) => Err(report_error(kind, val)),
+    }
+}
+
+fn report_error(kind: i32, val: i32) -> SpawnError {
+    if kind == PID_REPORT {
+        return SpawnError::Invalid(format!("unexpected exec helper pid report {val}"));
+    }
+    SpawnError::Child {
+        step: Step::from_index(kind).map_or("?", Step::describe),
+        source: std::io::Error::from_raw_os_error(val),
+    }
+}
+
 /// Reads a child report: `Ok(None)` on EOF (exec happened), `Ok(Some(pid))` for a pid message.
 fn read_report(fd: RawFd) -> Result<Option<i32>, SpawnError> {
+    match read_report_kind(fd)? {
+        None => Ok(None),
+        Some((-1, val)) => Ok(Some(val)),
+        Some((kind, val)) => Err(report_error(kind, val)),
+    }
+}
+
+/// Reads one raw `(kind, value)` report; `Ok(None)` on EOF.
+fn read_report_kind(fd: RawFd) -> Result<Option<(i32, i32)>, SpawnError> {
     let mut buf = [0u8; 8];
     let mut got = 0;
     while got < 8 {
@@ -208,13 +244,7 @@ fn read_report(fd: RawFd) -> Result<Option<i32>, SpawnError> {
     }
     let kind = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
     let val = i32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    match kind {
-        -1 => Ok(Some(val)),
-        step => Err(SpawnError::Child {
-            step: Step::from_index(step).map_or("?", Step::describe),
-            source: std::io::Error::from_raw_os_error(val),
-        }),
-    }
+    Ok(Some((kind, val)))
 }
 
 /// Clones the child per `plan` with `stdio`; returns once it is set up and waiting for
@@ -250,28 +280,32 @@ pub fn spawn(plan: &Plan, stdio: &ChildStdio) -> Result<Pending, SpawnError> {
     drop(ready_w);
     drop(start_r);
     let reap = |p: i32| {
+        // Never 0 or negative: kill(2) would hit a whole process group.
+        if p <= 0 {
+            return;
+        }
         // SAFETY: p is our child; we reap it so it does not linger as a zombie.
         unsafe {
             libc::kill(p, libc::SIGKILL);
             libc::waitpid(p, std::ptr::null_mut(), 0);
         }
     };
-    let (pid, intermediate) = if plan.fork_after_join {
-        match read_report(ready_r.as_raw_fd()) {
-            Ok(Some(inner)) => (inner, Some(pid)),
-            Ok(None) => {
-                reap(pid);
-                return Err(SpawnError::Invalid("exec helper exited early".into()));
-            }
+    let (pid, intermediate, early) = if plan.fork_after_join {
+        match read_inner_pid(ready_r.as_raw_fd()) {
+            Ok((inner, early)) => (inner, Some(pid), early),
             Err(e) => {
                 reap(pid);
                 return Err(e);
             }
         }
     } else {
-        (pid, None)
+        (pid, None, None)
     };
-    match read_report(ready_r.as_raw_fd()) {
+    let report = match early {
+        Some(r) => Ok(r),
+        None => read_report(ready_r.as_raw_fd()),
+    };
+    match report {
         Ok(Some(0)) => Ok(Pending {
             pid,
             start_w,

@@ -26,7 +26,8 @@ pub(super) struct ChildFds {
     pub(super) start: RawFd,
 }
 
-/// Writes `(kind, value)` on the ready pipe (kind -1: a value; else a step with errno).
+/// Writes `(kind, value)` on the ready pipe (kind -1: a value; `PID_REPORT`: the exec helper's
+/// inner pid; else a step with errno).
 pub(super) fn report(fd: RawFd, kind: i32, val: i32) {
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&kind.to_le_bytes());
@@ -166,7 +167,8 @@ fn join_namespaces(plan: &Plan, fds: &ChildFds) {
         let pid = unsafe { libc::syscall(libc::SYS_fork) } as i32;
         check(fds, Step::Fork, pid);
         if pid > 0 {
-            report(fds.ready, -1, pid);
+            // Its own kind: the inner child may report ready before this is written.
+            report(fds.ready, super::PID_REPORT, pid);
             // SAFETY: ends the intermediate without running destructors.
             unsafe { libc::_exit(0) };
         }

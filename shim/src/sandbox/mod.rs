@@ -1,0 +1,99 @@
+//! Where a container runs. [`Kind::Host`] (now): a `runv-agent` host process per container,
+//! namespaces and cgroups only, no VM. [`Kind::Vm`] (later): a clone from `runv-pool`, its agent
+//! reached over vsock (`CONNECT <port>`), clone hooks run. Both hand out the same thing, a
+//! [`protocol::client::Client`] of the container's agent, so the CLI, the monitor, bundle
+//! handling and stdio relaying are shared.
+
+pub mod host;
+pub mod vm;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use protocol::client::{Client, ClientError};
+
+use crate::state::{ContainerDir, Record};
+
+/// Why a sandbox cannot be had or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// An unknown `--sandbox` value.
+    #[error("unknown sandbox {0:?}: use --sandbox vm or --sandbox host")]
+    UnknownKind(String),
+    /// The vm backend has nothing to clone from.
+    #[error("the vm sandbox needs a VM template served by runv-pool (build one with `runv-pool template build NAME --kernel ...` and run the runv-pool daemon); none is configured. On hosts without virtualization use --sandbox host (or RUNV_SANDBOX=host), which runs containers as host processes without VM isolation")]
+    NoTemplate,
+    /// No agent binary.
+    #[error("runv-agent not found: set RUNV_AGENT, put runv-agent next to runv, or on PATH (build it with scripts/build-agent.sh)")]
+    NoAgent,
+    /// Starting the agent failed.
+    #[error("starting the agent {0}: {1}")]
+    Spawn(PathBuf, std::io::Error),
+    /// The agent did not come up.
+    #[error("the agent did not listen on {0} within {1:?}{2} (see {3})")]
+    NotListening(PathBuf, Duration, String, PathBuf),
+    /// The agent of an existing container is unreachable.
+    #[error("container {0}: cannot reach its agent: {1} (has it stopped? `runv delete {0}`)")]
+    Unreachable(String, ClientError),
+}
+
+/// A sandbox backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Host processes (no VM isolation).
+    Host,
+    /// A microVM from runv-pool.
+    Vm,
+}
+
+impl Kind {
+    /// Parses `host` or `vm`.
+    pub fn parse(s: &str) -> Result<Self, SandboxError> {
+        match s {
+            "host" => Ok(Self::Host),
+            "vm" => Ok(Self::Vm),
+            other => Err(SandboxError::UnknownKind(other.into())),
+        }
+    }
+
+    /// The name recorded in state and the `runv.sandbox` annotation.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Vm => "vm",
+        }
+    }
+
+    /// Checks, before anything is created, that the backend can run containers here.
+    pub fn preflight(self) -> Result<(), SandboxError> {
+        match self {
+            Self::Host => host::find_agent().map(|_| ()),
+            Self::Vm => vm::preflight(),
+        }
+    }
+
+    /// Starts a sandbox for the container in `dir`.
+    pub fn launch(self, dir: &ContainerDir) -> Result<Box<dyn Sandbox>, SandboxError> {
+        match self {
+            Self::Host => Ok(Box::new(host::HostSandbox::launch(dir)?)),
+            Self::Vm => Err(vm::preflight().err().unwrap_or(SandboxError::NoTemplate)),
+        }
+    }
+}
+
+/// A running sandbox, owned by the container's monitor.
+pub trait Sandbox {
+    /// A new connection to its agent.
+    fn client(&self) -> Result<Client, SandboxError>;
+    /// The host pid standing for the sandbox (agent or VMM process).
+    fn pid(&self) -> i32;
+    /// Ends the sandbox and waits for it (idempotent).
+    fn shutdown(&mut self);
+}
+
+/// Connects to the agent of an existing container (any runv command but `create`).
+pub fn connect(dir: &ContainerDir, record: &Record) -> Result<Client, SandboxError> {
+    // The vm backend will connect through the VMM's vsock socket (`record.sandbox == "vm"`).
+    let _ = record;
+    Client::connect(&dir.agent_socket()).map_err(|e| SandboxError::Unreachable(dir.id.clone(), e))
+}
