@@ -477,69 +477,20 @@ impl Plan {
                 (vec![bind], p)
             }
             RootfsSource::Overlay { lower } => {
-                let lower = real_dir(Path::new(lower), "overlay lower directory")?;
-                let scratch = real_dir(scratch, "overlay scratch directory")?;
-                for p in [&lower, &scratch] {
-                    if p.as_os_str().as_encoded_bytes().contains(&b',')
-                        || p.as_os_str().as_encoded_bytes().contains(&b':')
-                    {
-                        return Err(invalid(format!(
-                            "overlay path {} contains ',' or ':', which overlayfs options cannot carry: rename it",
-                            p.display()
-                        )));
-                    }
-                }
-                let merged = scratch.join("merged");
-                let (upper, work) = (scratch.join("upper"), scratch.join("work"));
-                let tmpfs = HostMount {
-                    source: Some(cstr("tmpfs")?),
-                    target: cpath(&scratch)?,
-                    fstype: Some(cstr("tmpfs")?),
-                    flags: 0,
-                    data: Some(cstr("mode=0755")?),
-                    mkdirs: Vec::new(),
-                };
-                let overlay = HostMount {
-                    source: Some(cstr("overlay")?),
-                    target: cpath(&merged)?,
-                    fstype: Some(cstr("overlay")?),
-                    flags: 0,
-                    data: Some(cstr(format!(
-                        "lowerdir={},upperdir={},workdir={}",
-                        lower.display(),
-                        upper.display(),
-                        work.display()
-                    ))?),
-                    mkdirs: vec![cpath(&upper)?, cpath(&work)?, cpath(&merged)?],
-                };
-                (vec![tmpfs, overlay], merged)
+                let lower = overlay_dir(Path::new(lower), "overlay lower directory")?;
+                let scratch = overlay_dir(scratch, "overlay scratch directory")?;
+                let (overlay, merged) = overlay_mount(&lower, &scratch)?;
+                (vec![tmpfs_mount(&scratch)?, overlay], merged)
             }
             RootfsSource::Block { .. } | RootfsSource::Image { .. } => {
                 let image = image.ok_or_else(|| {
                     invalid("an image root source needs its block device: use Runtime::create")
                 })?;
-                let scratch = real_dir(scratch, "overlay scratch directory")?;
-                if scratch.as_os_str().as_encoded_bytes().contains(&b',')
-                    || scratch.as_os_str().as_encoded_bytes().contains(&b':')
-                {
-                    return Err(invalid(format!(
-                        "overlay path {} contains ',' or ':', which overlayfs options cannot carry: rename it",
-                        scratch.display()
-                    )));
-                }
+                let scratch = overlay_dir(scratch, "overlay scratch directory")?;
                 let lower = scratch.join("lower");
-                let merged = scratch.join("merged");
-                let (upper, work) = (scratch.join("upper"), scratch.join("work"));
                 // The writable layer: a tmpfs, or a scratch ext4 device.
                 let writable = match &image.scratch_device {
-                    None => HostMount {
-                        source: Some(cstr("tmpfs")?),
-                        target: cpath(&scratch)?,
-                        fstype: Some(cstr("tmpfs")?),
-                        flags: 0,
-                        data: Some(cstr("mode=0755")?),
-                        mkdirs: Vec::new(),
-                    },
+                    None => tmpfs_mount(&scratch)?,
                     Some(dev) => HostMount {
                         source: Some(cpath(dev)?),
                         target: cpath(&scratch)?,
@@ -560,19 +511,7 @@ impl Plan {
                         .transpose()?,
                     mkdirs: vec![cpath(&lower)?],
                 };
-                let overlay = HostMount {
-                    source: Some(cstr("overlay")?),
-                    target: cpath(&merged)?,
-                    fstype: Some(cstr("overlay")?),
-                    flags: 0,
-                    data: Some(cstr(format!(
-                        "lowerdir={},upperdir={},workdir={}",
-                        lower.display(),
-                        upper.display(),
-                        work.display()
-                    ))?),
-                    mkdirs: vec![cpath(&upper)?, cpath(&work)?, cpath(&merged)?],
-                };
+                let (overlay, merged) = overlay_mount(&lower, &scratch)?;
                 (vec![writable, ro, overlay], merged)
             }
         })
@@ -702,6 +641,52 @@ impl Plan {
             fork_after_join: false,
         })
     }
+}
+
+/// A real directory (see `real_dir`) whose path overlayfs options can carry (no `,` or `:`).
+fn overlay_dir(p: &Path, what: &str) -> Result<PathBuf, SpawnError> {
+    let p = real_dir(p, what)?;
+    let bytes = p.as_os_str().as_encoded_bytes();
+    if bytes.contains(&b',') || bytes.contains(&b':') {
+        return Err(invalid(format!(
+            "overlay path {} contains ',' or ':', which overlayfs options cannot carry: rename it",
+            p.display()
+        )));
+    }
+    Ok(p)
+}
+
+/// A fresh tmpfs at `target` (the writable layer of an overlay root).
+fn tmpfs_mount(target: &Path) -> Result<HostMount, SpawnError> {
+    Ok(HostMount {
+        source: Some(cstr("tmpfs")?),
+        target: cpath(target)?,
+        fstype: Some(cstr("tmpfs")?),
+        flags: 0,
+        data: Some(cstr("mode=0755")?),
+        mkdirs: Vec::new(),
+    })
+}
+
+/// The overlay of `lower` with `scratch/upper` (work dir `scratch/work`) at `scratch/merged`,
+/// and that mount point.
+fn overlay_mount(lower: &Path, scratch: &Path) -> Result<(HostMount, PathBuf), SpawnError> {
+    let merged = scratch.join("merged");
+    let (upper, work) = (scratch.join("upper"), scratch.join("work"));
+    let mount = HostMount {
+        source: Some(cstr("overlay")?),
+        target: cpath(&merged)?,
+        fstype: Some(cstr("overlay")?),
+        flags: 0,
+        data: Some(cstr(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        ))?),
+        mkdirs: vec![cpath(&upper)?, cpath(&work)?, cpath(&merged)?],
+    };
+    Ok((mount, merged))
 }
 
 #[cfg(test)]

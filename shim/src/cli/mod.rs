@@ -7,37 +7,57 @@ mod process;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use shim::sandbox::connect;
 use shim::state::{ContainerDir, Record};
 
 use crate::Cli;
+
+/// What `create` and `run` share (runc's flags; the ones runv does not need are accepted).
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Bundle directory.
+    #[arg(long, short = 'b', default_value = ".")]
+    bundle: PathBuf,
+    /// Write the monitor's pid here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Unix socket that receives the pty master (process.terminal).
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Accepted (the sandbox always pivots).
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Extra file descriptors to pass (only 0 is supported).
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
+    /// Container id.
+    id: String,
+}
+
+impl CreateArgs {
+    fn opts(&self, foreground: bool) -> lifecycle::CreateOpts<'_> {
+        lifecycle::CreateOpts {
+            bundle: &self.bundle,
+            pid_file: self.pid_file.as_deref(),
+            console_socket: self.console_socket.as_deref(),
+            preserve_fds: self.preserve_fds,
+            id: &self.id,
+            foreground,
+        }
+    }
+}
 
 /// A runv command.
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Create a container (its process waits for `start`).
     Create {
-        /// Bundle directory.
-        #[arg(long, short = 'b', default_value = ".")]
-        bundle: PathBuf,
-        /// Write the monitor's pid here.
-        #[arg(long)]
-        pid_file: Option<PathBuf>,
-        /// Unix socket that receives the pty master (process.terminal).
-        #[arg(long)]
-        console_socket: Option<PathBuf>,
-        /// Accepted (the sandbox always pivots).
-        #[arg(long)]
-        no_pivot: bool,
-        /// Accepted.
-        #[arg(long)]
-        no_new_keyring: bool,
-        /// Extra file descriptors to pass (only 0 is supported).
-        #[arg(long, default_value_t = 0)]
-        preserve_fds: u32,
-        /// Container id.
-        id: String,
+        #[command(flatten)]
+        args: CreateArgs,
     },
     /// Start a created container.
     Start {
@@ -46,29 +66,11 @@ pub enum Cmd {
     },
     /// Create and start a container; without --detach wait for it and exit with its status.
     Run {
-        /// Bundle directory.
-        #[arg(long, short = 'b', default_value = ".")]
-        bundle: PathBuf,
         /// Return once started.
         #[arg(long, short = 'd')]
         detach: bool,
-        /// Write the monitor's pid here.
-        #[arg(long)]
-        pid_file: Option<PathBuf>,
-        /// Unix socket that receives the pty master.
-        #[arg(long)]
-        console_socket: Option<PathBuf>,
-        /// Accepted.
-        #[arg(long)]
-        no_pivot: bool,
-        /// Accepted.
-        #[arg(long)]
-        no_new_keyring: bool,
-        /// Extra file descriptors to pass (only 0 is supported).
-        #[arg(long, default_value_t = 0)]
-        preserve_fds: u32,
-        /// Container id.
-        id: String,
+        #[command(flatten)]
+        args: CreateArgs,
     },
     /// Print the OCI state of a container.
     State {
@@ -178,44 +180,9 @@ pub enum Cmd {
 /// Runs the command; returns the exit code.
 pub fn dispatch(cli: &Cli) -> Result<i32> {
     match &cli.cmd {
-        Cmd::Create {
-            bundle,
-            pid_file,
-            console_socket,
-            preserve_fds,
-            id,
-            ..
-        } => {
-            let opts = lifecycle::CreateOpts {
-                bundle,
-                pid_file: pid_file.as_deref(),
-                console_socket: console_socket.as_deref(),
-                preserve_fds: *preserve_fds,
-                id,
-                foreground: false,
-            };
-            lifecycle::create(cli, &opts).map(|_| 0)
-        }
+        Cmd::Create { args } => lifecycle::create(cli, &args.opts(false)).map(|_| 0),
         Cmd::Start { id } => lifecycle::start(cli, id).map(|()| 0),
-        Cmd::Run {
-            bundle,
-            detach,
-            pid_file,
-            console_socket,
-            preserve_fds,
-            id,
-            ..
-        } => {
-            let opts = lifecycle::CreateOpts {
-                bundle,
-                pid_file: pid_file.as_deref(),
-                console_socket: console_socket.as_deref(),
-                preserve_fds: *preserve_fds,
-                id,
-                foreground: !*detach,
-            };
-            lifecycle::run(cli, &opts, *detach)
-        }
+        Cmd::Run { detach, args } => lifecycle::run(cli, &args.opts(!*detach), *detach),
         Cmd::State { id } => {
             let (_, r) = load(cli, id)?;
             println!("{}", serde_json::to_string_pretty(&r.oci_state())?);
