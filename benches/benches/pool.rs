@@ -7,13 +7,17 @@
 //! processes, which includes the guest's private pages and its share of the template's page
 //! cache; measured on idle warm clones when the warm tier is available, else on idle leased
 //! clones, an upper bound). With the warm tier (`pool_manager::warm::SUPPORTED`, the VMM's
-//! `activate`): `pool_acquire_warm_ms` and `pool_acquire_warm_p99_ms` (activate → first report)
+//! `activate`): `pool_acquire_warm_ms` and `pool_acquire_warm_p99_ms` (acquire → first report,
+//! the test guest's `PASS woke`)
 //! and `pool_burst_p99_ms` (50 concurrent acquires against 50 warm clones).
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use benches::{criterion, release_bin, Recorder};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use pool_manager::{AcquireRequest, Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
 
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -24,11 +28,24 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Waits for the clone's first report after resume in its debug log.
+/// Waits for the clone's first report after resume (`PASS woke`) in its debug log. Woken by
+/// inotify, not by polling: 50 waiting threads must not take the two cores from the clones
+/// they wait for.
 fn wait_report(log: &Path) {
-    wait("a resumed report", Duration::from_secs(10), || {
-        std::fs::read_to_string(log).is_ok_and(|t| t.contains("REPORT PASS resumed"))
-    });
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).expect("inotify");
+    inotify
+        .add_watch(log, AddWatchFlags::IN_MODIFY)
+        .unwrap_or_else(|e| panic!("watching {}: {e}", log.display()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Read after the watch is in place, so a report written in between is not missed.
+    while !std::fs::read_to_string(log).is_ok_and(|t| t.contains("REPORT PASS woke")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no woke report in {}", log.display());
+        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::from(ms)).expect("poll on inotify");
+        let _ = inotify.read_events();
+    }
 }
 
 fn shells(pool: &Pool) -> usize {

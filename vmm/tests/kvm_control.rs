@@ -341,8 +341,8 @@ fn kvm_control_warm_clones_get_their_identity_at_activate() {
         let id = format!("acquired-{i}");
         let reply = shell.client().activate(&id).unwrap();
         assert_eq!((reply.state, reply.generation), (VmState::Running, 1));
-        let line = shell.next_stdout_line().unwrap();
-        assert!(line.starts_with("REPORT PASS resumed"), "{line}");
+        let line = next_resumed_line(&mut shell);
+        assert!(line.starts_with("PASS resumed"), "{line}");
         assert_eq!(field(line.trim(), "clone"), Some(id.as_str()), "{line}");
         assert_eq!(field(line.trim(), "gen"), Some("1"), "{line}");
         entropy.push(field(line.trim(), "ent").unwrap().to_string());

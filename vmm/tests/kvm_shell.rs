@@ -56,9 +56,9 @@ fn kvm_shell_becomes_a_clone_on_restore() {
         .unwrap();
     assert_eq!(reply.state, VmState::Running, "{reply:?}");
     assert!(reply.restore_ms > 0.0, "{reply:?}");
-    let line = shell.next_stdout_line().unwrap();
+    let line = next_resumed_line(&mut shell);
     assert!(
-        line.starts_with("REPORT PASS resumed") && line.contains("clone=shell-clone"),
+        line.starts_with("PASS resumed") && line.contains("clone=shell-clone"),
         "{line}"
     );
     // The same connection now drives the clone.

@@ -133,10 +133,21 @@ fn clone_run(snap: &Path, dir: &Path, mode: MemoryMode, id: &str, want: usize) -
     let exit = vm.exit_handle();
     let t = std::thread::spawn(move || vm.run(None));
     let mut got = Vec::new();
+    let mut woke = None;
     while got.len() < want {
         let r = reports
             .recv_timeout(TIMEOUT)
-            .unwrap_or_else(|_| panic!("clone {id} reported only {got:?}"));
+            .unwrap_or_else(|_| panic!("clone {id} reported only {woke:?} {got:?}"));
+        // The cheap first report after a resume; the full one follows it (see `next_resumed`).
+        if woke.is_none() && r.starts_with("PASS woke") {
+            assert_eq!(field(&r, "clone"), Some(id), "{r}");
+            woke = Some(r);
+            continue;
+        }
+        assert!(
+            woke.is_some() || r.starts_with("FAIL"),
+            "no PASS woke before {r}"
+        );
         let fail = r.starts_with("FAIL");
         got.push(r);
         if fail {
@@ -410,7 +421,7 @@ fn kvm_snapshot_block_device_backing_file_replaced() {
     let reports = vm.reports().unwrap();
     let exit = vm.exit_handle();
     let t = std::thread::spawn(move || vm.run(None));
-    let r = reports.recv_timeout(TIMEOUT).unwrap();
+    let r = next_resumed(&reports);
     assert!(r.starts_with("PASS resumed"), "{r}");
     exit.exit(vmm::ExitReason::Shutdown);
     t.join().unwrap().unwrap();

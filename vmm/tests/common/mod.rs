@@ -52,6 +52,51 @@ pub fn run_vm(cfg: VmConfig) -> (Vec<String>, vmm::ExitReason) {
     (reports.try_iter().collect(), reason)
 }
 
+/// The counter guest's full report after a resume: checks that the cheap `PASS woke` report
+/// (same generation and clone) came first, and returns the `PASS resumed` report after it.
+pub fn resumed_after_woke(mut next: impl FnMut() -> String) -> String {
+    let woke = next();
+    assert!(
+        woke.starts_with("PASS woke"),
+        "expected PASS woke first: {woke}"
+    );
+    let resumed = next();
+    assert!(
+        resumed.starts_with("PASS resumed"),
+        "after {woke}: {resumed}"
+    );
+    for key in ["gen", "clone"] {
+        assert_eq!(
+            field(&woke, key),
+            field(&resumed, key),
+            "{woke} / {resumed}"
+        );
+    }
+    resumed
+}
+
+/// [`resumed_after_woke`] over a VM's report channel.
+pub fn next_resumed(reports: &crossbeam_channel::Receiver<String>) -> String {
+    resumed_after_woke(|| {
+        reports
+            .recv_timeout(TIMEOUT)
+            .expect("a report from the clone")
+    })
+}
+
+/// [`resumed_after_woke`] over a shell's stdout (`--debug-log -`); returns the report text.
+pub fn next_resumed_line(shell: &mut pool_manager::ShellProcess) -> String {
+    resumed_after_woke(|| {
+        let line = shell
+            .next_stdout_line()
+            .expect("a report line from the clone");
+        line.trim_end()
+            .strip_prefix("REPORT ")
+            .unwrap_or(&line)
+            .to_string()
+    })
+}
+
 /// The `k=v` value of `key` in a report.
 pub fn field<'a>(report: &'a str, key: &str) -> Option<&'a str> {
     report
