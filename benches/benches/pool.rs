@@ -6,18 +6,13 @@
 //! 20 shells by two workers), `sandbox_host_mib` (median PSS of 100 idle leased sandboxes' VMM
 //! processes, which includes the guest's private pages and its share of the template's page
 //! cache; measured on idle warm clones when the warm tier is available, else on idle leased
-//! clones, an upper bound). With the warm tier (`pool_manager::warm::SUPPORTED`, the VMM's
-//! `activate`): `pool_acquire_warm_ms` and `pool_acquire_warm_p99_ms` (acquire → first report,
-//! the test guest's `PASS woke`)
-//! and `pool_burst_p99_ms` (50 concurrent acquires against 50 warm clones).
+//! clones, an upper bound). The warm-tier latencies are measured through the daemon's HTTP API
+//! (`benches/benches/pool_api.rs`).
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use benches::{criterion, release_bin, Recorder};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use benches::{criterion, release_bin, wait_report, Recorder};
 use pool_manager::{AcquireRequest, Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
 
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -25,26 +20,6 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_micros(50));
-    }
-}
-
-/// Waits for the clone's first report after resume (`PASS woke`) in its debug log. Woken by
-/// inotify, not by polling: 50 waiting threads must not take the two cores from the clones
-/// they wait for.
-fn wait_report(log: &Path) {
-    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).expect("inotify");
-    inotify
-        .add_watch(log, AddWatchFlags::IN_MODIFY)
-        .unwrap_or_else(|e| panic!("watching {}: {e}", log.display()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // Read after the watch is in place, so a report written in between is not missed.
-    while !std::fs::read_to_string(log).is_ok_and(|t| t.contains("REPORT PASS woke")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no woke report in {}", log.display());
-        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-        poll(&mut fds, PollTimeout::from(ms)).expect("poll on inotify");
-        let _ = inotify.read_events();
     }
 }
 
@@ -87,59 +62,6 @@ fn acquire_timed(pool: &Pool, tier: Tier) -> (Duration, String) {
     (d, s.id)
 }
 
-/// The warm-tier metrics (see the module docs).
-fn warm_benches(c: &mut criterion::Criterion, pool: &Pool) {
-    set_tiers(pool, 4, 0);
-    let mut p50 = Recorder::median("pool_acquire_warm_ms", "ms");
-    let mut p99 = Recorder::p99("pool_acquire_warm_p99_ms", "ms");
-    c.bench_function("pool_acquire_warm", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                // A full pool: the refill of the previous acquire (VMM start + restore) does
-                // not share the two cores with the acquire being measured.
-                wait("a full warm pool", Duration::from_secs(10), || {
-                    warm_count(pool) == 4
-                });
-                let (d, id) = acquire_timed(pool, Tier::Warm);
-                p50.push_duration(d);
-                p99.push_duration(d);
-                total += d;
-                pool.release(&id).unwrap();
-            }
-            total
-        })
-    });
-    p50.write();
-    p99.write();
-
-    let mut burst = Recorder::p99("pool_burst_p99_ms", "ms");
-    for _ in 0..3 {
-        set_tiers(pool, 50, 0);
-        wait("50 warm clones", Duration::from_secs(60), || {
-            warm_count(pool) == 50
-        });
-        let barrier = std::sync::Barrier::new(50);
-        let got: Vec<(Duration, String)> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..50)
-                .map(|_| {
-                    s.spawn(|| {
-                        barrier.wait();
-                        acquire_timed(pool, Tier::Warm)
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        set_tiers(pool, 0, 0);
-        for (d, id) in got {
-            burst.push_duration(d);
-            pool.release(&id).unwrap();
-        }
-    }
-    burst.write();
-}
-
 /// PSS of a process in MiB (smaps_rollup).
 fn pss_mib(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
@@ -175,10 +97,6 @@ fn main() {
         },
     )
     .unwrap();
-
-    if pool_manager::warm::SUPPORTED {
-        warm_benches(&mut c, &pool);
-    }
 
     set(&pool, 4);
     let mut shell = Recorder::median("pool_acquire_shell_ms", "ms");

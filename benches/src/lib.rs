@@ -4,8 +4,12 @@
 //! samples in a [`Recorder`] and writes them for `perf-ci` as raw metrics, so the gated medians and
 //! percentiles come from real per-iteration numbers.
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use perf_ci::{RawMetric, Stat};
 
@@ -117,4 +121,24 @@ pub fn rss_mib(pid: u32) -> std::io::Result<f64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .ok_or_else(|| std::io::Error::other(format!("no VmRSS in /proc/{pid}/status")))
+}
+
+/// Waits (10 s at most) for a clone's first report after resume, the test guest's `PASS woke`,
+/// in its debug log. Woken by inotify, not by polling: 50 waiting threads must not take the two
+/// cores from the clones they wait for.
+pub fn wait_report(log: &Path) {
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).expect("inotify");
+    inotify
+        .add_watch(log, AddWatchFlags::IN_MODIFY)
+        .unwrap_or_else(|e| panic!("watching {}: {e}", log.display()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Read after the watch is in place, so a report written in between is not missed.
+    while !std::fs::read_to_string(log).is_ok_and(|t| t.contains("REPORT PASS woke")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no woke report in {}", log.display());
+        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::from(ms)).expect("poll on inotify");
+        let _ = inotify.read_events();
+    }
 }
