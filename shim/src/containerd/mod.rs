@@ -6,12 +6,14 @@
 //! containers, pause container first, run in one sandbox; under `ctr` every container is its
 //! own sandbox. Modules: [`backend`] (which sandbox kind, and the thread owning the sandbox),
 //! [`service`] (the Task service), [`process`] (per-process state and exits), [`stdio`]
-//! (containerd's fifos), [`rootfs`] (the `rootfs` mounts).
+//! (containerd's fifos), [`rootfs`] (the `rootfs` mounts), [`spec`] (the spec adapted for the
+//! sandbox).
 
 pub mod backend;
 pub mod process;
 pub mod rootfs;
 pub mod service;
+pub mod spec;
 pub mod stdio;
 
 use std::path::{Path, PathBuf};

@@ -174,8 +174,9 @@ impl Service {
         let spec_path = bundle.join("config.json");
         let text = std::fs::read(&spec_path)
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}: {e}", spec_path.display())))?;
-        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&text)
+        let mut spec: oci_spec::runtime::Spec = serde_json::from_slice(&text)
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}: {e}", spec_path.display())))?;
+        super::spec::adapt(&mut spec);
         self.ensure_sandbox(req.options.as_ref())?;
         let paths = Paths {
             stdin: req.stdin.clone(),
