@@ -34,7 +34,11 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let path = format!("{}:{}", dir.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            dir.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let child = Command::new("containerd")
             .arg("--config")
             .arg(dir.join("config.toml"))
@@ -46,7 +50,10 @@ impl Daemon {
             .stderr(Stdio::null())
             .spawn()
             .expect("containerd is not installed: apt-get install -y containerd (bash scripts/setup.sh)");
-        let d = Daemon { dir: dir.into(), child };
+        let d = Daemon {
+            dir: dir.into(),
+            child,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.ctr(&["version"]).status().unwrap().success() {
             assert!(Instant::now() < deadline, "containerd did not come up");
@@ -70,7 +77,16 @@ impl Daemon {
     fn run(&self, runtime: &str, id: &str) -> Duration {
         let t0 = Instant::now();
         let out = self
-            .ctr(&["run", "--rm", "--runtime", runtime, IMAGE, id, "echo", "hello"])
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                runtime,
+                IMAGE,
+                id,
+                "echo",
+                "hello",
+            ])
             .output()
             .unwrap();
         let d = t0.elapsed();
@@ -103,14 +119,29 @@ fn main() {
     let mut c = criterion();
     let shim = release_bin("containerd-shim-runv-v2");
     let agent = target_dir().join("static/x86_64-unknown-linux-gnu/release/runv-agent");
-    assert!(agent.exists(), "{} missing: run scripts/build-agent.sh (perf-ci/run does)", agent.display());
+    assert!(
+        agent.exists(),
+        "{} missing: run scripts/build-agent.sh (perf-ci/run does)",
+        agent.display()
+    );
     let dir = PathBuf::from(format!("/tmp/runv-bench-ctr-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let d = Daemon::start(&dir, &shim, &agent);
     let tar = dir.join("busybox.tar");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/busybox-oci.sh");
-    assert!(Command::new("bash").arg(script).arg(&tar).arg(IMAGE).status().unwrap().success());
-    assert!(d.ctr(&["image", "import", tar.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
+    assert!(Command::new("bash")
+        .arg(script)
+        .arg(&tar)
+        .arg(IMAGE)
+        .status()
+        .unwrap()
+        .success());
+    assert!(d
+        .ctr(&["image", "import", tar.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
     let mut runv = Recorder::median("ctr_run_runv_ms", "ms");
     let mut runc = Recorder::median("ctr_run_runc_ms", "ms");
     let mut n = 0u32;

@@ -43,7 +43,10 @@ impl Containerd {
         }
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "containerd tests need root");
-        let dir = tempfile::Builder::new().prefix("runv-ctd-").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("runv-ctd-")
+            .tempdir_in("/tmp")
+            .unwrap();
         let d = dir.path();
         for s in ["root", "state", "bin"] {
             std::fs::create_dir_all(d.join(s)).unwrap();
@@ -56,7 +59,11 @@ impl Containerd {
             d.display()
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
-        let path = format!("{}:{}", d.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            d.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
         let daemon = Command::new("containerd")
             .arg("--config")
@@ -72,7 +79,11 @@ impl Containerd {
         let c = Containerd { dir, daemon };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "containerd did not come up: {}", c.log());
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up: {}",
+                c.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let tar = c.dir.path().join("busybox.tar");
@@ -84,7 +95,11 @@ impl Containerd {
             .unwrap();
         assert!(st.success(), "building the busybox OCI image");
         let out = c.ctr(&["image", "import", tar.to_str().unwrap()]);
-        assert!(out.status.success(), "ctr image import: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ctr image import: {}",
+            text(&out.stderr)
+        );
         c
     }
 
@@ -98,7 +113,10 @@ impl Containerd {
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("ctr");
-        c.arg("--address").arg(self.sock()).args(["--namespace", NS]).args(args);
+        c.arg("--address")
+            .arg(self.sock())
+            .args(["--namespace", NS])
+            .args(args);
         c.stdin(Stdio::null());
         c
     }
@@ -114,7 +132,11 @@ impl Containerd {
         a.extend_from_slice(&[IMAGE, id]);
         a.extend_from_slice(args);
         let out = self.ctr(&a);
-        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+        (
+            out.status.code().unwrap_or(-1),
+            text(&out.stdout),
+            text(&out.stderr),
+        )
     }
 }
 
@@ -199,7 +221,10 @@ fn leftovers(c: &Containerd) -> Leftovers {
                 .flatten()
                 .flatten()
                 .map(|e| e.path())
-                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("runv-runv-e2e")));
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("runv-runv-e2e"))
+                });
             let per_ns = std::fs::read_dir(ctl.path().join(NS))
                 .into_iter()
                 .flatten()
@@ -210,9 +235,20 @@ fn leftovers(c: &Containerd) -> Leftovers {
         }
     }
     let sandboxes = std::fs::read_dir(format!("/run/runv/containerd/{NS}"))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
-    Leftovers { shims, agents, mounts, loops, cgroups, sandboxes }
+    Leftovers {
+        shims,
+        agents,
+        mounts,
+        loops,
+        cgroups,
+        sandboxes,
+    }
 }
 
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
@@ -229,11 +265,33 @@ fn ctr_scenarios_match_runc() {
     let c = Containerd::start();
     for (rt, tag) in [(RUNC, "runc"), (RUNV, "runv")] {
         // echo + exit code, --rm.
-        let (code, out, err) = c.run(rt, &format!("runv-e2e-{tag}-echo-{}", std::process::id()), &[], &["sh", "-c", "echo hello; exit 3"]);
-        assert_eq!((code, out.as_str()), (3, "hello\n"), "{tag}: {err}\n{}", c.log());
+        let (code, out, err) = c.run(
+            rt,
+            &format!("runv-e2e-{tag}-echo-{}", std::process::id()),
+            &[],
+            &["sh", "-c", "echo hello; exit 3"],
+        );
+        assert_eq!(
+            (code, out.as_str()),
+            (3, "hello\n"),
+            "{tag}: {err}\n{}",
+            c.log()
+        );
         // stdin piping (`head -n 1`: ctr 1.6 never closes a piped stdin, under runc too).
-        let mut cmd = c.cmd(&["run", "--rm", "--runtime", rt, IMAGE, &format!("runv-e2e-{tag}-in-{}", std::process::id()), "sh", "-c", "head -n 1; echo done"]);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut cmd = c.cmd(&[
+            "run",
+            "--rm",
+            "--runtime",
+            rt,
+            IMAGE,
+            &format!("runv-e2e-{tag}-in-{}", std::process::id()),
+            "sh",
+            "-c",
+            "head -n 1; echo done",
+        ]);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         {
             use std::io::Write;
@@ -241,7 +299,12 @@ fn ctr_scenarios_match_runc() {
             stdin.write_all(b"piped line\n").unwrap();
         }
         let out = child.wait_with_output().unwrap();
-        assert_eq!(text(&out.stdout), "piped line\ndone\n", "{tag}: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            "piped line\ndone\n",
+            "{tag}: {}",
+            text(&out.stderr)
+        );
         assert_eq!(out.status.code(), Some(0));
         // -t with a pty: ctr needs a terminal itself, so it runs under script(1). The output
         // passes the container's pty line discipline (`\n` -> `\r\n`) and the exit code comes
@@ -252,7 +315,11 @@ fn ctr_scenarios_match_runc() {
             "ctr --address {} --namespace {NS} run --rm -t --runtime {rt} {IMAGE} {id} sh -c 'echo tty-line; exit 4'",
             c.sock().display()
         );
-        let out = common::run_bounded(Command::new("script").args(["-qec", &line, "/dev/null"]).stdin(Stdio::null()));
+        let out = common::run_bounded(
+            Command::new("script")
+                .args(["-qec", &line, "/dev/null"])
+                .stdin(Stdio::null()),
+        );
         let o = text(&out.stdout);
         assert!(o.contains("tty-line\r"), "{tag}: tty output {o:?}");
         assert_eq!(out.status.code(), Some(4), "{tag}: {o}");
@@ -260,27 +327,66 @@ fn ctr_scenarios_match_runc() {
         let id = format!("runv-e2e-{tag}-det-{}", std::process::id());
         let out = c.ctr(&["run", "-d", "--runtime", rt, IMAGE, &id, "sleep", "300"]);
         assert!(out.status.success(), "{tag}: run -d: {}", text(&out.stderr));
-        let out = c.ctr(&["task", "exec", "--exec-id", "e1", &id, "sh", "-c", "echo exec-ok; exit 5"]);
-        assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(5), "exec-ok\n"), "{tag}: {}", text(&out.stderr));
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            &id,
+            "sh",
+            "-c",
+            "echo exec-ok; exit 5",
+        ]);
+        assert_eq!(
+            (out.status.code(), text(&out.stdout).as_str()),
+            (Some(5), "exec-ok\n"),
+            "{tag}: {}",
+            text(&out.stderr)
+        );
         // A signal-killed process (not the namespace's init, which SIGKILL from inside spares):
         // 128 + 9, as runc reports.
-        let out = c.ctr(&["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "kill -9 $$"]);
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e2",
+            &id,
+            "sh",
+            "-c",
+            "kill -9 $$",
+        ]);
         assert_eq!(out.status.code(), Some(137), "{tag}: {}", text(&out.stderr));
         let out = c.ctr(&["task", "ps", &id]);
         let ps = text(&out.stdout);
         assert!(out.status.success(), "{tag}: ps: {}", text(&out.stderr));
-        assert_eq!(ps.lines().count(), 2, "{tag}: one process (the sleep) expected: {ps}");
+        assert_eq!(
+            ps.lines().count(),
+            2,
+            "{tag}: one process (the sleep) expected: {ps}"
+        );
         let out = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
         assert!(out.status.success(), "{tag}: kill: {}", text(&out.stderr));
         wait_until("the task to stop", Duration::from_secs(10), || {
-            text(&c.ctr(&["task", "ls"]).stdout).lines().any(|l| l.starts_with(&id) && l.contains("STOPPED"))
+            text(&c.ctr(&["task", "ls"]).stdout)
+                .lines()
+                .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
         });
         let out = c.ctr(&["task", "delete", &id]);
-        assert!(out.status.success(), "{tag}: task delete: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{tag}: task delete: {}",
+            text(&out.stderr)
+        );
         let out = c.ctr(&["container", "delete", &id]);
-        assert!(out.status.success(), "{tag}: container delete: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{tag}: container delete: {}",
+            text(&out.stderr)
+        );
     }
-    wait_until("runv shims to exit", Duration::from_secs(10), || leftovers(&c).shims.is_empty());
+    wait_until("runv shims to exit", Duration::from_secs(10), || {
+        leftovers(&c).shims.is_empty()
+    });
 }
 
 /// 50 sequential `ctr run --rm` with runv leave no shim, agent, mount, loop device, cgroup or
@@ -290,7 +396,12 @@ fn fifty_runs_leak_nothing() {
     let c = Containerd::start();
     let before = leftovers(&c);
     for i in 0..50 {
-        let (code, out, err) = c.run(RUNV, &format!("runv-e2e-leak-{i}-{}", std::process::id()), &[], &["echo", "hi"]);
+        let (code, out, err) = c.run(
+            RUNV,
+            &format!("runv-e2e-leak-{i}-{}", std::process::id()),
+            &[],
+            &["echo", "hi"],
+        );
         assert_eq!((code, out.as_str()), (0, "hi\n"), "run {i}: {err}");
     }
     wait_until("no leftovers", Duration::from_secs(10), || {
@@ -298,8 +409,20 @@ fn fifty_runs_leak_nothing() {
         l.shims.is_empty() && l.agents.is_empty() && l.sandboxes.is_empty()
     });
     let after = leftovers(&c);
-    assert_eq!(after, Leftovers { loops: after.loops.min(before.loops), ..before }, "leaked");
-    assert!(after.loops <= before.loops, "loop devices leaked: {} -> {}", before.loops, after.loops);
+    assert_eq!(
+        after,
+        Leftovers {
+            loops: after.loops.min(before.loops),
+            ..before
+        },
+        "leaked"
+    );
+    assert!(
+        after.loops <= before.loops,
+        "loop devices leaked: {} -> {}",
+        before.loops,
+        after.loops
+    );
 }
 
 /// A shim killed with SIGKILL mid-task: containerd's cleanup path (`shim delete`) removes its
@@ -316,22 +439,41 @@ fn killed_shim_is_cleaned_up() {
     let pid = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .find(|e| text(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).contains("containerd-shim-runv-v2"))
+        .find(|e| {
+            text(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .contains("containerd-shim-runv-v2")
+        })
         .and_then(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
         .unwrap();
     // SAFETY: SIGKILL to the shim this test's containerd started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     // containerd notices the dead shim and runs `containerd-shim-runv-v2 delete`.
-    wait_until("the task to be reported stopped or gone", Duration::from_secs(20), || {
-        let ls = text(&c.ctr(&["task", "ls"]).stdout);
-        !ls.lines().any(|l| l.starts_with(id) && l.contains("RUNNING"))
-    });
+    wait_until(
+        "the task to be reported stopped or gone",
+        Duration::from_secs(20),
+        || {
+            let ls = text(&c.ctr(&["task", "ls"]).stdout);
+            !ls.lines()
+                .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+        },
+    );
     let _ = c.ctr(&["task", "delete", id]);
     let out = c.ctr(&["container", "delete", id]);
-    assert!(out.status.success(), "container delete: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "container delete: {}",
+        text(&out.stderr)
+    );
     wait_until("cleanup", Duration::from_secs(15), || {
         let l = leftovers(&c);
-        l.shims.is_empty() && l.agents.is_empty() && l.sandboxes.is_empty() && l.cgroups.is_empty() && l.mounts.is_empty()
+        l.shims.is_empty()
+            && l.agents.is_empty()
+            && l.sandboxes.is_empty()
+            && l.cgroups.is_empty()
+            && l.mounts.is_empty()
     });
-    assert!(common::processes_mentioning("sleep 300").is_empty(), "the container's process survived");
+    assert!(
+        common::processes_mentioning("sleep 300").is_empty(),
+        "the container's process survived"
+    );
 }

@@ -63,9 +63,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn not_found(id: &str, exec_id: &str) -> ttrpc::Error {
     if exec_id.is_empty() {
-        err(Code::NOT_FOUND, format!("task {id} not found in this runv shim"))
+        err(
+            Code::NOT_FOUND,
+            format!("task {id} not found in this runv shim"),
+        )
     } else {
-        err(Code::NOT_FOUND, format!("exec {exec_id} of task {id} not found"))
+        err(
+            Code::NOT_FOUND,
+            format!("exec {exec_id} of task {id} not found"),
+        )
     }
 }
 
@@ -111,7 +117,10 @@ impl Service {
     }
 
     /// Starts the sandbox on the first Create (backend chosen as [`backend::choose`] says).
-    fn ensure_sandbox(&self, options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>) -> TtrpcResult<()> {
+    fn ensure_sandbox(
+        &self,
+        options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+    ) -> TtrpcResult<()> {
         let mut g = lock(&self.inner.sandbox);
         if g.is_some() {
             return Ok(());
@@ -126,12 +135,20 @@ impl Service {
                 choice.source
             );
         } else {
-            log::info!("runv: sandbox backend `{}` selected by {}", choice.kind.name(), choice.source);
+            log::info!(
+                "runv: sandbox backend `{}` selected by {}",
+                choice.kind.name(),
+                choice.source
+            );
         }
         let fail = |e: crate::sandbox::SandboxError| {
             err(
                 Code::FAILED_PRECONDITION,
-                format!("runv sandbox `{}` ({}): {e}", choice.kind.name(), choice.source),
+                format!(
+                    "runv sandbox `{}` ({}): {e}",
+                    choice.kind.name(),
+                    choice.source
+                ),
             )
         };
         choice.kind.preflight().map_err(fail)?;
@@ -148,12 +165,18 @@ impl Service {
 
     fn client(&self) -> TtrpcResult<Client> {
         let g = lock(&self.inner.sandbox);
-        let (owner, _) = g
-            .as_ref()
-            .ok_or_else(|| err(Code::FAILED_PRECONDITION, "this runv shim has no sandbox yet: create a task first"))?;
-        owner
-            .client()
-            .map_err(|e| err(Code::UNAVAILABLE, format!("reaching the sandbox's agent: {e}")))
+        let (owner, _) = g.as_ref().ok_or_else(|| {
+            err(
+                Code::FAILED_PRECONDITION,
+                "this runv shim has no sandbox yet: create a task first",
+            )
+        })?;
+        owner.client().map_err(|e| {
+            err(
+                Code::UNAVAILABLE,
+                format!("reaching the sandbox's agent: {e}"),
+            )
+        })
     }
 
     /// One request on a fresh connection.
@@ -162,7 +185,10 @@ impl Service {
         match c.call(req) {
             Ok(Response::Error(e)) => Err(agent_error(what, Response::Error(e))),
             Ok(r) => Ok(r),
-            Err(e) => Err(err(Code::UNAVAILABLE, format!("{what}: agent connection: {e}"))),
+            Err(e) => Err(err(
+                Code::UNAVAILABLE,
+                format!("{what}: agent connection: {e}"),
+            )),
         }
     }
 
@@ -172,10 +198,18 @@ impl Service {
 
     fn create_task(&self, req: &api::CreateTaskRequest, bundle: &Path) -> TtrpcResult<Task> {
         let spec_path = bundle.join("config.json");
-        let text = std::fs::read(&spec_path)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}: {e}", spec_path.display())))?;
-        let mut spec: oci_spec::runtime::Spec = serde_json::from_slice(&text)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}: {e}", spec_path.display())))?;
+        let text = std::fs::read(&spec_path).map_err(|e| {
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("{}: {e}", spec_path.display()),
+            )
+        })?;
+        let mut spec: oci_spec::runtime::Spec = serde_json::from_slice(&text).map_err(|e| {
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("{}: {e}", spec_path.display()),
+            )
+        })?;
         super::spec::adapt(&mut spec);
         self.ensure_sandbox(req.options.as_ref())?;
         let paths = Paths {
@@ -205,7 +239,8 @@ impl Service {
         };
         let mut init = Proc::new(paths, None);
         init.pid = pid as u32;
-        let (handle, closer) = self.spawn_relay(&req.id, None, init.pid, client, streams, io, &init)?;
+        let (handle, closer) =
+            self.spawn_relay(&req.id, None, init.pid, client, streams, io, &init)?;
         init.relay = Some(handle);
         init.stdin = closer;
         Ok(Task {
@@ -299,10 +334,15 @@ impl Inner {
 /// stdin path is returned for the relay thread to open lazily.
 fn open_io(p: &Paths) -> TtrpcResult<(HostIo, String)> {
     let open = |path: &str| {
-        stdio::open_output(path).map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening {path}: {e}")))
+        stdio::open_output(path)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening {path}: {e}")))
     };
     let out = open(&p.stdout)?;
-    let err_ = if p.terminal { open("")? } else { open(&p.stderr)? };
+    let err_ = if p.terminal {
+        open("")?
+    } else {
+        open(&p.stderr)?
+    };
     Ok((
         HostIo {
             input: None,
@@ -328,14 +368,17 @@ impl containerd_shim::Task for Service {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         if lock(&self.inner.tasks).contains_key(&req.id) {
-            return Err(err(Code::ALREADY_EXISTS, format!("task {} already exists", req.id)));
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("task {} already exists", req.id),
+            ));
         }
         if !req.checkpoint.is_empty() {
             return Err(err(Code::UNIMPLEMENTED, "runv cannot restore checkpoints"));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let mounted = rootfs::mount(&bundle, &req.rootfs)
-            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let mounted =
+            rootfs::mount(&bundle, &req.rootfs).map_err(|e| err(Code::INTERNAL, e.to_string()))?;
         let mut task = match self.create_task(&req, &bundle) {
             Ok(t) => t,
             Err(e) => {
@@ -371,17 +414,27 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
         if req.exec_id.is_empty() {
             let pid = {
                 let tasks = lock(&self.inner.tasks);
                 let t = tasks.get(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
                 if t.init.phase() != Phase::Created {
-                    return Err(err(Code::FAILED_PRECONDITION, format!("task {} is not in the created state", req.id)));
+                    return Err(err(
+                        Code::FAILED_PRECONDITION,
+                        format!("task {} is not in the created state", req.id),
+                    ));
                 }
                 t.init.pid
             };
-            self.call("starting the container", &Request::Start { id: req.id.clone() })?;
+            self.call(
+                "starting the container",
+                &Request::Start { id: req.id.clone() },
+            )?;
             if let Some(t) = lock(&self.inner.tasks).get_mut(&req.id) {
                 t.init.phase = Phase::Running;
             }
@@ -400,10 +453,18 @@ impl containerd_shim::Task for Service {
         }
         let (spec, paths) = {
             let mut tasks = lock(&self.inner.tasks);
-            let t = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-            let p = t.execs.get_mut(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+            let t = tasks
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&req.id, ""))?;
+            let p = t
+                .execs
+                .get_mut(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
             let spec = p.spec.take().ok_or_else(|| {
-                err(Code::FAILED_PRECONDITION, format!("exec {} was started already", req.exec_id))
+                err(
+                    Code::FAILED_PRECONDITION,
+                    format!("exec {} was started already", req.exec_id),
+                )
             })?;
             (spec, p.stdio.clone())
         };
@@ -419,10 +480,20 @@ impl containerd_shim::Task for Service {
                     stdin: !paths.stdin.is_empty(),
                 },
             })
-            .map_err(|e| err(Code::UNAVAILABLE, format!("starting exec {}: {e}", req.exec_id)))?;
+            .map_err(|e| {
+                err(
+                    Code::UNAVAILABLE,
+                    format!("starting exec {}: {e}", req.exec_id),
+                )
+            })?;
         let (pid, streams) = match r {
             Response::ExecStarted { pid, streams, .. } => (pid as u32, streams),
-            other => return Err(agent_error(&format!("starting exec {}", req.exec_id), other)),
+            other => {
+                return Err(agent_error(
+                    &format!("starting exec {}", req.exec_id),
+                    other,
+                ))
+            }
         };
         let mut tasks = lock(&self.inner.tasks);
         let p = tasks
@@ -431,8 +502,15 @@ impl containerd_shim::Task for Service {
             .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
         p.pid = pid;
         p.phase = Phase::Running;
-        let (handle, closer) =
-            self.spawn_relay(&req.id, Some(req.exec_id.clone()), pid, client, streams, io, p)?;
+        let (handle, closer) = self.spawn_relay(
+            &req.id,
+            Some(req.exec_id.clone()),
+            pid,
+            client,
+            streams,
+            io,
+            p,
+        )?;
         p.relay = Some(handle);
         p.stdin = closer;
         drop(tasks);
@@ -451,13 +529,19 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
         let tasks = lock(&self.inner.tasks);
         let t = tasks.get(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
         let p = if req.exec_id.is_empty() {
             &t.init
         } else {
-            t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?
+            t.execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?
         };
         let exit = p.exit.get();
         Ok(api::StateResponse {
@@ -507,13 +591,18 @@ impl containerd_shim::Task for Service {
             let p = if req.exec_id.is_empty() {
                 &t.init
             } else {
-                t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?
+                t.execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| not_found(&req.id, &req.exec_id))?
             };
             if p.phase() == Phase::Stopped && !req.all {
                 return Err(err(Code::NOT_FOUND, "process already finished"));
             }
             if p.phase() == Phase::Created && !req.exec_id.is_empty() {
-                return Err(err(Code::FAILED_PRECONDITION, format!("exec {} is not started", req.exec_id)));
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!("exec {} is not started", req.exec_id),
+                ));
             }
         }
         let signal = i32::try_from(req.signal)
@@ -530,16 +619,30 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
         if !req.exec_id.is_empty() {
             let mut p = {
                 let mut tasks = lock(&self.inner.tasks);
-                let t = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-                let p = t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+                let t = tasks
+                    .get_mut(&req.id)
+                    .ok_or_else(|| not_found(&req.id, ""))?;
+                let p = t
+                    .execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
                 if p.phase() == Phase::Running {
-                    return Err(err(Code::FAILED_PRECONDITION, format!("exec {} is still running: kill it first", req.exec_id)));
+                    return Err(err(
+                        Code::FAILED_PRECONDITION,
+                        format!("exec {} is still running: kill it first", req.exec_id),
+                    ));
                 }
-                t.execs.remove(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?
+                t.execs
+                    .remove(&req.exec_id)
+                    .ok_or_else(|| not_found(&req.id, &req.exec_id))?
             };
             if let Some(h) = p.relay.take() {
                 let _ = h.join();
@@ -559,7 +662,10 @@ impl containerd_shim::Task for Service {
         };
         // Kills whatever is left (execs, a never-started init) and frees the container in the
         // agent; a container that already went away there is fine.
-        if let Err(e) = self.call("deleting the container", &Request::Destroy { id: req.id.clone() }) {
+        if let Err(e) = self.call(
+            "deleting the container",
+            &Request::Destroy { id: req.id.clone() },
+        ) {
             if e.to_string().contains("NOT_FOUND") {
                 log::debug!("runv: destroy {}: {e}", req.id);
             } else {
@@ -573,7 +679,11 @@ impl containerd_shim::Task for Service {
         let mut task = lock(&self.inner.tasks)
             .remove(&req.id)
             .ok_or_else(|| not_found(&req.id, ""))?;
-        for p in task.execs.values_mut().chain(std::iter::once(&mut task.init)) {
+        for p in task
+            .execs
+            .values_mut()
+            .chain(std::iter::once(&mut task.init))
+        {
             p.stdin.close();
             if let Some(h) = p.relay.take() {
                 let _ = h.join();
@@ -626,16 +736,29 @@ impl containerd_shim::Task for Service {
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        let spec: oci_spec::runtime::Process = serde_json::from_slice(&req.spec.value)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("exec {}: the process spec: {e}", req.exec_id)))?;
+        let spec: oci_spec::runtime::Process =
+            serde_json::from_slice(&req.spec.value).map_err(|e| {
+                err(
+                    Code::INVALID_ARGUMENT,
+                    format!("exec {}: the process spec: {e}", req.exec_id),
+                )
+            })?;
         {
             let mut tasks = lock(&self.inner.tasks);
-            let t = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
+            let t = tasks
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&req.id, ""))?;
             if t.init.phase() == Phase::Stopped {
-                return Err(err(Code::FAILED_PRECONDITION, format!("task {} has stopped", req.id)));
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!("task {} has stopped", req.id),
+                ));
             }
             if t.execs.contains_key(&req.exec_id) {
-                return Err(err(Code::ALREADY_EXISTS, format!("exec {} already exists", req.exec_id)));
+                return Err(err(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {} already exists", req.exec_id),
+                ));
             }
             let paths = Paths {
                 stdin: req.stdin.clone(),
@@ -643,7 +766,8 @@ impl containerd_shim::Task for Service {
                 stderr: req.stderr.clone(),
                 terminal: req.terminal,
             };
-            t.execs.insert(req.exec_id.clone(), Proc::new(paths, Some(spec)));
+            t.execs
+                .insert(req.exec_id.clone(), Proc::new(paths, Some(spec)));
         }
         self.publish(
             containerd_shim::protos::topics::TASK_EXEC_ADDED_EVENT_TOPIC,
@@ -656,8 +780,19 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
-        let dim = |v: u32| u16::try_from(v).map_err(|_| err(Code::INVALID_ARGUMENT, format!("terminal size {v} is too large")));
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let dim = |v: u32| {
+            u16::try_from(v).map_err(|_| {
+                err(
+                    Code::INVALID_ARGUMENT,
+                    format!("terminal size {v} is too large"),
+                )
+            })
+        };
         self.call(
             "resizing the terminal",
             &Request::ResizeTty {
@@ -676,7 +811,9 @@ impl containerd_shim::Task for Service {
         let p = if req.exec_id.is_empty() {
             &t.init
         } else {
-            t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?
+            t.execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?
         };
         if req.stdin {
             // The relay closes the process's stdin once the fifo is drained (EOF).
@@ -689,7 +826,11 @@ impl containerd_shim::Task for Service {
         Err(err(Code::UNIMPLEMENTED, format!("runv cannot update the resources of running task {}: the agent protocol has no update request yet (recreate the container with the new limits)", req.id)))
     }
 
-    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
         let s = match self.call("reading stats", &Request::Stats { id: req.id.clone() })? {
             Response::Stats(s) => s,
             other => return Err(agent_error("reading stats", other)),
@@ -728,8 +869,14 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = lock(&self.inner.tasks).get(&req.id).map_or(0, |t| t.init.pid);
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = lock(&self.inner.tasks)
+            .get(&req.id)
+            .map_or(0, |t| t.init.pid);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
