@@ -3,7 +3,7 @@
 # Idempotent: packages already present are not reinstalled.
 set -euo pipefail
 
-PKGS=(libclang-dev clang busybox-static e2fsprogs erofs-utils runc cpio binutils gcc)
+PKGS=(libclang-dev clang busybox-static e2fsprogs erofs-utils runc cpio binutils gcc containerd)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -5,9 +5,10 @@
 //! containers run: the `host` backend now, the `vm` one later), [`relay`] (stdio between the
 //! host's file descriptors and the agent's streams), [`pty`] (console sockets),
 //! [`monitor`] (the per-container host process that `create` leaves behind), [`image`] (EROFS
-//! root filesystem images with a content cache).
+//! root filesystem images with a content cache), [`containerd`] (the containerd runtime v2 shim).
 
 pub mod bundle;
+pub mod containerd;
 pub mod id;
 pub mod image;
 pub mod monitor;

@@ -78,8 +78,22 @@ pub fn relay(
     wait_id: u32,
     mut io: HostIo,
 ) -> Result<ExitStatus, RelayError> {
-    let mut stdin = match (streams.stdin, io.input.take()) {
-        (Some(s), Some(f)) => Some((s, stdin_reader(f))),
+    let input = io.input.take().map(stdin_reader);
+    relay_from(c, streams, wait_id, input, io)
+}
+
+/// Like [`relay`], but stdin arrives as chunks on `input` (an empty chunk is EOF; `None` closes
+/// the process's stdin at once), for callers whose stdin source must be opened lazily (a
+/// containerd fifo nobody may ever write to). `io.input` is ignored.
+pub fn relay_from(
+    c: &mut Client,
+    streams: Streams,
+    wait_id: u32,
+    input: Option<mpsc::Receiver<Vec<u8>>>,
+    mut io: HostIo,
+) -> Result<ExitStatus, RelayError> {
+    let mut stdin = match (streams.stdin, input) {
+        (Some(s), Some(rx)) => Some((s, rx)),
         (Some(s), None) => {
             c.close_stdin(s)?;
             None
