@@ -1,0 +1,464 @@
+//! virtio-net (virtio 1.2, section 5.1) on a host TAP ([`super::tap`]): queue 0 receives, queue
+//! 1 transmits, no control queue. Checksum and TSO offloads pass through in the
+//! `virtio_net_hdr_v1` both ways (the TAP is told with `TUNSETOFFLOAD` what the driver accepts);
+//! with `VIRTIO_NET_F_MRG_RXBUF` a received frame may span several receive buffers.
+//!
+//! Driven by the device loop only: the TAP sits in the device's own epoll, armed only while the
+//! driver has receive buffers, so a guest that stops reading never makes the loop spin (frames
+//! then queue in the TAP and the kernel drops the excess). Every chain from the guest is
+//! untrusted: a chain with the wrong direction, outside guest memory, cut short (a loop) or a
+//! frame over [`MAX_FRAME`] is dropped and counted, never a crash.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::tap::{Tap, TapError, VNET_HDR_LEN};
+use super::{device_type, VirtioDevice};
+use crate::memory::GuestMemory;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// Largest frame (virtio-net header included) either way: a 64 KiB TSO segment plus headers.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
+/// Most frames moved per wake-up before the loop serves others (the rest stay readable).
+const BATCH: usize = 64;
+
+/// Feature bits (virtio 1.2, 5.1.3).
+pub mod feature {
+    /// Device handles partial checksums from the driver.
+    pub const CSUM: u64 = 1 << 0;
+    /// Driver handles partial checksums.
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    /// Config space has the MAC.
+    pub const MAC: u64 = 1 << 5;
+    /// Driver takes TSOv4 frames.
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    /// Driver takes TSOv6 frames.
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    /// Device takes TSOv4 frames.
+    pub const HOST_TSO4: u64 = 1 << 11;
+    /// Device takes TSOv6 frames.
+    pub const HOST_TSO6: u64 = 1 << 12;
+    /// Received frames may span several buffers.
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    /// Config space has the link status.
+    pub const STATUS: u64 = 1 << 16;
+}
+
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const LINK_UP: u16 = 1;
+
+/// Counters of what the device dropped and why (tests and logs read them).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Frames sent to the TAP.
+    pub tx_frames: u64,
+    /// Receive chains the guest built wrongly (returned unused).
+    pub rx_malformed: u64,
+    /// Frames dropped because the guest's buffers could not hold them.
+    pub rx_dropped: u64,
+    /// Transmit chains the guest built wrongly or whose frame was refused (dropped).
+    pub tx_malformed: u64,
+    /// Frames the TAP did not take (full, down or refused by the kernel).
+    pub tx_dropped: u64,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    tap: Tap,
+    epoll: Epoll,
+    config: [u8; 8],
+    acked: u64,
+    /// A frame read from the TAP that found no receive buffer yet.
+    rx_buf: Vec<u8>,
+    rx_len: usize,
+    /// Whether the TAP is in the epoll set (only while receive buffers may be available).
+    rx_armed: bool,
+    /// The driver set DRIVER_OK (features known); receive buffers may exist.
+    activated: bool,
+    tx_buf: Vec<u8>,
+    /// What was dropped and why.
+    pub stats: NetStats,
+}
+
+/// Error creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The TAP cannot be used.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// The device's epoll failed.
+    #[error("virtio-net epoll: {0}")]
+    Epoll(std::io::Error),
+}
+
+impl Net {
+    /// Attaches TAP `tap` for a guest with MAC `mac`.
+    pub fn new(tap: &str, mac: [u8; 6]) -> Result<Self, NetError> {
+        let tap = Tap::open(tap)?;
+        let epoll = Epoll::new().map_err(NetError::Epoll)?;
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        let net = Self {
+            tap,
+            epoll,
+            config,
+            acked: 0,
+            rx_buf: vec![0; MAX_FRAME],
+            rx_len: 0,
+            rx_armed: false,
+            activated: false,
+            tx_buf: Vec::with_capacity(MAX_FRAME),
+            stats: NetStats::default(),
+        };
+        Ok(net)
+    }
+
+    /// The TAP's name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    fn arm(&mut self, on: bool) {
+        if on == self.rx_armed {
+            return;
+        }
+        let fd = self.tap.fd();
+        let r = if on {
+            self.epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+        } else {
+            self.epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        };
+        match r {
+            Ok(()) => self.rx_armed = on,
+            Err(e) => tracing::warn!("virtio-net: epoll on TAP {}: {e}", self.tap.name()),
+        }
+    }
+
+    fn mrg_rxbuf(&self) -> bool {
+        self.acked & feature::MRG_RXBUF != 0
+    }
+
+    /// Moves frames from the TAP into receive buffers until the TAP is empty, the buffers run
+    /// out (the TAP is then disarmed until the driver adds buffers) or a batch is done.
+    fn receive(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        for _ in 0..BATCH {
+            if self.rx_len == 0 {
+                match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(n) if n > VNET_HDR_LEN => self.rx_len = n,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.arm(true);
+                        return used;
+                    }
+                    Err(e) => {
+                        tracing::warn!("virtio-net: reading TAP {}: {e}", self.tap.name());
+                        return used;
+                    }
+                }
+            }
+            match self.deliver(q, mem) {
+                Delivery::Done => {
+                    used = true;
+                    self.stats.rx_frames += 1;
+                    self.rx_len = 0;
+                }
+                Delivery::Dropped => {
+                    used = true;
+                    self.stats.rx_dropped += 1;
+                    self.rx_len = 0;
+                }
+                Delivery::NoBuffers => {
+                    // Wait for the driver's notification; re-check once notifications are on
+                    // so a buffer added meanwhile is not missed.
+                    if q.enable_notification(mem).unwrap_or(false) {
+                        continue;
+                    }
+                    self.arm(false);
+                    return used;
+                }
+            }
+        }
+        used
+    }
+
+    /// Writes the pending frame into one (or, with MRG_RXBUF, several) receive chains.
+    fn deliver(&mut self, q: &mut Queue, mem: &GuestMemory) -> Delivery {
+        let mrg = self.mrg_rxbuf();
+        let frame = &mut self.rx_buf[..self.rx_len];
+        // The TAP leaves num_buffers alone: it is ours to fill.
+        frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+        let start = q.next_avail();
+        let mut chains: Vec<(u16, u32)> = Vec::new();
+        let mut first: Vec<(GuestAddress, u32)> = Vec::new();
+        let mut off = 0usize;
+        while off < frame.len() {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                // Not enough buffers for the whole frame: give back what was taken, keep the frame.
+                q.set_next_avail(start);
+                return Delivery::NoBuffers;
+            };
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            let bad = descs.is_empty()
+                || descs.last().is_some_and(|d| d.has_next())
+                || descs.iter().any(|d| !d.is_write_only());
+            if bad {
+                self.stats.rx_malformed += 1;
+                if !chains.is_empty() {
+                    // A bad chain in the middle of a merged frame: drop the frame.
+                    chains.push((head, 0));
+                    break;
+                }
+                if q.add_used(mem, head, 0).is_err() {
+                    return Delivery::Dropped;
+                }
+                continue;
+            }
+            let mut written = 0u32;
+            let mut ok = true;
+            for d in &descs {
+                if off >= frame.len() {
+                    break;
+                }
+                let n = (d.len() as usize).min(frame.len() - off);
+                if mem.write_slice(&frame[off..off + n], d.addr()).is_err() {
+                    ok = false;
+                    break;
+                }
+                if chains.is_empty() {
+                    first.push((d.addr(), d.len()));
+                }
+                off += n;
+                written += n as u32;
+            }
+            chains.push((head, written));
+            if !ok {
+                self.stats.rx_malformed += 1;
+                break;
+            }
+            if !mrg {
+                break;
+            }
+        }
+        let complete = off >= frame.len();
+        let count = chains.len() as u16;
+        if !complete {
+            for (head, _) in chains {
+                let _ = q.add_used(mem, head, 0);
+            }
+            return Delivery::Dropped;
+        };
+        // num_buffers (header bytes 10..12) is known only now; the first chain holds the header.
+        if count > 1 && write_frame_bytes(mem, &first, 10, &count.to_le_bytes()).is_none() {
+            self.stats.rx_malformed += 1;
+        }
+        for (head, len) in chains {
+            if q.add_used(mem, head, len).is_err() {
+                return Delivery::Dropped;
+            }
+        }
+        Delivery::Done
+    }
+
+    /// Sends every available transmit chain to the TAP.
+    fn transmit(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        loop {
+            if q.disable_notification(mem).is_err() {
+                return used;
+            }
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                match self.gather(chain, mem) {
+                    Some(()) => match self.tap.write_frame(&self.tx_buf) {
+                        Ok(_) => self.stats.tx_frames += 1,
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            self.stats.tx_malformed += 1
+                        }
+                        Err(_) => self.stats.tx_dropped += 1,
+                    },
+                    None => self.stats.tx_malformed += 1,
+                }
+                if q.add_used(mem, head, 0).is_err() {
+                    return used;
+                }
+                used = true;
+            }
+            match q.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => return used,
+            }
+        }
+    }
+
+    /// Copies a transmit chain into `tx_buf` and checks its header against what was
+    /// negotiated; `None` for a chain to drop.
+    fn gather<M>(&mut self, chain: virtio_queue::DescriptorChain<M>, mem: &GuestMemory) -> Option<()>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemoryBackend,
+    {
+        self.tx_buf.clear();
+        let mut last_next = false;
+        for d in chain {
+            last_next = d.has_next();
+            let len = d.len() as usize;
+            if d.is_write_only() || self.tx_buf.len() + len > MAX_FRAME {
+                return None;
+            }
+            let at = self.tx_buf.len();
+            self.tx_buf.resize(at + len, 0);
+            mem.read_slice(&mut self.tx_buf[at..], d.addr()).ok()?;
+        }
+        if last_next || self.tx_buf.len() < VNET_HDR_LEN + 14 {
+            return None;
+        }
+        let (flags, gso) = (self.tx_buf[0], self.tx_buf[1]);
+        if flags & HDR_F_NEEDS_CSUM != 0 && self.acked & feature::CSUM == 0 {
+            return None;
+        }
+        let gso_ok = match gso & 0x7f {
+            GSO_NONE => true,
+            GSO_TCPV4 => self.acked & feature::HOST_TSO4 != 0,
+            GSO_TCPV6 => self.acked & feature::HOST_TSO6 != 0,
+            _ => false,
+        };
+        gso_ok.then_some(())
+    }
+}
+
+/// Writes `bytes` at `offset` of a frame laid out over `descs` (guest buffers in order).
+fn write_frame_bytes(
+    mem: &GuestMemory,
+    descs: &[(GuestAddress, u32)],
+    mut offset: usize,
+    bytes: &[u8],
+) -> Option<()> {
+    let mut rest = bytes;
+    for &(addr, len) in descs {
+        let len = len as usize;
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = rest.len().min(len - offset);
+        mem.write_slice(&rest[..n], addr.checked_add(offset as u64)?).ok()?;
+        rest = &rest[n..];
+        offset = 0;
+        if rest.is_empty() {
+            return Some(());
+        }
+    }
+    None
+}
+
+enum Delivery {
+    Done,
+    Dropped,
+    NoBuffers,
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        use feature::*;
+        let event_idx = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+        CSUM | GUEST_CSUM
+            | MAC
+            | GUEST_TSO4
+            | GUEST_TSO6
+            | HOST_TSO4
+            | HOST_TSO6
+            | MRG_RXBUF
+            | STATUS
+            | event_idx
+    }
+
+    fn config_space(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn activate(&mut self, driver_features: u64) {
+        use feature::*;
+        self.acked = driver_features;
+        self.activated = true;
+        self.arm(true);
+        let has = |f: u64| driver_features & f != 0;
+        let mut tun = 0;
+        if has(GUEST_CSUM) {
+            tun |= libc::TUN_F_CSUM;
+            if has(GUEST_TSO4) {
+                tun |= libc::TUN_F_TSO4;
+            }
+            if has(GUEST_TSO6) {
+                tun |= libc::TUN_F_TSO6;
+            }
+        }
+        if let Err(e) = self.tap.set_offload(tun) {
+            tracing::warn!("virtio-net: {e}; offloads stay off");
+        }
+    }
+
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+    ) -> Vec<usize> {
+        let Some(q) = queues.get_mut(index) else {
+            return Vec::new();
+        };
+        let used = match index {
+            RX => self.receive(q, mem),
+            TX => self.transmit(q, mem),
+            _ => false,
+        };
+        if used {
+            vec![index]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn process_backend(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
+        let mut events = [EpollEvent::default(); 1];
+        let _ = self.epoll.wait(0, &mut events);
+        match queues.get_mut(RX) {
+            Some(q) if q.ready() && self.activated => {
+                if self.receive(q, mem) {
+                    return vec![RX];
+                }
+            }
+            // No receive queue (yet, or after a reset): stop watching until the driver is up.
+            _ => {
+                self.activated = false;
+                self.arm(false);
+            }
+        }
+        Vec::new()
+    }
+}
