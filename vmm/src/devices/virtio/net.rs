@@ -153,6 +153,8 @@ impl Net {
     /// out (the TAP is then disarmed until the driver adds buffers) or a batch is done.
     fn receive(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used = false;
+        // The driver need not notify while buffers are left; asked again when they run out.
+        let _ = q.disable_notification(mem);
         for _ in 0..BATCH {
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_buf) {
