@@ -446,6 +446,17 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn restored(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
+        // Chains the driver made available before the snapshot had their notification consumed
+        // by the template's VMM, never by ours: serve them now, or a driver that waits for a
+        // transmit buffer back would wait forever.
+        let mut used = Vec::new();
+        for index in [TX, RX] {
+            used.extend(self.process_queue(index, queues, mem));
+        }
+        used
+    }
+
     fn process_backend(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
         let mut events = [EpollEvent::default(); 1];
         let _ = self.epoll.wait(0, &mut events);
