@@ -201,7 +201,7 @@ impl Net {
         let frame = &mut self.rx_buf[..self.rx_len];
         // The TAP leaves num_buffers alone: it is ours to fill.
         frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-        let start = q.next_avail();
+        let mut start = q.next_avail();
         let mut chains: Vec<(u16, u32)> = Vec::new();
         let mut first: Vec<(GuestAddress, u32)> = Vec::new();
         let mut off = 0usize;
@@ -226,6 +226,8 @@ impl Net {
                 if q.add_used(mem, head, 0).is_err() {
                     return Delivery::Dropped;
                 }
+                // Returned for good: a later roll-back must not hand it out again.
+                start = q.next_avail();
                 continue;
             }
             let mut written = 0u32;
@@ -473,5 +475,167 @@ impl VirtioDevice for Net {
             }
         }
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::testing::{memory, TestQueue, NEXT, WRITE};
+    use std::os::fd::AsRawFd;
+    use vm_memory::GuestAddress as GA;
+
+    /// Runs `f` on a thread inside a fresh network namespace holding TAP `rvu0` (host side
+    /// 10.88.0.1/24, up); None (and a SKIPPED line) where that cannot be set up.
+    fn in_netns<T: Send + 'static>(
+        test: &str,
+        f: impl FnOnce(&test_guests::netns::Netns) -> T + Send + 'static,
+    ) -> Option<T> {
+        if let Some(why) = test_guests::netns::unavailable() {
+            println!("SKIPPED: {test}: {why}");
+            return None;
+        }
+        let ns = test_guests::netns::Netns::new().unwrap();
+        ns.add_tap("rvu0", "10.88.0.1/24").unwrap();
+        let t = std::thread::spawn(move || {
+            let f_ns = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+            // SAFETY: setns on an fd we own; it moves only this thread, which ends with the test.
+            assert_eq!(unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            f(&ns)
+        });
+        Some(t.join().unwrap())
+    }
+
+    fn hdr(mem: &GuestMemory, at: u64, flags: u8, gso: u8) {
+        let mut h = [0u8; VNET_HDR_LEN];
+        h[0] = flags;
+        h[1] = gso;
+        mem.write_slice(&h, GA(at)).unwrap();
+    }
+
+    #[test]
+    fn malformed_transmit_chains_are_dropped_and_counted() {
+        in_netns("malformed_transmit_chains_are_dropped_and_counted", |_| {
+            let mut net = Net::new("rvu0", [2, 0, 0, 0, 0, 1]).unwrap();
+            net.activate(0);
+            let mem = memory();
+            let mut q = TestQueue::new(&mem, 0x1000);
+            let frame = 0x8000u64;
+            hdr(&mem, frame, 0, GSO_NONE);
+            // Broadcast Ethernet frame with an unknown ethertype: harmless to send.
+            let mut eth = [0xffu8; 60];
+            eth[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+            eth[12..14].copy_from_slice(&[0x88, 0xb5]);
+            mem.write_slice(&eth, GA(frame + VNET_HDR_LEN as u64)).unwrap();
+            let good = (VNET_HDR_LEN + 60) as u32;
+            let cases: Vec<Box<dyn Fn(&TestQueue)>> = vec![
+                // Device-writable buffer in a transmit chain.
+                Box::new(|q| q.desc(&mem, 0, frame, good, WRITE, 0)),
+                // A loop: 0 -> 1 -> 0.
+                Box::new(|q| {
+                    q.desc(&mem, 0, frame, 20, NEXT, 1);
+                    q.desc(&mem, 1, frame, 20, NEXT, 0);
+                }),
+                // Outside guest memory.
+                Box::new(|q| q.desc(&mem, 0, 0xffff_0000, good, 0, 0)),
+                // Oversized: more than MAX_FRAME bytes.
+                Box::new(|q| q.desc(&mem, 0, 0x10000, MAX_FRAME as u32 + 1, 0, 0)),
+                // Shorter than a header and an Ethernet header.
+                Box::new(|q| q.desc(&mem, 0, frame, 20, 0, 0)),
+                // Next index beyond the queue.
+                Box::new(|q| q.desc(&mem, 0, frame, 20, NEXT, 200)),
+            ];
+            for (i, case) in cases.iter().enumerate() {
+                case(&q);
+                q.submit(&mem, 0);
+                net.transmit(&mut q.queue, &mem);
+                assert_eq!(net.stats.tx_malformed, i as u64 + 1, "case {i}");
+            }
+            // Offloads the driver did not negotiate: a partial checksum, a TSO frame, a
+            // GSO type that does not exist.
+            for (flags, gso) in [(HDR_F_NEEDS_CSUM, GSO_NONE), (0, GSO_TCPV4), (0, 9)] {
+                hdr(&mem, frame, flags, gso);
+                q.desc(&mem, 0, frame, good, 0, 0);
+                q.submit(&mem, 0);
+                net.transmit(&mut q.queue, &mem);
+            }
+            assert_eq!(net.stats.tx_malformed, cases.len() as u64 + 3);
+            // Header and frame split over two descriptors, as drivers do: sent.
+            hdr(&mem, frame, 0, GSO_NONE);
+            q.desc(&mem, 0, frame, VNET_HDR_LEN as u32, NEXT, 1);
+            q.desc(&mem, 1, frame + VNET_HDR_LEN as u64, 60, 0, 0);
+            q.submit(&mem, 0);
+            net.transmit(&mut q.queue, &mem);
+            assert_eq!((net.stats.tx_frames, net.stats.tx_dropped), (1, 0));
+            // Every chain went back to the driver.
+            assert_eq!(q.used_idx(&mem), cases.len() as u16 + 4);
+        });
+    }
+
+    #[test]
+    fn receive_skips_bad_buffers_drops_what_does_not_fit_and_delivers_the_rest() {
+        in_netns("receive_skips_bad_buffers_drops_what_does_not_fit_and_delivers_the_rest", |ns| {
+            let mut net = Net::new("rvu0", [2, 0, 0, 0, 0, 1]).unwrap();
+            let mem = memory();
+            let mut q = TestQueue::new(&mem, 0x1000);
+            net.activate(0);
+            // Broadcast pings leave through the TAP every 20 ms: frames to receive.
+            let mut pinger = ns
+                .command("ping")
+                .args(["-b", "-c", "500", "-i", "0.02", "10.88.0.255"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let next = |net: &mut Net, q: &mut TestQueue| {
+                let before = net.stats;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while net.stats == before {
+                    assert!(std::time::Instant::now() < deadline, "no frame from the TAP");
+                    net.receive(&mut q.queue, &mem);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            };
+            // A buffer the device may not write to: returned unused, the frame kept.
+            q.desc(&mem, 0, 0x8000, 2048, 0, 0);
+            q.submit(&mem, 0);
+            next(&mut net, &mut q);
+            assert_eq!(net.stats.rx_malformed, 1);
+            // Too small for the frame (no MRG_RXBUF): the frame is dropped.
+            q.desc(&mem, 1, 0x8000, 20, WRITE, 0);
+            q.submit(&mem, 1);
+            next(&mut net, &mut q);
+            assert_eq!(net.stats.rx_dropped, 1);
+            // A good buffer gets a whole frame: header with num_buffers 1, then Ethernet.
+            mem.write_slice(&[0xaa; 64], GA(0x9000)).unwrap();
+            q.desc(&mem, 2, 0x9000, 2048, WRITE, 0);
+            q.submit(&mem, 2);
+            next(&mut net, &mut q);
+            assert_eq!(net.stats.rx_frames, 1);
+            let (id, len) = q.used(&mem, q.used_idx(&mem) - 1);
+            assert_eq!(id, 2);
+            assert!(len as usize >= VNET_HDR_LEN + 42, "{len}");
+            let num_buffers: u16 = mem.read_obj(GA(0x9000 + 10)).unwrap();
+            assert_eq!(num_buffers, 1);
+            let mut src = [0u8; 6];
+            mem.read_slice(&mut src, GA(0x9000 + VNET_HDR_LEN as u64 + 6)).unwrap();
+            assert_ne!(src, [0xaa; 6], "an Ethernet source address was written");
+            // No buffers left: the TAP leaves the epoll set (no busy loop) until the driver
+            // adds one.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while net.rx_armed {
+                assert!(std::time::Instant::now() < deadline, "TAP still watched without receive buffers");
+                net.receive(&mut q.queue, &mem);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let held = net.stats;
+            // A new buffer re-arms it and gets the frame that waited.
+            q.desc(&mem, 3, 0x9000, 2048, WRITE, 0);
+            q.submit(&mem, 3);
+            net.receive(&mut q.queue, &mem);
+            assert_eq!(net.stats.rx_frames, held.rx_frames + 1);
+            let _ = pinger.kill();
+            let _ = pinger.wait();
+        });
     }
 }
