@@ -145,7 +145,7 @@ static u32 answer(const u8 *f, u32 n, u8 *o) {
         /* ARP request for our address (Ethernet/IPv4 only). */
         if (f[14] || f[15] != 1 || f[16] != 8 || f[17] || f[20] || f[21] != 1 || !mine(f + 38)) return 0;
         cp(o, f + 6, 6); cp(o + 6, mac, 6); cp(o + 12, f + 12, 8);
-        o[21] = 2;
+        o[20] = 0; o[21] = 2;                  /* op: reply */
         cp(o + 22, mac, 6); cp(o + 28, ip, 4);
         cp(o + 32, f + 22, 10);
         return 42;

@@ -23,7 +23,9 @@ pub fn unavailable() -> Option<String> {
             .status()
             .is_ok_and(|s| s.success());
         if !found {
-            return Some(format!("{tool} missing (apt-get install iproute2 iputils-ping)"));
+            return Some(format!(
+                "{tool} missing (apt-get install iproute2 iputils-ping)"
+            ));
         }
     }
     None

@@ -318,8 +318,11 @@ pub fn write_identity_net(
     net: Option<&crate::config::NetConfig>,
 ) -> Result<(), BootError> {
     let ip = net.and_then(|n| n.ipv4).map_or([0; 4], |a| a.octets());
-    mem.write_slice(&ip, GuestAddress(IDENTITY_PAGE_START + IDENTITY_IPV4_OFFSET))
-        .map_err(gw("identity page"))
+    mem.write_slice(
+        &ip,
+        GuestAddress(IDENTITY_PAGE_START + IDENTITY_IPV4_OFFSET),
+    )
+    .map_err(gw("identity page"))
 }
 
 /// IOAPIC base address, as listed in the MP table.

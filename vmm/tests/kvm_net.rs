@@ -26,16 +26,27 @@ fn net_available(test: &str) -> bool {
     }
 }
 
+/// A `runv-vmm` process, killed and reaped on drop (a failing test leaves none behind).
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `runv-vmm` in `ns` with `args` (32 MiB, no serial, debug log in `dir`).
-fn vmm_in(ns: &Netns, dir: &Path, args: &[&str]) -> Child {
-    ns.command(env!("CARGO_BIN_EXE_runv-vmm"))
+fn vmm_in(ns: &Netns, dir: &Path, args: &[&str]) -> Vm {
+    Vm(ns
+        .command(env!("CARGO_BIN_EXE_runv-vmm"))
         .args(["--serial", "none", "--debug-log"])
         .arg(dir.join("debug.log"))
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap())
 }
 
 fn boot_args<'a>(cmdline: &'a str, net: &'a str, ctl: &'a str) -> Vec<&'a str> {
@@ -70,7 +81,10 @@ fn report_starting(dir: &Path, prefix: &str) -> String {
         {
             return r.to_owned();
         }
-        assert!(std::time::Instant::now() < deadline, "no {prefix} report in {log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {prefix} report in {log}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -78,16 +92,16 @@ fn report_starting(dir: &Path, prefix: &str) -> String {
 /// Runs `runv-vmm` in `ns` with `args`, expects it to fail; returns its stderr.
 fn refused(ns: &Netns, dir: &Path, args: &[&str]) -> String {
     let mut c = vmm_in(ns, dir, args);
-    let status = wait_exit(&mut c);
+    let status = wait_exit(&mut c.0);
     assert!(!status.success(), "{args:?} was accepted");
     let mut err = String::new();
-    std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err).unwrap();
+    std::io::Read::read_to_string(&mut c.0.stderr.take().unwrap(), &mut err).unwrap();
     err
 }
 
-fn stop(ctl: &Path, child: &mut Child) {
+fn stop(ctl: &Path, vm: &mut Vm) {
     control(ctl).shutdown().unwrap();
-    assert!(wait_exit(child).success());
+    assert!(wait_exit(&mut vm.0).success());
 }
 
 #[test]
@@ -133,7 +147,10 @@ fn kvm_net_host_pings_guest_and_bad_taps_and_macs_are_refused() {
 
     // A TAP that does not exist is not created on the fly.
     let e = refused(&ns, dir2.path(), &["--kernel", k, "--net", "tap=rvnosuch"]);
-    assert!(e.contains("rvnosuch") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("rvnosuch") && e.contains("does not exist"),
+        "{e}"
+    );
     // An interface that is not a TAP.
     let e = refused(&ns, dir2.path(), &["--kernel", k, "--net", "tap=lo"]);
     assert!(e.contains("not a TAP"), "{e}");
@@ -152,7 +169,11 @@ fn kvm_net_host_pings_guest_and_bad_taps_and_macs_are_refused() {
     let dir3 = tempfile::tempdir().unwrap();
     let ctl3 = dir3.path().join("c.sock");
     let mut args = vec!["--kernel"];
-    args.extend(boot_args("rt.net=10.77.0.2", "tap=rvtap0", ctl3.to_str().unwrap()));
+    args.extend(boot_args(
+        "rt.net=10.77.0.2",
+        "tap=rvtap0",
+        ctl3.to_str().unwrap(),
+    ));
     let mut vm = vmm_in(&ns, dir3.path(), &args);
     report_starting(dir3.path(), "PASS net_ready");
     assert_eq!(ns.ping("10.77.0.2", 2, 0.05, 2).len(), 2);
@@ -171,7 +192,11 @@ fn kvm_net_clones_answer_on_their_own_taps_for_their_own_addresses() {
     tns.add_tap("rvtpl", "10.78.0.1/16").unwrap();
     let tctl = tdir.path().join("c.sock");
     let mut args = vec!["--kernel"];
-    args.extend(boot_args("rt.net=10.78.0.2", "tap=rvtpl", tctl.to_str().unwrap()));
+    args.extend(boot_args(
+        "rt.net=10.78.0.2",
+        "tap=rvtpl",
+        tctl.to_str().unwrap(),
+    ));
     let mut template = vmm_in(&tns, tdir.path(), &args);
     report_starting(tdir.path(), "PASS net_ready");
     // Snapshot with traffic in flight: a ping every 5 ms while the template is snapshotted.
@@ -179,7 +204,9 @@ fn kvm_net_clones_answer_on_their_own_taps_for_their_own_addresses() {
         let name = tns.name.clone();
         std::thread::spawn(move || {
             std::process::Command::new("ip")
-                .args(["netns", "exec", &name, "ping", "-n", "-c", "200", "-i", "0.005"])
+                .args([
+                    "netns", "exec", &name, "ping", "-n", "-c", "200", "-i", "0.005",
+                ])
                 .args(["-W", "1", "10.78.0.2"])
                 .output()
                 .unwrap()
@@ -191,7 +218,10 @@ fn kvm_net_clones_answer_on_their_own_taps_for_their_own_addresses() {
     c.resume().unwrap();
     let out = pinger.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("from 10.78.0.2"), "template answered around the snapshot: {text}");
+    assert!(
+        text.contains("from 10.78.0.2"),
+        "template answered around the snapshot: {text}"
+    );
 
     // A clone restored without its own network gets the template's TAP: busy (and absent
     // from other namespaces).
@@ -225,14 +255,33 @@ fn kvm_net_clones_answer_on_their_own_taps_for_their_own_addresses() {
             ],
         );
         let r = report_starting(dir.path(), "PASS net_resumed");
-        assert_eq!(field(&r, "ip"), Some(format!("10.79.{i}.2").as_str()), "{r}");
-        assert_eq!(field(&r, "mac"), Some(format!("02:00:00:00:79:0{i}").as_str()), "{r}");
+        assert_eq!(
+            field(&r, "ip"),
+            Some(format!("10.79.{i}.2").as_str()),
+            "{r}"
+        );
+        assert_eq!(
+            field(&r, "mac"),
+            Some(format!("02:00:00:00:79:0{i}").as_str()),
+            "{r}"
+        );
         clones.push((ns, dir, ctl, child));
     }
     for (i, (ns, ..)) in clones.iter().enumerate() {
-        let (own, other) = if i == 0 { ("10.79.1.2", "10.79.2.2") } else { ("10.79.2.2", "10.79.1.2") };
-        assert_eq!(ns.ping(own, 3, 0.05, 2).len(), 3, "clone {i} answers for {own}");
-        assert!(ns.ping(other, 2, 0.2, 1).is_empty(), "clone {i} answered for {other}");
+        let (own, other) = if i == 0 {
+            ("10.79.1.2", "10.79.2.2")
+        } else {
+            ("10.79.2.2", "10.79.1.2")
+        };
+        assert_eq!(
+            ns.ping(own, 3, 0.05, 2).len(),
+            3,
+            "clone {i} answers for {own}"
+        );
+        assert!(
+            ns.ping(other, 2, 0.2, 1).is_empty(),
+            "clone {i} answered for {other}"
+        );
     }
     // The template still answers on its own TAP, for its own address.
     assert_eq!(tns.ping("10.78.0.2", 2, 0.05, 2).len(), 2);

@@ -31,7 +31,9 @@ impl std::str::FromStr for MacAddr {
         let mut mac = [0u8; 6];
         let mut parts = s.split(':');
         for b in &mut mac {
-            let p = parts.next().ok_or_else(|| bad("has fewer than six bytes"))?;
+            let p = parts
+                .next()
+                .ok_or_else(|| bad("has fewer than six bytes"))?;
             if p.len() != 2 {
                 return Err(bad("has a byte that is not two hex digits"));
             }
@@ -125,10 +127,9 @@ impl NetConfig {
     /// TAP name (locally administered, stable for a name).
     pub fn mac_or_default(&self) -> MacAddr {
         self.mac.unwrap_or_else(|| {
-            let h = self
-                .tap
-                .bytes()
-                .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+            let h = self.tap.bytes().fold(0x811c_9dc5u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+            });
             let [_, a, b, c] = h.to_be_bytes();
             MacAddr([0x02, 0x72, 0x76, a, b, c])
         })
@@ -187,14 +188,19 @@ mod tests {
             ("00:00:00:00:00:00", "zeros"),
         ] {
             let e = bad.parse::<MacAddr>().unwrap_err().to_string();
-            assert!(e.contains(why) && e.contains("02:00:00:00:00:01"), "{bad}: {e}");
+            assert!(
+                e.contains(why) && e.contains("02:00:00:00:00:01"),
+                "{bad}: {e}"
+            );
         }
         assert!(serde_json::from_str::<MacAddr>("\"ff:ff:ff:ff:ff:ff\"").is_err());
     }
 
     #[test]
     fn net_flags_parse_and_validate() {
-        let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:07,ipv4=10.0.0.2".parse().unwrap();
+        let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:07,ipv4=10.0.0.2"
+            .parse()
+            .unwrap();
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac_or_default().0, [2, 0, 0, 0, 0, 7]);
         assert_eq!(n.ipv4, Some(Ipv4Addr::new(10, 0, 0, 2)));
@@ -203,12 +209,23 @@ mod tests {
         assert_eq!(mac.0[0], 2, "locally administered unicast");
         assert_eq!(mac, d.mac_or_default(), "stable");
         for bad in [
-            "", "tap=", "mac=02:00:00:00:00:01", "tap=a,tap=b", "tap=a,x=1", "tap=a/b",
-            "tap=sixteen-bytes-xx", "tap=a b", "tap=a,ipv4=1.2.3", "tap=a,mac=ff:ff:ff:ff:ff:ff",
+            "",
+            "tap=",
+            "mac=02:00:00:00:00:01",
+            "tap=a,tap=b",
+            "tap=a,x=1",
+            "tap=a/b",
+            "tap=sixteen-bytes-xx",
+            "tap=a b",
+            "tap=a,ipv4=1.2.3",
+            "tap=a,mac=ff:ff:ff:ff:ff:ff",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
-        let e = "tap=a,mac=02:00".parse::<NetConfig>().unwrap_err().to_string();
+        let e = "tap=a,mac=02:00"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("MAC address"), "{e}");
         assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"t","bogus":1}"#).is_err());
     }

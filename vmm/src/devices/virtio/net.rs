@@ -309,7 +309,11 @@ impl Net {
 
     /// Copies a transmit chain into `tx_buf` and checks its header against what was
     /// negotiated; `None` for a chain to drop.
-    fn gather<M>(&mut self, chain: virtio_queue::DescriptorChain<M>, mem: &GuestMemory) -> Option<()>
+    fn gather<M>(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<M>,
+        mem: &GuestMemory,
+    ) -> Option<()>
     where
         M: std::ops::Deref,
         M::Target: vm_memory::GuestMemoryBackend,
@@ -358,7 +362,8 @@ fn write_frame_bytes(
             continue;
         }
         let n = rest.len().min(len - offset);
-        mem.write_slice(&rest[..n], addr.checked_add(offset as u64)?).ok()?;
+        mem.write_slice(&rest[..n], addr.checked_add(offset as u64)?)
+            .ok()?;
         rest = &rest[n..];
         offset = 0;
         if rest.is_empty() {
@@ -500,7 +505,8 @@ mod tests {
         let t = std::thread::spawn(move || {
             let f_ns = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
             // SAFETY: setns on an fd we own; it moves only this thread, which ends with the test.
-            assert_eq!(unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let r = unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns");
             f(&ns)
         });
         Some(t.join().unwrap())
@@ -526,9 +532,11 @@ mod tests {
             let mut eth = [0xffu8; 60];
             eth[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
             eth[12..14].copy_from_slice(&[0x88, 0xb5]);
-            mem.write_slice(&eth, GA(frame + VNET_HDR_LEN as u64)).unwrap();
+            mem.write_slice(&eth, GA(frame + VNET_HDR_LEN as u64))
+                .unwrap();
             let good = (VNET_HDR_LEN + 60) as u32;
-            let cases: Vec<Box<dyn Fn(&TestQueue)>> = vec![
+            type Case<'a> = Box<dyn Fn(&TestQueue) + 'a>;
+            let cases: Vec<Case> = vec![
                 // Device-writable buffer in a transmit chain.
                 Box::new(|q| q.desc(&mem, 0, frame, good, WRITE, 0)),
                 // A loop: 0 -> 1 -> 0.
@@ -574,68 +582,78 @@ mod tests {
 
     #[test]
     fn receive_skips_bad_buffers_drops_what_does_not_fit_and_delivers_the_rest() {
-        in_netns("receive_skips_bad_buffers_drops_what_does_not_fit_and_delivers_the_rest", |ns| {
-            let mut net = Net::new("rvu0", [2, 0, 0, 0, 0, 1]).unwrap();
-            let mem = memory();
-            let mut q = TestQueue::new(&mem, 0x1000);
-            net.activate(0);
-            // Broadcast pings leave through the TAP every 20 ms: frames to receive.
-            let mut pinger = ns
-                .command("ping")
-                .args(["-b", "-c", "500", "-i", "0.02", "10.88.0.255"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let next = |net: &mut Net, q: &mut TestQueue| {
-                let before = net.stats;
+        in_netns(
+            "receive_skips_bad_buffers_drops_what_does_not_fit_and_delivers_the_rest",
+            |ns| {
+                let mut net = Net::new("rvu0", [2, 0, 0, 0, 0, 1]).unwrap();
+                let mem = memory();
+                let mut q = TestQueue::new(&mem, 0x1000);
+                net.activate(0);
+                // Broadcast pings leave through the TAP every 20 ms: frames to receive.
+                let mut pinger = ns
+                    .command("ping")
+                    .args(["-b", "-c", "500", "-i", "0.02", "10.88.0.255"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let next = |net: &mut Net, q: &mut TestQueue| {
+                    let before = net.stats;
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                    while net.stats == before {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "no frame from the TAP"
+                        );
+                        net.receive(&mut q.queue, &mem);
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                };
+                // A buffer the device may not write to: returned unused, the frame kept.
+                q.desc(&mem, 0, 0x8000, 2048, 0, 0);
+                q.submit(&mem, 0);
+                next(&mut net, &mut q);
+                assert_eq!(net.stats.rx_malformed, 1);
+                // Too small for the frame (no MRG_RXBUF): the frame is dropped.
+                q.desc(&mem, 1, 0x8000, 20, WRITE, 0);
+                q.submit(&mem, 1);
+                next(&mut net, &mut q);
+                assert_eq!(net.stats.rx_dropped, 1);
+                // A good buffer gets a whole frame: header with num_buffers 1, then Ethernet.
+                mem.write_slice(&[0xaa; 64], GA(0x9000)).unwrap();
+                q.desc(&mem, 2, 0x9000, 2048, WRITE, 0);
+                q.submit(&mem, 2);
+                next(&mut net, &mut q);
+                assert_eq!(net.stats.rx_frames, 1);
+                let (id, len) = q.used(&mem, q.used_idx(&mem) - 1);
+                assert_eq!(id, 2);
+                assert!(len as usize >= VNET_HDR_LEN + 42, "{len}");
+                let num_buffers: u16 = mem.read_obj(GA(0x9000 + 10)).unwrap();
+                assert_eq!(num_buffers, 1);
+                let mut src = [0u8; 6];
+                mem.read_slice(&mut src, GA(0x9000 + VNET_HDR_LEN as u64 + 6))
+                    .unwrap();
+                assert_ne!(src, [0xaa; 6], "an Ethernet source address was written");
+                // No buffers left: the TAP leaves the epoll set (no busy loop) until the driver
+                // adds one.
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                while net.stats == before {
-                    assert!(std::time::Instant::now() < deadline, "no frame from the TAP");
+                while net.rx_armed {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "TAP still watched without receive buffers"
+                    );
                     net.receive(&mut q.queue, &mem);
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
-            };
-            // A buffer the device may not write to: returned unused, the frame kept.
-            q.desc(&mem, 0, 0x8000, 2048, 0, 0);
-            q.submit(&mem, 0);
-            next(&mut net, &mut q);
-            assert_eq!(net.stats.rx_malformed, 1);
-            // Too small for the frame (no MRG_RXBUF): the frame is dropped.
-            q.desc(&mem, 1, 0x8000, 20, WRITE, 0);
-            q.submit(&mem, 1);
-            next(&mut net, &mut q);
-            assert_eq!(net.stats.rx_dropped, 1);
-            // A good buffer gets a whole frame: header with num_buffers 1, then Ethernet.
-            mem.write_slice(&[0xaa; 64], GA(0x9000)).unwrap();
-            q.desc(&mem, 2, 0x9000, 2048, WRITE, 0);
-            q.submit(&mem, 2);
-            next(&mut net, &mut q);
-            assert_eq!(net.stats.rx_frames, 1);
-            let (id, len) = q.used(&mem, q.used_idx(&mem) - 1);
-            assert_eq!(id, 2);
-            assert!(len as usize >= VNET_HDR_LEN + 42, "{len}");
-            let num_buffers: u16 = mem.read_obj(GA(0x9000 + 10)).unwrap();
-            assert_eq!(num_buffers, 1);
-            let mut src = [0u8; 6];
-            mem.read_slice(&mut src, GA(0x9000 + VNET_HDR_LEN as u64 + 6)).unwrap();
-            assert_ne!(src, [0xaa; 6], "an Ethernet source address was written");
-            // No buffers left: the TAP leaves the epoll set (no busy loop) until the driver
-            // adds one.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while net.rx_armed {
-                assert!(std::time::Instant::now() < deadline, "TAP still watched without receive buffers");
+                let held = net.stats;
+                // A new buffer re-arms it and gets the frame that waited.
+                q.desc(&mem, 3, 0x9000, 2048, WRITE, 0);
+                q.submit(&mem, 3);
                 net.receive(&mut q.queue, &mem);
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            let held = net.stats;
-            // A new buffer re-arms it and gets the frame that waited.
-            q.desc(&mem, 3, 0x9000, 2048, WRITE, 0);
-            q.submit(&mem, 3);
-            net.receive(&mut q.queue, &mem);
-            assert_eq!(net.stats.rx_frames, held.rx_frames + 1);
-            let _ = pinger.kill();
-            let _ = pinger.wait();
-        });
+                assert_eq!(net.stats.rx_frames, held.rx_frames + 1);
+                let _ = pinger.kill();
+                let _ = pinger.wait();
+            },
+        );
     }
 }

@@ -74,7 +74,9 @@ impl Tap {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
-            .map_err(io("opening /dev/net/tun (is the tun module loaded, and are we root?)"))?;
+            .map_err(io(
+                "opening /dev/net/tun (is the tun module loaded, and are we root?)",
+            ))?;
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
             flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
