@@ -178,12 +178,12 @@ mod tests {
         assert_eq!(m.to_string(), "02:00:0a:ff:00:01");
         assert_eq!(serde_json::to_string(&m).unwrap(), "\"02:00:0a:ff:00:01\"");
         for (bad, why) in [
-            ("", "fewer"),
+            ("", "two hex"),
             ("02:00:00:00:00", "fewer"),
             ("02:00:00:00:00:01:02", "more"),
             ("02:00:00:00:00:1", "two hex"),
             ("02:00:00:00:00:zz", "two hex"),
-            ("02-00-00-00-00-01", "fewer"),
+            ("02-00-00-00-00-01", "two hex"),
             ("01:00:5e:00:00:01", "multicast"),
             ("00:00:00:00:00:00", "zeros"),
         ] {
