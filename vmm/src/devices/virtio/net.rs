@@ -182,9 +182,7 @@ impl Net {
                     self.rx_len = 0;
                 }
                 Delivery::NoBuffers => {
-                    // Wait for the driver's notification; re-check once notifications are on
-                    // so a buffer added meanwhile is not missed.
-                    if q.enable_notification(mem).unwrap_or(false) {
+                    if self.more_buffers_since(q, mem) {
                         continue;
                     }
                     self.arm(false);
@@ -193,6 +191,21 @@ impl Net {
             }
         }
         used
+    }
+
+    /// After the available buffers proved too few: asks the driver to notify when it adds one
+    /// (for EVENT_IDX, past every buffer it has made available so far, even those handed back
+    /// unused), then re-checks so a buffer added meanwhile is not missed. True: more arrived.
+    fn more_buffers_since(&self, q: &mut Queue, mem: &GuestMemory) -> bool {
+        let acquire = std::sync::atomic::Ordering::Acquire;
+        let Ok(seen) = q.avail_idx(mem, acquire) else {
+            return false;
+        };
+        let next = q.next_avail();
+        q.set_next_avail(seen.0);
+        let _ = q.enable_notification(mem);
+        q.set_next_avail(next);
+        q.avail_idx(mem, acquire).is_ok_and(|now| now != seen)
     }
 
     /// Writes the pending frame into one (or, with MRG_RXBUF, several) receive chains.
@@ -651,6 +664,72 @@ mod tests {
                 q.submit(&mem, 3);
                 net.receive(&mut q.queue, &mem);
                 assert_eq!(net.stats.rx_frames, held.rx_frames + 1);
+                let _ = pinger.kill();
+                let _ = pinger.wait();
+            },
+        );
+    }
+
+    #[test]
+    fn mergeable_receive_spreads_a_frame_over_small_buffers() {
+        in_netns(
+            "mergeable_receive_spreads_a_frame_over_small_buffers",
+            |ns| {
+                let mut net = Net::new("rvu0", [2, 0, 0, 0, 0, 1]).unwrap();
+                let mem = memory();
+                let mut q = TestQueue::new(&mem, 0x1000);
+                net.activate(feature::MRG_RXBUF);
+                let mut pinger = ns
+                    .command("ping")
+                    .args(["-b", "-c", "500", "-i", "0.02", "10.88.0.255"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                // Two 32-byte buffers cannot hold a broadcast ping (12 + 98 bytes): the frame waits
+                // and the buffers stay the driver's.
+                for i in 0..2u16 {
+                    q.desc(&mem, i, 0x8000 + u64::from(i) * 0x100, 32, WRITE, 0);
+                    q.submit(&mem, i);
+                }
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while net.rx_armed {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no frame from the TAP"
+                    );
+                    net.receive(&mut q.queue, &mem);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                assert_eq!(
+                    q.used_idx(&mem),
+                    0,
+                    "buffers of a frame that did not fit were used"
+                );
+                assert_eq!(net.stats.rx_frames, 0);
+                // Enough buffers now: the frame spans four of them.
+                for i in 2..4u16 {
+                    q.desc(&mem, i, 0x8000 + u64::from(i) * 0x100, 32, WRITE, 0);
+                    q.submit(&mem, i);
+                }
+                net.receive(&mut q.queue, &mem);
+                assert_eq!(net.stats.rx_frames, 1, "{:?}", net.stats);
+                // The first frame (whatever the namespace sent first: a ping or IPv6 chatter) did
+                // not fit in two buffers; it takes the first `n` of the four, in order.
+                let n = q.used_idx(&mem);
+                assert!((3..=4).contains(&n), "{n} buffers used");
+                let lens: Vec<u32> = (0..n).map(|i| q.used(&mem, i).1).collect();
+                assert!(
+                    lens.iter().sum::<u32>() > 64
+                        && lens[..n as usize - 1].iter().all(|&l| l == 32),
+                    "{lens:?}"
+                );
+                assert_eq!(
+                    (0..n).map(|i| q.used(&mem, i).0).collect::<Vec<_>>(),
+                    (0..u32::from(n)).collect::<Vec<_>>()
+                );
+                let num_buffers: u16 = mem.read_obj(GA(0x8000 + 10)).unwrap();
+                assert_eq!(num_buffers, n);
                 let _ = pinger.kill();
                 let _ = pinger.wait();
             },
