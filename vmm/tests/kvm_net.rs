@@ -283,10 +283,62 @@ fn kvm_net_clones_answer_on_their_own_taps_for_their_own_addresses() {
             "clone {i} answered for {other}"
         );
     }
+    // A third clone through the typed control API: an idle shell in its own namespace,
+    // restored with `RestoreOptions::net`.
+    let ns3 = Netns::new().unwrap();
+    ns3.add_tap("rvc3", "10.79.0.1/16").unwrap();
+    let dir3 = tempfile::tempdir().unwrap();
+    let ctl3 = dir3.path().join("c.sock");
+    let mut shell = vmm_in(
+        &ns3,
+        dir3.path(),
+        &[
+            "--shell",
+            "--mem-mib",
+            "32",
+            "--control",
+            ctl3.to_str().unwrap(),
+        ],
+    );
+    let mut opts = vmm_api::RestoreOptions::new(&snap, vmm_api::MemoryMode::Cow);
+    opts.clone_id = "rvc3".into();
+    opts.debug_log = Some(dir3.path().join("debug.log").display().to_string());
+    opts.net = Some("tap=rvc3,ipv4=10.79.3.2".parse().unwrap());
+    control(&ctl3).restore(&opts).unwrap();
+    let r = report_starting(dir3.path(), "PASS net_resumed");
+    assert_eq!(field(&r, "ip"), Some("10.79.3.2"), "{r}");
+    assert_eq!(ns3.ping("10.79.3.2", 2, 0.05, 2).len(), 2);
+    assert!(ns3.ping("10.79.1.2", 1, 0.2, 1).is_empty());
+    stop(&ctl3, &mut shell);
+
     // The template still answers on its own TAP, for its own address.
     assert_eq!(tns.ping("10.78.0.2", 2, 0.05, 2).len(), 2);
     for (_, _, ctl, mut child) in clones {
         stop(&ctl, &mut child);
     }
     stop(&tctl, &mut template);
+}
+
+#[test]
+fn kvm_net_settings_for_a_snapshot_without_a_network_device_are_refused() {
+    if !net_available("kvm_net_settings_for_a_snapshot_without_a_network_device_are_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let mut cfg = guest_config("rt.counter", dir.path());
+    cfg.mem_mib = 32;
+    cfg.control = Some(dir.path().join("t.sock"));
+    snapshot_counter_guest(cfg, &snap, Duration::from_millis(50));
+    let mut opts = vmm_api::RestoreOptions::new(&snap, vmm_api::MemoryMode::Cow);
+    opts.net = Some("tap=rvx0".parse().unwrap());
+    let e = vmm::Vmm::restore(&opts).err().unwrap().to_string();
+    assert!(e.contains("no network device"), "{e}");
+    opts.net = Some(vmm_api::NetConfig {
+        tap: "bad/name".into(),
+        mac: None,
+        ipv4: None,
+    });
+    let e = vmm::Vmm::restore(&opts).err().unwrap().to_string();
+    assert!(e.contains("TAP name"), "{e}");
 }
