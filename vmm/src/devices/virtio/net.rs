@@ -165,7 +165,11 @@ impl Net {
                         return used;
                     }
                     Err(e) => {
+                        // E.g. the TAP was deleted under us: stop watching it (an fd that stays
+                        // readable with an error would spin the loop); the driver's next
+                        // receive notification tries again.
                         tracing::warn!("virtio-net: reading TAP {}: {e}", self.tap.name());
+                        self.arm(false);
                         return used;
                     }
                 }
