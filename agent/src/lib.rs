@@ -14,6 +14,7 @@ pub mod devices;
 pub mod error;
 pub mod initramfs;
 pub mod limits;
+pub mod netconf;
 pub mod pid1;
 pub mod rootdev;
 pub mod runtime;

@@ -365,6 +365,28 @@ impl Conn {
                     .map_err(|e| OpError::new(ErrorCode::Io, format!("sethostname: {e}")))?;
                 Response::Ok
             }
+            Request::SetNetwork {
+                interfaces,
+                routes,
+                dns,
+            } => {
+                self.require_pid1("configure the network")?;
+                crate::netconf::apply(
+                    &interfaces,
+                    &routes,
+                    &dns,
+                    std::path::Path::new("/etc/resolv.conf"),
+                )
+                .map_err(|e| {
+                    let code = match e {
+                        crate::netconf::NetconfError::Bad(_)
+                        | crate::netconf::NetconfError::NoInterface(_) => ErrorCode::BadRequest,
+                        _ => ErrorCode::Io,
+                    };
+                    OpError::new(code, e.to_string())
+                })?;
+                Response::Ok
+            }
             Request::List => Response::Containers { ids: rt.list() },
         })
     }

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use protocol::stream;
 use protocol::{
-    ContainerStatus, ErrorCode, Event, ExitStatus, Frame, FrameKind, Request, Response,
-    RootfsSource, StdioConfig, Streams, Writable, PROTOCOL_VERSION,
+    ContainerStatus, ErrorCode, Event, ExitStatus, Frame, FrameKind, InterfaceConfig, Request,
+    Response, RootfsSource, RouteConfig, StdioConfig, Streams, Writable, PROTOCOL_VERSION,
 };
 
 fn small_spec() -> Box<oci_spec::runtime::Spec> {
@@ -152,6 +152,22 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("list", Request::List),
+        (
+            "set_network",
+            Request::SetNetwork {
+                interfaces: vec![InterfaceConfig {
+                    name: "eth0".into(),
+                    mac: Some("02:00:00:00:00:07".into()),
+                    addresses: vec!["10.0.0.2/24".into()],
+                    mtu: Some(1500),
+                }],
+                routes: vec![RouteConfig {
+                    destination: "default".into(),
+                    gateway: "10.0.0.1".into(),
+                }],
+                dns: vec!["10.0.0.53".into()],
+            },
+        ),
     ]
 }
 

@@ -115,8 +115,49 @@ pub enum Request {
         /// Hostname.
         hostname: String,
     },
+    /// Clone hook: configure the guest's network (PID 1 only): each interface gets exactly
+    /// the given IPv4 addresses (the template's are removed), its MAC and MTU if given, and is
+    /// brought up; routes are added or replaced; `dns` non-empty rewrites `/etc/resolv.conf`.
+    SetNetwork {
+        /// Interfaces to configure.
+        interfaces: Vec<InterfaceConfig>,
+        /// IPv4 routes.
+        #[serde(default)]
+        routes: Vec<RouteConfig>,
+        /// Name servers (IP addresses).
+        #[serde(default)]
+        dns: Vec<String>,
+    },
     /// Container ids.
     List,
+}
+
+/// One guest interface for [`Request::SetNetwork`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// Interface name in the guest (e.g. `eth0`).
+    pub name: String,
+    /// New MAC address (`aa:bb:cc:dd:ee:ff`): a clone's device has its own, which the guest
+    /// kernel learned from the template.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// IPv4 addresses with prefix length (`10.0.0.2/24`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// MTU.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+}
+
+/// One IPv4 route for [`Request::SetNetwork`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `default` or a network (`10.1.0.0/16`).
+    pub destination: String,
+    /// Next hop.
+    pub gateway: String,
 }
 
 /// Source of a container's root file system.
@@ -546,6 +587,19 @@ mod tests {
             },
             Request::SetHostname {
                 hostname: "h".into(),
+            },
+            Request::SetNetwork {
+                interfaces: vec![InterfaceConfig {
+                    name: "eth0".into(),
+                    mac: Some("02:00:00:00:00:01".into()),
+                    addresses: vec!["10.0.0.2/24".into()],
+                    mtu: Some(1500),
+                }],
+                routes: vec![RouteConfig {
+                    destination: "default".into(),
+                    gateway: "10.0.0.1".into(),
+                }],
+                dns: vec!["10.0.0.53".into()],
             },
             Request::List,
         ]

@@ -49,5 +49,5 @@ fn every_seed_decodes_into_valid_frames() {
     }
     assert!(seeds >= 30, "{seeds} seeds in {}", dir.display());
     assert_eq!(kinds.len(), 6, "every frame kind has a seed: {kinds:?}");
-    assert_eq!(ops.len(), 16, "every request op has a seed: {ops:?}");
+    assert_eq!(ops.len(), 17, "every request op has a seed: {ops:?}");
 }

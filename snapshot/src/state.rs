@@ -21,7 +21,7 @@ pub const STATE_FILE: &str = "state.bin";
 pub const MAGIC: &[u8; 8] = b"RUNVSNAP";
 /// Version of this layout (state file, memory trailer, working-set tie); bumped on every
 /// incompatible change.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 pub(crate) const PREFIX_LEN: usize = 8 + 4 + 4 + 8 + 4;
 /// Largest header accepted.
 pub const MAX_HEADER: u64 = 64 * 1024;

@@ -668,6 +668,9 @@ static void task_counter(const struct boot_info *bi) {
     }
 }
 
+/* net.c: rt.net=IP answers ARP and ICMP echo for IP on the virtio-net device (never returns). */
+void task_net(u64 mmio_base, const char *arg);
+
 void guest_main(const u8 *info, int pvh) {
     struct boot_info bi;
     /* hvm_start_info.cmdline_paddr is at offset 24. */
@@ -685,6 +688,7 @@ void guest_main(const u8 *info, int pvh) {
     if ((a = find_token("rt.vsock_listen")) && *a == '=') task_vsock_listen((u32)parse_dec(a + 1));
     if ((a = find_token("rt.vsock_connect")) && *a == '=') task_vsock_connect((u32)parse_dec(a + 1));
     if (find_token("rt.counter")) task_counter(&bi);
+    if ((a = find_token("rt.net")) && *a == '=') task_net(vio_find(1) ? vio_base : 0, a + 1);
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);
     if (a && prefix(a, "=crash")) {

@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+pub mod netns;
+
 /// Path of the built test guest ELF.
 pub fn guest_path() -> PathBuf {
     PathBuf::from(env!("RUNV_TEST_GUEST"))

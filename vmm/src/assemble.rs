@@ -14,6 +14,7 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::{DebugPort, EventFdTrigger, Serial, Sink, I8042};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::error::{io_err, vm_err, VmmError};
@@ -75,6 +76,9 @@ impl Vmm {
         }
         if let Some(v) = &config.vsock {
             devices.push(Box::new(Vsock::new(v.cid, &v.uds)?));
+        }
+        if let Some(n) = &config.net {
+            devices.push(Box::new(Net::new(&n.tap, n.mac_or_default().0)?));
         }
         for (i, dev) in devices.into_iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;

@@ -308,6 +308,23 @@ pub fn write_identity(mem: &GuestMemory, generation: u64, clone_id: &str) -> Res
         .map_err(gw("identity page"))
 }
 
+/// Offset of the guest's IPv4 address in the identity page (after the entropy).
+pub const IDENTITY_IPV4_OFFSET: u64 = 112;
+
+/// Writes the network part of the identity page: the IPv4 address announced for the guest
+/// (network byte order at [`IDENTITY_IPV4_OFFSET`]; 0.0.0.0 when none is configured).
+pub fn write_identity_net(
+    mem: &GuestMemory,
+    net: Option<&crate::config::NetConfig>,
+) -> Result<(), BootError> {
+    let ip = net.and_then(|n| n.ipv4).map_or([0; 4], |a| a.octets());
+    mem.write_slice(
+        &ip,
+        GuestAddress(IDENTITY_PAGE_START + IDENTITY_IPV4_OFFSET),
+    )
+    .map_err(gw("identity page"))
+}
+
 /// IOAPIC base address, as listed in the MP table.
 const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Local APIC base address.

@@ -160,7 +160,7 @@ pub fn read_regular(
     Ok(data)
 }
 
-pub use vmm_api::SerialOutput;
+pub use vmm_api::{NetConfig, SerialOutput};
 
 /// How an ELF kernel is entered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -279,6 +279,9 @@ pub struct VmConfig {
     /// The virtio-vsock device (after the block devices).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// The virtio-net device on a TAP (after vsock).
+    #[serde(default)]
+    pub net: Option<NetConfig>,
 }
 
 fn default_mem() -> u64 {
@@ -325,6 +328,9 @@ pub enum ConfigError {
     /// Bad vsock spec.
     #[error("vsock {0:?} not understood: use cid=N,uds=PATH")]
     Vsock(String),
+    /// Bad network device.
+    #[error(transparent)]
+    Net(#[from] vmm_api::BadNet),
     /// More devices than MMIO slots with an interrupt.
     #[error("{0} virtio devices requested: at most {1} fit")]
     TooManyDevices(usize, usize),
@@ -348,6 +354,7 @@ impl VmConfig {
             debug_log: None,
             block: Vec::new(),
             vsock: None,
+            net: None,
         }
     }
 
@@ -392,12 +399,22 @@ impl VmConfig {
         for id in self.block.iter().filter_map(|b| b.id.as_deref()) {
             check_block_id(id)?;
         }
+        if let Some(n) = &self.net {
+            n.validate()?;
+        }
         let slots = (crate::layout::VIRTIO_IRQ_MAX - crate::layout::VIRTIO_IRQ_BASE + 1) as usize;
-        let devices = self.block.len() + usize::from(self.vsock.is_some());
+        let devices = self.device_count();
         if devices > slots {
             return Err(ConfigError::TooManyDevices(devices, slots));
         }
         Ok(())
+    }
+}
+
+impl VmConfig {
+    /// Number of virtio devices (block devices, then vsock, then net: their MMIO slot order).
+    pub fn device_count(&self) -> usize {
+        self.block.len() + usize::from(self.vsock.is_some()) + usize::from(self.net.is_some())
     }
 }
 

@@ -53,6 +53,9 @@ pub enum VmmError {
     /// The vsock device.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// The network device (its TAP).
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
     /// Control socket.
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),

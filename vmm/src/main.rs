@@ -49,6 +49,10 @@ struct Args {
     /// virtio-vsock device: cid=N,uds=PATH.
     #[arg(long)]
     vsock: Option<vmm::config::VsockConfig>,
+    /// virtio-net device on an existing TAP: tap=NAME[,mac=aa:bb:cc:dd:ee:ff][,ipv4=A.B.C.D]
+    /// (ipv4 is announced in the identity page). With --restore: the clone's own TAP and MAC.
+    #[arg(long)]
+    net: Option<vmm::config::NetConfig>,
     /// Restore the snapshot in DIR instead of booting (serial, control and debug log apply).
     #[arg(long, conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "block", "vsock"])]
     restore: Option<PathBuf>,
@@ -66,7 +70,7 @@ struct Args {
     restore_block: Vec<vmm::BlockOverride>,
     /// Create an idle VM shell (--mem-mib, --vcpus) and wait on --control/--control-fd for a
     /// `restore`.
-    #[arg(long, conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "block", "vsock", "restore"])]
+    #[arg(long, conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "block", "vsock", "net", "restore"])]
     shell: bool,
 }
 
@@ -117,6 +121,9 @@ fn config(args: Args) -> Result<VmConfig> {
     cfg.block.extend(args.block);
     if args.vsock.is_some() {
         cfg.vsock = args.vsock;
+    }
+    if args.net.is_some() {
+        cfg.net = args.net;
     }
     Ok(cfg)
 }
@@ -236,6 +243,7 @@ fn main() -> Result<()> {
         opts.debug_log = args.debug_log.clone();
         opts.vsock_uds = args.vsock_uds.clone();
         opts.block = args.restore_block.clone();
+        opts.net = args.net.clone();
         opts.control = args.control.clone();
         let plane = control_plane(None, args.control_fd)?;
         vmm::Vmm::restore_with(&opts, plane)

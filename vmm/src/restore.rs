@@ -90,6 +90,7 @@ impl Vmm {
         }
         vmm.generation = generation;
         boot::write_identity(&vmm.ram.mem, generation, &opts.clone_id)?;
+        boot::write_identity_net(&vmm.ram.mem, vmm.config.net.as_ref())?;
         vmm.source = Some(source);
         vmm.awaiting_activation = opts.paused.into();
         tracing::debug!(elapsed = ?t0.elapsed(), mode = ?opts.mem_mode, "VM restored");
@@ -113,6 +114,14 @@ fn clone_config(snap: &MachineSnapshot, opts: &RestoreOptions) -> Result<VmConfi
                 ))
             }
         }
+    }
+    if let Some(net) = &opts.net {
+        if config.net.is_none() {
+            return Err(VmmError::Mismatch(
+                "network settings were given but the snapshot has no network device".into(),
+            ));
+        }
+        config.net = Some(net.clone());
     }
     for o in &opts.block {
         let (Some(b), Some(&bytes)) =
@@ -147,7 +156,7 @@ fn check_fits(
     snap: &MachineSnapshot,
     config: &VmConfig,
 ) -> Result<(), VmmError> {
-    let devices = config.block.len() + usize::from(config.vsock.is_some());
+    let devices = config.device_count();
     if snap.vcpus.len() != usize::from(config.vcpus) || snap.devices.len() != devices {
         return Err(VmmError::Mismatch(format!(
             "snapshot state does not match its config: {} vCPU states for {} vCPUs, {} device states for {devices} devices",

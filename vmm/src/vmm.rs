@@ -109,6 +109,7 @@ impl Vmm {
         boot::write_cpu_tables(&ram.mem)?;
         boot::write_mptable(&ram.mem, config.vcpus)?;
         boot::write_identity(&ram.mem, 0, "")?;
+        boot::write_identity_net(&ram.mem, config.net.as_ref())?;
 
         let supported = self
             .kvm

@@ -8,11 +8,13 @@
 //! with unknown fields are refused. See `docs/ARCHITECTURE.md` ("Control socket").
 
 mod client;
+mod net;
 mod types;
 mod wire;
 
 pub use client::DEFAULT_TIMEOUT;
 pub use client::{ClientError, ControlClient};
+pub use net::{BadMac, BadNet, MacAddr, NetConfig, MAX_TAP_NAME};
 pub use types::*;
 pub use wire::{decode_reply, encode_error, encode_ok, encode_request, parse_request, MAX_LINE};
 

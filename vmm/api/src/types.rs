@@ -208,6 +208,10 @@ pub struct RestoreOptions {
     /// Restore but keep the vCPUs parked until an `activate` (a warm clone) or `resume`.
     #[serde(default)]
     pub paused: bool,
+    /// The clone's own network device settings: its TAP, MAC and the address announced in its
+    /// identity page (the snapshot's TAP is normally the template's, busy while it runs).
+    #[serde(default)]
+    pub net: Option<crate::NetConfig>,
 }
 
 impl RestoreOptions {
@@ -224,6 +228,7 @@ impl RestoreOptions {
             block: Vec::new(),
             record_ms: DEFAULT_RECORD_MS,
             paused: false,
+            net: None,
         }
     }
 
@@ -231,6 +236,9 @@ impl RestoreOptions {
     /// and the recording window is in range.
     pub fn validate(&self) -> Result<(), String> {
         validate_clone_id(&self.clone_id)?;
+        if let Some(n) = &self.net {
+            n.validate().map_err(|e| e.to_string())?;
+        }
         if !(MIN_RECORD_MS..=MAX_RECORD_MS).contains(&self.record_ms) {
             return Err(format!(
                 "record_ms {}: use {MIN_RECORD_MS}..={MAX_RECORD_MS} (a shorter recording is not a representative working set)",

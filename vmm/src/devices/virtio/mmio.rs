@@ -212,6 +212,7 @@ impl MmioTransport {
             self.status |= status::NEEDS_RESET;
         }
         if self.active() {
+            self.device.activate(self.driver_features);
             let used = self.device.restored(&mut self.queues, &self.mem);
             self.interrupt(&used);
         }
@@ -267,6 +268,11 @@ impl MmioTransport {
                     return;
                 }
             }
+            self.status = v;
+            if self.active() {
+                self.device.activate(self.driver_features);
+            }
+            return;
         }
         self.status = v;
     }

@@ -12,12 +12,16 @@ use crate::memory::GuestMemory;
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 #[cfg(test)]
 pub mod testing;
 pub mod vsock;
 
 /// Virtio device type ids (virtio 1.2, section 5).
 pub mod device_type {
+    /// Network device.
+    pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
     /// Socket device.
@@ -54,6 +58,9 @@ pub trait VirtioDevice: Send {
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// The driver set DRIVER_OK having accepted `driver_features` (also called after a restore
+    /// of a driven device); e.g. virtio-net configures the TAP's offloads here.
+    fn activate(&mut self, _driver_features: u64) {}
     /// Called once after the transport state was restored from a snapshot into a fresh device
     /// (host-side connections are gone); returns the queues whose used rings changed.
     fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
