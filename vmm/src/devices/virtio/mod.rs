@@ -11,6 +11,8 @@ use virtio_queue::Queue;
 use crate::memory::GuestMemory;
 
 pub mod block;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mmio;
 #[cfg(test)]
 pub mod testing;
