@@ -229,9 +229,8 @@ fn main() -> Result<()> {
             }
         );
     }
-    let confine = || {
-        vmm::seccomp::install(vmm::seccomp::ThreadKind::Vmm).context("confining runv-vmm")
-    };
+    let confine =
+        || vmm::seccomp::install(vmm::seccomp::ThreadKind::Vmm).context("confining runv-vmm");
     let term = termination_signalfd()?;
     let term_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&term));
     let vm = if args.shell {

@@ -401,9 +401,9 @@ impl PageServer {
         };
         // Only a confined process waits: unconfined, there is nothing to report.
         if crate::seccomp::mode() != crate::seccomp::SeccompMode::Off {
-            let confined = confined_rx.recv().unwrap_or_else(|_| {
-                Err(crate::seccomp::SeccompError::NoReport("uffd"))
-            });
+            let confined = confined_rx
+                .recv()
+                .unwrap_or(Err(crate::seccomp::SeccompError::NoReport("uffd")));
             if let Err(e) = confined {
                 let _ = thread.join();
                 return Err(UffdError::Seccomp(e));

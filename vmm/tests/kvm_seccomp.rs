@@ -27,7 +27,14 @@ fn boot(thread: &str, mode: &str, dir: &Path) -> (std::process::ExitStatus, Stri
     let mut c = Command::new(env!("CARGO_BIN_EXE_runv-vmm"))
         .arg("--kernel")
         .arg(test_guests::guest_path())
-        .args(["--serial", "none", "--mem-mib", "32", "--cmdline", "rt.exit=reset"])
+        .args([
+            "--serial",
+            "none",
+            "--mem-mib",
+            "32",
+            "--cmdline",
+            "rt.exit=reset",
+        ])
         .arg("--debug-log")
         .arg(dir.join("debug.log"))
         .args(["--seccomp", mode])
@@ -45,7 +52,11 @@ fn reports(dir: &Path) -> String {
 }
 
 fn assert_killed(status: std::process::ExitStatus, err: &str) {
-    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}; stderr: {err}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "{status:?}; stderr: {err}"
+    );
     assert!(err.contains("attempting a forbidden execve"), "{err}");
     assert!(!err.contains("the forbidden execve returned"), "{err}");
 }
@@ -83,7 +94,10 @@ fn kvm_seccomp_log_mode_lets_the_call_through() {
         let dir = tempfile::tempdir().unwrap();
         let (status, err) = boot(thread, "log", dir.path());
         assert!(status.success(), "{thread}: {status:?}; stderr: {err}");
-        assert!(err.contains("the forbidden execve returned"), "{thread}: {err}");
+        assert!(
+            err.contains("the forbidden execve returned"),
+            "{thread}: {err}"
+        );
         assert!(reports(dir.path()).contains("REPORT READY"), "{thread}");
     }
 }

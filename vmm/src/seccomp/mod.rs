@@ -19,7 +19,17 @@ use std::sync::OnceLock;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 /// What a syscall outside a thread's allow-list does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SeccompMode {
     /// No filters.
@@ -131,8 +141,13 @@ fn compile(mode: SeccompMode) -> Result<Compiled, SeccompError> {
     let arch = TargetArch::x86_64;
     let mut programs = Vec::new();
     for kind in ThreadKind::ALL {
-        let filter = SeccompFilter::new(rules::allowed(kind)?, mismatch.clone(), SeccompAction::Allow, arch)
-            .map_err(SeccompError::Build)?;
+        let filter = SeccompFilter::new(
+            rules::allowed(kind)?,
+            mismatch.clone(),
+            SeccompAction::Allow,
+            arch,
+        )
+        .map_err(SeccompError::Build)?;
         programs.push(BpfProgram::try_from(filter).map_err(SeccompError::Compile)?);
     }
     let clone3 = SeccompFilter::new(

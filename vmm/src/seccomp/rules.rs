@@ -44,7 +44,11 @@ fn rule(conds: Vec<Cond>) -> Result<SeccompRule, SeccompError> {
 /// `ioctl(fd, REQ, ...)` for exactly the requests in `reqs`.
 fn ioctl_eq(reqs: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
     reqs.iter()
-        .map(|r| rule(vec![Cond::new(1, Len::Dword, Op::Eq, *r).map_err(SeccompError::Build)?]))
+        .map(|r| {
+            rule(vec![
+                Cond::new(1, Len::Dword, Op::Eq, *r).map_err(SeccompError::Build)?
+            ])
+        })
         .collect()
 }
 
@@ -202,13 +206,11 @@ fn vmm() -> Result<Vec<Entry>, SeccompError> {
         vec![
             ioctl_type(KVM_TYPE)?,
             ioctl_type(UFFDIO)?,
-            rule(vec![Cond::new(1, Len::Dword, Op::Eq, FIONBIO as u64)
-                .map_err(SeccompError::Build)?])?,
-            rule(vec![Cond::new(1, Len::Dword, Op::Eq, FIOCLEX as u64)
-                .map_err(SeccompError::Build)?])?,
-            rule(vec![Cond::new(1, Len::Dword, Op::Eq, TCGETS as u64)
-                .map_err(SeccompError::Build)?])?,
-        ],
+            // std's set_nonblocking/set_cloexec, isatty.
+        ]
+        .into_iter()
+        .chain(ioctl_eq(&[FIONBIO, FIOCLEX, TCGETS])?)
+        .collect(),
     ));
     // Threads only (vCPUs, the page server): a fork of the VMM is refused. clone3 passes its
     // flags in memory, out of the filter's reach: it answers ENOSYS (see `super::no_clone3`) and
@@ -234,7 +236,11 @@ fn vmm() -> Result<Vec<Entry>, SeccompError> {
 fn arg0_in(values: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
     values
         .iter()
-        .map(|v| rule(vec![Cond::new(0, Len::Dword, Op::Eq, *v).map_err(SeccompError::Build)?]))
+        .map(|v| {
+            rule(vec![
+                Cond::new(0, Len::Dword, Op::Eq, *v).map_err(SeccompError::Build)?
+            ])
+        })
         .collect()
 }
 
@@ -286,13 +292,27 @@ mod tests {
     fn no_list_allows_exec_or_fork() {
         for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Uffd] {
             let map = allowed(kind).unwrap();
-            for sys in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_fork, libc::SYS_vfork,
-                libc::SYS_ptrace, libc::SYS_mount, libc::SYS_setuid, libc::SYS_init_module] {
+            for sys in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_ptrace,
+                libc::SYS_mount,
+                libc::SYS_setuid,
+                libc::SYS_init_module,
+            ] {
                 assert!(!map.contains_key(&sys), "{kind:?} allows syscall {sys}");
             }
         }
-        assert!(!allowed(ThreadKind::Vcpu).unwrap().contains_key(&libc::SYS_openat));
-        assert!(!allowed(ThreadKind::Vcpu).unwrap().contains_key(&libc::SYS_socket));
-        assert!(!allowed(ThreadKind::Uffd).unwrap().contains_key(&libc::SYS_socket));
+        assert!(!allowed(ThreadKind::Vcpu)
+            .unwrap()
+            .contains_key(&libc::SYS_openat));
+        assert!(!allowed(ThreadKind::Vcpu)
+            .unwrap()
+            .contains_key(&libc::SYS_socket));
+        assert!(!allowed(ThreadKind::Uffd)
+            .unwrap()
+            .contains_key(&libc::SYS_socket));
     }
 }
