@@ -45,7 +45,8 @@ for t in "${targets[@]}"; do
         grep -E "stat::number_of_executed_units|Done [0-9]+ runs" "$logs/$name.log" | tail -2 || true
     else
         echo "!!! fuzz target $name FAILED (crash, timeout, leak or build error):" >&2
-        tail -40 "$logs/$name.log" >&2
+        # The input's Debug dump is one huge line: leave it in the log.
+        grep -v '^\s*\[' "$logs/$name.log" | tail -30 >&2
         failed+=("$name")
     fi
 done
