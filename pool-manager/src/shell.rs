@@ -177,7 +177,18 @@ impl ShellProcess {
 
     /// Whether the VMM has exited (without waiting): its exit status once it has.
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        let status = self.child.try_wait().ok().flatten();
+        if let Some(s) = status {
+            if std::os::unix::process::ExitStatusExt::signal(&s) == Some(libc::SIGSYS) {
+                tracing::error!(
+                    "VMM {} (pid {}) was killed by SIGSYS: a seccomp violation; the kernel audit \
+                     log (type=1326) names the thread and syscall",
+                    self.name,
+                    self.child.id()
+                );
+            }
+        }
+        status
     }
 
     /// The shell's name (its control socket is `<run_dir>/<name>.sock`).

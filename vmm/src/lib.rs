@@ -21,6 +21,7 @@ pub mod memory;
 pub mod persist;
 mod restore;
 mod save;
+pub mod seccomp;
 pub mod serve;
 pub mod shell;
 mod sync;

@@ -72,6 +72,10 @@ struct Args {
     /// `restore`.
     #[arg(long, conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "block", "vsock", "net", "restore"])]
     shell: bool,
+    /// seccomp filters on every thread: kill (default; a forbidden syscall kills the process
+    /// with SIGSYS), log (allowed, logged by the kernel) or off.
+    #[arg(long, value_enum, default_value_t = vmm::seccomp::SeccompMode::Kill)]
+    seccomp: vmm::seccomp::SeccompMode,
 }
 
 fn parse_block_override(s: &str) -> Result<vmm::BlockOverride, String> {
@@ -220,6 +224,20 @@ fn main() -> Result<()> {
             }
         }
     }
+    vmm::seccomp::set_mode(args.seccomp).context("preparing the seccomp filters")?;
+    if args.seccomp != vmm::seccomp::SeccompMode::Off {
+        tracing::info!(
+            mode = ?args.seccomp,
+            "seccomp on: a syscall outside a thread's allow-list {}",
+            if args.seccomp == vmm::seccomp::SeccompMode::Kill {
+                "kills runv-vmm with SIGSYS (the kernel audit log names it: type=1326 ... syscall=N)"
+            } else {
+                "is allowed and logged by the kernel (type=1326)"
+            }
+        );
+    }
+    let confine =
+        || vmm::seccomp::install(vmm::seccomp::ThreadKind::Vmm).context("confining runv-vmm");
     let term = termination_signalfd()?;
     let term_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&term));
     let vm = if args.shell {
@@ -230,6 +248,8 @@ fn main() -> Result<()> {
         let plane = control_plane(args.control.as_ref(), args.control_fd)?;
         let shell = vmm::Shell::create(args.mem_mib.unwrap_or(128), vcpus)
             .context("creating the VM shell")?;
+        // Before any request is read: the restore runs confined.
+        confine()?;
         match vmm::serve::shell_loop::wait_for_restore(shell, plane, term_fd)
             .context("restoring into the shell")?
         {
@@ -246,13 +266,16 @@ fn main() -> Result<()> {
         opts.net = args.net.clone();
         opts.control = args.control.clone();
         let plane = control_plane(None, args.control_fd)?;
+        confine()?;
         vmm::Vmm::restore_with(&opts, plane)
             .with_context(|| format!("restoring the snapshot in {}", dir.display()))?
     } else {
         if args.control_fd.is_some() {
             bail!("--control-fd is for --shell and --restore; a booted VM uses --control PATH");
         }
-        vmm::Vmm::build(config(args)?).context("building the VM")?
+        let vm = vmm::Vmm::build(config(args)?).context("building the VM")?;
+        confine()?;
+        vm
     };
     let reason = vm.run(term_fd)?;
     tracing::info!(?reason, "VM ended");

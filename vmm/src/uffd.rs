@@ -67,6 +67,9 @@ pub enum UffdError {
     /// Spawning the handler thread or creating its eventfd.
     #[error("starting the userfaultfd handler: {0}")]
     Thread(std::io::Error),
+    /// The page server thread could not be confined.
+    #[error("confining the userfaultfd page server: {0}")]
+    Seccomp(crate::seccomp::SeccompError),
     /// The clone's RAM is not the snapshot's size.
     #[error("guest RAM is {ram} bytes, the snapshot in {dir} has {snapshot}: use a VM of the snapshot's size")]
     Size {
@@ -380,13 +383,32 @@ impl PageServer {
         let stop =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(UffdError::Thread)?;
         let stop_fd = stop.try_clone().map_err(UffdError::Thread)?;
+        let (confined_tx, confined_rx) = std::sync::mpsc::sync_channel(1);
         let thread = {
             let (pages, counters) = (pages.clone(), counters.clone());
             std::thread::Builder::new()
                 .name("uffd".into())
-                .spawn(move || serve(&pages, &counters, &stop_fd, recording))
+                .spawn(move || {
+                    // Confined before it serves a single page.
+                    let confined = crate::seccomp::install(crate::seccomp::ThreadKind::Uffd);
+                    let ok = confined.is_ok();
+                    let _ = confined_tx.send(confined);
+                    if ok {
+                        serve(&pages, &counters, &stop_fd, recording);
+                    }
+                })
                 .map_err(UffdError::Thread)?
         };
+        // Only a confined process waits: unconfined, there is nothing to report.
+        if crate::seccomp::mode() != crate::seccomp::SeccompMode::Off {
+            let confined = confined_rx
+                .recv()
+                .unwrap_or(Err(crate::seccomp::SeccompError::NoReport("uffd")));
+            if let Err(e) = confined {
+                let _ = thread.join();
+                return Err(UffdError::Seccomp(e));
+            }
+        }
         Ok(Self {
             pages,
             counters,

@@ -92,6 +92,11 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            // Confined before the first KVM_RUN: guest code only ever runs under the filter.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                exit.exit(ExitReason::Error(format!("vCPU {id}: {e}")));
+                return;
+            }
             while ctl.checkpoint() {
                 let outcome = {
                     let mut fd = fd.lock_or_recover();

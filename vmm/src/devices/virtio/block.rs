@@ -377,7 +377,9 @@ impl Block {
             if queue.disable_notification(mem).is_err() {
                 return used;
             }
+            let mut popped = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped = true;
                 let head = chain.head_index();
                 let len = match Self::parse(chain, mem) {
                     Some(req) => {
@@ -399,7 +401,10 @@ impl Block {
                 used = true;
             }
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
+                // More is available but nothing could be popped (a driver index beyond the
+                // queue size): stop, or a guest would spin the device loop forever (found by
+                // fuzz/virtio_blk).
+                Ok(true) if popped => continue,
                 _ => return used,
             }
         }

@@ -11,6 +11,8 @@ use virtio_queue::Queue;
 use crate::memory::GuestMemory;
 
 pub mod block;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod tap;
