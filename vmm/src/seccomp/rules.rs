@@ -210,6 +210,14 @@ fn vmm() -> Result<Vec<Entry>, SeccompError> {
         ]
         .into_iter()
         .chain(ioctl_eq(&[FIONBIO, FIOCLEX, TCGETS])?)
+        // virtio-net's TAP: whether it exists (if_nametoindex), attach (at build or restore),
+        // header size, offloads.
+        .chain(ioctl_eq(&[
+            SIOCGIFINDEX as u64,
+            TUNSETIFF as u64,
+            TUNSETVNETHDRSZ as u64,
+            TUNSETOFFLOAD as u64,
+        ])?)
         .collect(),
     ));
     // Threads only (vCPUs, the page server): a fork of the VMM is refused. clone3 passes its
@@ -249,8 +257,15 @@ fn vcpu() -> Result<Vec<Entry>, SeccompError> {
     let mut v = common();
     v.push((
         libc::SYS_ioctl,
-        ioctl_eq(&[KVM_RUN() as u64, KVM_GET_REGS() as u64])?,
+        ioctl_eq(&[
+            KVM_RUN() as u64,
+            KVM_GET_REGS() as u64,
+            // A driver starting virtio-net (an MMIO status write, handled on this thread)
+            // sets the TAP's offloads and arms it in the device's epoll.
+            libc::TUNSETOFFLOAD as u64,
+        ])?,
     ));
+    v.push(always(libc::SYS_epoll_ctl));
     Ok(v)
 }
 
