@@ -81,10 +81,11 @@ pub(crate) enum Step {
     Domainname,
     CgroupNs,
     Console,
+    DevConsole,
 }
 
 impl Step {
-    const ALL: [Step; 26] = [
+    const ALL: [Step; 27] = [
         Step::MakePrivate,
         Step::MountRoot,
         Step::MountPoint,
@@ -111,6 +112,7 @@ impl Step {
         Step::Domainname,
         Step::CgroupNs,
         Step::Console,
+        Step::DevConsole,
     ];
 
     fn from_index(i: i32) -> Option<Self> {
@@ -146,6 +148,7 @@ impl Step {
             Step::Domainname => "setdomainname",
             Step::CgroupNs => "unshare the cgroup namespace",
             Step::Console => "set the terminal size (process.consoleSize)",
+            Step::DevConsole => "bind the terminal onto the container's /dev/console",
         }
     }
 }
@@ -156,6 +159,10 @@ pub struct ChildStdio {
     pub fds: [RawFd; 3],
     /// Make the pty its controlling terminal.
     pub controlling_tty: bool,
+    /// The pty slave's path in the agent's mount namespace (e.g. `/dev/pts/3`): the child binds
+    /// it onto the container's `/dev/console` through that path, since a bind mount cannot
+    /// take its source from an fd of another mount namespace.
+    pub tty_path: Option<std::ffi::CString>,
 }
 
 /// A child created and set up, blocked before exec.

@@ -203,10 +203,14 @@ impl StreamTable {
             };
             io.pty = Some(master);
             let fd = slave.as_raw_fd();
+            let tty_path = nix::unistd::ttyname(&slave)
+                .ok()
+                .and_then(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).ok());
             return Ok(Wiring {
                 child: ChildStdio {
                     fds: [fd, fd, fd],
                     controlling_tty: true,
+                    tty_path,
                 },
                 child_ends: vec![slave],
                 io,
@@ -234,6 +238,7 @@ impl StreamTable {
             child: ChildStdio {
                 fds: [in_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
                 controlling_tty: false,
+                tty_path: None,
             },
             child_ends: vec![in_fd, out_w, err_w],
             io,

@@ -88,7 +88,7 @@ fn terminal_mode() {
         spec(&[
             "sh",
             "-c",
-            "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; read line; stty size; echo got:$line",
+            "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; echo name:$(tty); read line; stty size; echo got:$line",
         ]),
         &root,
         StdioConfig {
@@ -116,6 +116,8 @@ fn terminal_mode() {
         "stdin and stdout are a terminal: {out:?}"
     );
     assert!(out.contains("got:ping"), "{out:?}");
+    // The terminal is the container's /dev/console, so ttyname(3) finds it inside.
+    assert!(out.contains("name:/dev/console\r\n"), "{out:?}");
     assert!(
         out.contains("50 120"),
         "the resize reached the terminal: {out:?}"

@@ -308,11 +308,11 @@ fn ctr_scenarios_match_runc() {
         assert_eq!(out.status.code(), Some(0));
         // -t with a pty: ctr needs a terminal itself, so it runs under script(1). The output
         // passes the container's pty line discipline (`\n` -> `\r\n`) and the exit code comes
-        // back. (`tty` inside the container is not compared: under runv's host backend the pty
-        // comes from the agent's devpts instance, not the container's, so ttyname(3) fails.)
+        // back, and ttyname(3) finds the terminal inside the container (runc: /dev/pts/0 of the
+        // container's devpts; runv: the pty bound onto /dev/console, as runc does for `create`).
         let id = format!("runv-e2e-{tag}-tty-{}", std::process::id());
         let line = format!(
-            "ctr --address {} --namespace {NS} run --rm -t --runtime {rt} {IMAGE} {id} sh -c 'echo tty-line; exit 4'",
+            "ctr --address {} --namespace {NS} run --rm -t --runtime {rt} {IMAGE} {id} sh -c 'echo tty-line; tty >/dev/null && echo named-tty; exit 4'",
             c.sock().display()
         );
         let out = common::run_bounded(
@@ -322,6 +322,7 @@ fn ctr_scenarios_match_runc() {
         );
         let o = text(&out.stdout);
         assert!(o.contains("tty-line\r"), "{tag}: tty output {o:?}");
+        assert!(o.contains("named-tty\r"), "{tag}: tty output {o:?}");
         assert_eq!(out.status.code(), Some(4), "{tag}: {o}");
         // Detached task + exec + ps + kill + delete.
         let id = format!("runv-e2e-{tag}-det-{}", std::process::id());

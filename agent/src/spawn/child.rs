@@ -16,7 +16,7 @@ use super::resolve::close;
 use super::{ChildStdio, Step};
 use creds::{drop_privileges, exec, install_seccomp};
 use fs::{
-    make_device, make_mounts_private, mask_path, mount_root, pivot, readonly_path,
+    bind_console, make_device, make_mounts_private, mask_path, mount_root, pivot, readonly_path,
     remount_root_readonly, root_propagation, spec_mount, write_sysctls,
 };
 
@@ -85,6 +85,9 @@ pub(super) fn child_main(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) -> isi
         }
         for d in &r.devices {
             make_device(root, d, fds);
+        }
+        if let Some(tty) = &stdio.tty_path {
+            bind_console(root, &r.console, tty, fds);
         }
         pivot(root, fds);
         close(root);

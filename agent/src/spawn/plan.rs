@@ -80,6 +80,9 @@ pub(super) struct Rootfs {
     /// Mounts of type `cgroup`/`cgroup2`, waiting for the container's cgroup
     /// ([`Plan::bind_cgroup`]): where they go in `mounts`, destination and options.
     pub(super) cgroup_mounts: Vec<CgroupMount>,
+    /// `/dev/console`, where the terminal is bound when the process has one (as runc does):
+    /// `ttyname(3)` and `tty` look for their terminal inside the container's /dev.
+    pub(super) console: RootPath,
 }
 
 /// A spec mount of the container's cgroup, expanded by [`Plan::bind_cgroup`].
@@ -369,6 +372,7 @@ impl Plan {
             propagation,
             sysctls,
             cgroup_mounts,
+            console: RootPath::new(Path::new("/dev/console"))?,
         });
         plan.hostname = spec.hostname().as_ref().map(cstr).transpose()?;
         plan.domainname = spec

@@ -1,6 +1,7 @@
 //! The child's file-system steps: the root, the spec's mounts (targets resolved inside the
 //! root), device nodes, the pivot, the root's propagation, sysctls, masked and read-only paths.
 
+use std::ffi::CStr;
 use std::os::fd::RawFd;
 
 use super::super::fields::{DeviceNode, Sysctl};
@@ -406,4 +407,26 @@ struct OpenHow {
     flags: u64,
     mode: u64,
     resolve: u64,
+}
+
+/// Binds the terminal (the pty slave the agent opened) onto the container's `/dev/console`,
+/// as runc does: programs that look for their terminal by device number inside the container
+/// (`ttyname(3)`, `tty`) find it there.
+pub(super) fn bind_console(root: RawFd, console: &RootPath, tty: &CStr, fds: &ChildFds) {
+    let node = match ensure_in_root(root, console, true) {
+        Ok(fd) => fd,
+        Err(e) => fail(fds, Step::DevConsole, e),
+    };
+    // The source by path (this namespace's copy of the agent's devpts mount); the target
+    // through the fd of the node resolved inside the root.
+    let dst = FdPath::new(node);
+    let rc = mount(
+        tty.as_ptr(),
+        dst.as_ptr(),
+        std::ptr::null(),
+        libc::MS_BIND,
+        std::ptr::null(),
+    );
+    close(node);
+    check(fds, Step::DevConsole, rc);
 }
