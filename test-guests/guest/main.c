@@ -664,6 +664,8 @@ static void task_counter(const struct boot_info *bi) {
     }
 }
 
+#include "agent.c"
+
 void guest_main(const u8 *info, int pvh) {
     struct boot_info bi;
     /* hvm_start_info.cmdline_paddr is at offset 24. */
@@ -681,6 +683,7 @@ void guest_main(const u8 *info, int pvh) {
     if ((a = find_token("rt.vsock_listen")) && *a == '=') task_vsock_listen((u32)parse_dec(a + 1));
     if ((a = find_token("rt.vsock_connect")) && *a == '=') task_vsock_connect((u32)parse_dec(a + 1));
     if (find_token("rt.counter")) task_counter(&bi);
+    if ((a = find_token("rt.agent"))) task_agent(*a == '=' ? (u32)parse_dec(a + 1) : 1024);
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);
     if (a && prefix(a, "=crash")) {
