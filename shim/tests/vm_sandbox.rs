@@ -135,7 +135,11 @@ fn wait_report(log: &Path, what: &str) -> String {
         {
             return l.to_string();
         }
-        assert!(Instant::now() < deadline, "no PASS {what} in {}:\n{text}", log.display());
+        assert!(
+            Instant::now() < deadline,
+            "no PASS {what} in {}:\n{text}",
+            log.display()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -146,8 +150,9 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn fnv1a(b: &[u8]) -> u32 {
-    b.iter()
-        .fold(0x811c9dc5u32, |h, &x| (h ^ u32::from(x)).wrapping_mul(0x01000193))
+    b.iter().fold(0x811c9dc5u32, |h, &x| {
+        (h ^ u32::from(x)).wrapping_mul(0x01000193)
+    })
 }
 
 fn alive(pid: u32) -> bool {
@@ -180,12 +185,19 @@ fn vm_sandbox_clone_gets_disk_agent_and_hooks_and_release_leaves_nothing() {
         let r = wait_report(&log, "agent_hook op=reseed");
         assert_eq!(field(&r, "bytes"), Some("32"), "{r}");
         let r = wait_report(&log, "agent_hook op=set_clock");
-        assert_eq!(field(&r, "unix_nanos"), Some(h.unix_nanos.to_string().as_str()), "{r}");
+        assert_eq!(
+            field(&r, "unix_nanos"),
+            Some(h.unix_nanos.to_string().as_str()),
+            "{r}"
+        );
         let r = wait_report(&log, "agent_hook op=set_hostname");
         assert_eq!(field(&r, "name"), h.hostname.as_deref(), "{r}");
 
         // The responder's frames decode with the Rust protocol crate.
-        match client.call_timeout(&Request::Ping, Duration::from_secs(5)).unwrap() {
+        match client
+            .call_timeout(&Request::Ping, Duration::from_secs(5))
+            .unwrap()
+        {
             Response::Pong {
                 version,
                 ready,
@@ -198,7 +210,10 @@ fn vm_sandbox_clone_gets_disk_agent_and_hooks_and_release_leaves_nothing() {
             }
             other => panic!("ping answered {other:?}"),
         }
-        match client.call_timeout(&Request::List, Duration::from_secs(5)).unwrap() {
+        match client
+            .call_timeout(&Request::List, Duration::from_secs(5))
+            .unwrap()
+        {
             Response::Error(e) => {
                 assert_eq!(e.code, ErrorCode::BadRequest);
                 assert!(e.message.contains("ping"), "{}", e.message);
@@ -230,13 +245,22 @@ fn vm_sandbox_clone_gets_disk_agent_and_hooks_and_release_leaves_nothing() {
     );
     let r = wait_report(&sb.info().debug_log, "agent_disk");
     let bytes = std::fs::read(&image.path).unwrap();
-    assert_eq!(field(&r, "capacity"), Some((bytes.len() as u64 / 512).to_string().as_str()), "{r}");
+    assert_eq!(
+        field(&r, "capacity"),
+        Some((bytes.len() as u64 / 512).to_string().as_str()),
+        "{r}"
+    );
     assert_eq!(field(&r, "serial"), Some("runv-slot0"), "{r}");
-    assert_eq!(field(&r, "sum0"), Some(format!("{:x}", fnv1a(&bytes[..512])).as_str()), "{r}");
+    assert_eq!(
+        field(&r, "sum0"),
+        Some(format!("{:x}", fnv1a(&bytes[..512])).as_str()),
+        "{r}"
+    );
     // The agent still answers after the disk swap, on a new connection too.
     let mut c = sb.agent_ready().unwrap();
     assert!(matches!(
-        c.call_timeout(&Request::Ping, Duration::from_secs(5)).unwrap(),
+        c.call_timeout(&Request::Ping, Duration::from_secs(5))
+            .unwrap(),
         Response::Pong { .. }
     ));
     drop(c);
@@ -256,7 +280,11 @@ fn vm_sandbox_clone_gets_disk_agent_and_hooks_and_release_leaves_nothing() {
             assert!(!f.exists(), "{} left behind", f.display());
         }
     }
-    assert!(fx.run_files().is_empty(), "left in the run dir: {:?}", fx.run_files());
+    assert!(
+        fx.run_files().is_empty(),
+        "left in the run dir: {:?}",
+        fx.run_files()
+    );
 }
 
 #[test]
@@ -273,7 +301,10 @@ fn vm_sandbox_refuses_a_template_without_agent_naming_it() {
     };
     assert!(matches!(err, VmError::NoAgent { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("template silent") && msg.contains("1024"), "{msg}");
+    assert!(
+        msg.contains("template silent") && msg.contains("1024"),
+        "{msg}"
+    );
     // The failed start released its clone.
     assert!(fx.pool().sandboxes().is_empty());
     // An unknown template is named too.
@@ -281,7 +312,11 @@ fn vm_sandbox_refuses_a_template_without_agent_naming_it() {
     assert!(e.contains("template nope does not exist"), "{e}");
     drop(source);
     fx.close();
-    assert!(fx.run_files().is_empty(), "left in the run dir: {:?}", fx.run_files());
+    assert!(
+        fx.run_files().is_empty(),
+        "left in the run dir: {:?}",
+        fx.run_files()
+    );
 }
 
 /// The whole chain with a Linux guest whose init is the static `runv-agent`: `runv --sandbox
@@ -291,7 +326,9 @@ fn vm_sandbox_refuses_a_template_without_agent_naming_it() {
 fn vm_sandbox_runs_a_container_with_a_linux_kernel() {
     let Some(kernel) = std::env::var_os("RUNV_KERNEL") else {
         println!("SKIPPED: vm_sandbox_runs_a_container_with_a_linux_kernel: RUNV_KERNEL is not set (no Linux guest boots on this host); set RUNV_KERNEL (and RUNV_INITRD with runv-agent as init) to run it");
-        eprintln!("SKIPPED: vm_sandbox_runs_a_container_with_a_linux_kernel: RUNV_KERNEL is not set");
+        eprintln!(
+            "SKIPPED: vm_sandbox_runs_a_container_with_a_linux_kernel: RUNV_KERNEL is not set"
+        );
         return;
     };
     if !kvm("vm_sandbox_runs_a_container_with_a_linux_kernel") {
@@ -331,12 +368,30 @@ fn vm_sandbox_runs_a_container_with_a_linux_kernel() {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_runv"));
     cmd.arg("--root")
         .arg(env.root.path())
-        .args(["--sandbox", "vm", "run", "--bundle", bundle.to_str().unwrap(), &id])
+        .args([
+            "--sandbox",
+            "vm",
+            "run",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            &id,
+        ])
         .env("RUNV_CONFIG", &conf)
         .env_remove("RUNV_TEMPLATE")
         .stdin(std::process::Stdio::null());
     let out = common::run_bounded(&mut cmd);
-    assert!(out.status.success(), "runv run: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello from a clone");
-    assert!(fx.run_files().is_empty(), "left in the run dir: {:?}", fx.run_files());
+    assert!(
+        out.status.success(),
+        "runv run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello from a clone"
+    );
+    assert!(
+        fx.run_files().is_empty(),
+        "left in the run dir: {:?}",
+        fx.run_files()
+    );
 }

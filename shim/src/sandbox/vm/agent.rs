@@ -15,7 +15,8 @@ use super::VmError;
 /// `CONNECT <port>\n`, expects `OK <host port>\n` (read byte by byte, so no protocol byte is
 /// consumed), then speaks the agent protocol.
 pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<Client, String> {
-    let mut s = UnixStream::connect(uds).map_err(|e| format!("connecting {}: {e}", uds.display()))?;
+    let mut s =
+        UnixStream::connect(uds).map_err(|e| format!("connecting {}: {e}", uds.display()))?;
     s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
         .map_err(|e| e.to_string())?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
@@ -25,13 +26,19 @@ pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<Client, Strin
     while line.last() != Some(&b'\n') {
         match s.read(&mut b) {
             Ok(1) if line.len() < 64 => line.push(b[0]),
-            Ok(0) => return Err("the VMM closed the vsock connection (nothing listens on the port in the guest)".into()),
+            Ok(0) => return Err(
+                "the VMM closed the vsock connection (nothing listens on the port in the guest)"
+                    .into(),
+            ),
             Ok(_) => return Err("vsock handshake: reply line too long".into()),
             Err(e) => return Err(format!("vsock handshake: {e}")),
         }
     }
     if !line.starts_with(b"OK ") {
-        return Err(format!("vsock handshake: {:?}", String::from_utf8_lossy(&line).trim()));
+        return Err(format!(
+            "vsock handshake: {:?}",
+            String::from_utf8_lossy(&line).trim()
+        ));
     }
     Client::from_stream(s).map_err(|e| e.to_string())
 }
@@ -90,11 +97,26 @@ impl Hooks {
     /// Runs them in order (reseed, set_clock, set_hostname); each must answer `ok`.
     pub fn run(&self, c: &mut Client) -> Result<(), VmError> {
         let mut reqs = vec![
-            ("reseed", Request::Reseed { entropy: self.entropy.clone() }),
-            ("set_clock", Request::SetClock { unix_nanos: self.unix_nanos }),
+            (
+                "reseed",
+                Request::Reseed {
+                    entropy: self.entropy.clone(),
+                },
+            ),
+            (
+                "set_clock",
+                Request::SetClock {
+                    unix_nanos: self.unix_nanos,
+                },
+            ),
         ];
         if let Some(h) = &self.hostname {
-            reqs.push(("set_hostname", Request::SetHostname { hostname: h.clone() }));
+            reqs.push((
+                "set_hostname",
+                Request::SetHostname {
+                    hostname: h.clone(),
+                },
+            ));
         }
         for (op, req) in reqs {
             match c.call_timeout(&req, Duration::from_secs(5)) {

@@ -66,7 +66,9 @@ impl VmConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(VmError::Config(path, e.to_string())),
         };
-        let env = std::env::var("RUNV_TEMPLATE").ok().filter(|t| !t.is_empty());
+        let env = std::env::var("RUNV_TEMPLATE")
+            .ok()
+            .filter(|t| !t.is_empty());
         Self::from_text(&text, &path, template.map(str::to_owned).or(env))
     }
 
@@ -74,7 +76,8 @@ impl VmConfig {
     /// file's.
     pub fn from_text(text: &str, path: &Path, template: Option<String>) -> Result<Self, VmError> {
         let mut cfg = Self::new(template.clone().unwrap_or_default());
-        let bad = |line: usize, why: &str| VmError::Config(path.into(), format!("line {line}: {why}"));
+        let bad =
+            |line: usize, why: &str| VmError::Config(path.into(), format!("line {line}: {why}"));
         for (n, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -125,7 +128,8 @@ mod tests {
 
     #[test]
     fn file_keys_and_template_precedence() {
-        let text = "# runv\ntemplate = \"py\"\nstate_dir = \"/s\"\nagent_timeout_ms = 500\nvmm=/v\n";
+        let text =
+            "# runv\ntemplate = \"py\"\nstate_dir = \"/s\"\nagent_timeout_ms = 500\nvmm=/v\n";
         let c = VmConfig::from_text(text, Path::new("/c"), None).unwrap();
         assert_eq!(c.template, "py");
         assert_eq!(c.state_dir, PathBuf::from("/s"));
@@ -141,7 +145,10 @@ mod tests {
         let e = VmConfig::from_text("template = x\nbogus = 1\n", Path::new("/c"), None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("/c") && e.contains("line 2") && e.contains("bogus"), "{e}");
+        assert!(
+            e.contains("/c") && e.contains("line 2") && e.contains("bogus"),
+            "{e}"
+        );
         let e = VmConfig::from_text("agent_port = x\n", Path::new("/c"), Some("t".into()))
             .unwrap_err()
             .to_string();

@@ -101,7 +101,9 @@ pub struct VmSandbox {
 
 impl std::fmt::Debug for VmSandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmSandbox").field("info", &self.info).finish()
+        f.debug_struct("VmSandbox")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -114,17 +116,23 @@ impl VmSandbox {
         container: &str,
         hooks: &Hooks,
     ) -> Result<(Self, Client), VmError> {
-        let info = source.acquire(&cfg.template, container)?;
-        let sb = Self {
-            cfg: cfg.clone(),
-            source: Some(source.clone()),
-            info,
-            first: Mutex::new(None),
-        };
+        let sb = Self::acquire(cfg, source, container)?;
         // On error `sb` is dropped: the clone is released.
         let mut client = sb.agent_ready()?;
         hooks.run(&mut client)?;
         Ok((sb, client))
+    }
+
+    /// Only leases a clone of `cfg.template` (no agent contact, no hooks): for callers that
+    /// order the steps themselves (benchmarks, a shim that attaches disks first).
+    pub fn acquire(cfg: &VmConfig, source: &Source, container: &str) -> Result<Self, VmError> {
+        let info = source.acquire(&cfg.template, container)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            source: Some(source.clone()),
+            info,
+            first: Mutex::new(None),
+        })
     }
 
     /// The leased sandbox (ids, sockets, VMM pid).
@@ -146,24 +154,34 @@ impl VmSandbox {
 
     /// Connects to the agent and waits (at most `cfg.agent_timeout`) for `ping`.
     pub fn agent_ready(&self) -> Result<Client, VmError> {
-        agent::connect_ready(&self.info.vsock_uds, self.cfg.agent_port, self.cfg.agent_timeout)
-            .map_err(|last| VmError::NoAgent {
-                template: self.cfg.template.clone(),
-                port: self.cfg.agent_port,
-                timeout: self.cfg.agent_timeout,
-                last,
-            })
+        agent::connect_ready(
+            &self.info.vsock_uds,
+            self.cfg.agent_port,
+            self.cfg.agent_timeout,
+        )
+        .map_err(|last| VmError::NoAgent {
+            template: self.cfg.template.clone(),
+            port: self.cfg.agent_port,
+            timeout: self.cfg.agent_timeout,
+            last,
+        })
     }
 
     fn control(&self) -> Result<ControlClient, VmError> {
         let fail = |e: vmm_api::ClientError| VmError::Control(self.info.id.clone(), e.to_string());
-        let mut c = ControlClient::connect(&self.info.control, Duration::from_secs(5)).map_err(fail)?;
+        let mut c =
+            ControlClient::connect(&self.info.control, Duration::from_secs(5)).map_err(fail)?;
         c.set_timeout(Duration::from_secs(10)).map_err(fail)?;
         Ok(c)
     }
 
     /// Swaps disk slot `slot` to `path` (`attach_disk`).
-    pub fn attach_disk(&self, slot: usize, path: &Path, read_only: bool) -> Result<DiskReply, VmError> {
+    pub fn attach_disk(
+        &self,
+        slot: usize,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<DiskReply, VmError> {
         self.control()?.attach_disk(slot, path, read_only).map_err(|e| {
             VmError::Control(
                 self.info.id.clone(),
@@ -258,9 +276,15 @@ pub fn preflight() -> Result<(), SandboxError> {
     if std::os::unix::net::UnixStream::connect(&cfg.pool_socket).is_ok() {
         return Ok(Source::Daemon(cfg.pool_socket.clone()).check_template(&cfg.template)?);
     }
-    let meta = cfg.state_dir.join("templates").join(&cfg.template).join("template.json");
+    let meta = cfg
+        .state_dir
+        .join("templates")
+        .join(&cfg.template)
+        .join("template.json");
     if !meta.is_file() {
-        return Err(VmError::UnknownTemplate(cfg.template, cfg.state_dir.display().to_string()).into());
+        return Err(
+            VmError::UnknownTemplate(cfg.template, cfg.state_dir.display().to_string()).into(),
+        );
     }
     if cfg.vmm.is_none() && source::find_vmm().is_none() {
         return Err(VmError::NoVmm.into());
@@ -282,7 +306,8 @@ pub fn launch(dir: &ContainerDir) -> Result<VmSandbox, SandboxError> {
     drop(source); // the sandbox holds the only reference to an embedded pool
     *sb.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
     let path = dir.path.join(RECORD_FILE);
-    let json = serde_json::to_vec_pretty(&sb.record()).map_err(|e| VmError::Record(path.clone(), e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&sb.record())
+        .map_err(|e| VmError::Record(path.clone(), e.to_string()))?;
     std::fs::write(&path, json).map_err(|e| VmError::Record(path.clone(), e.to_string()))?;
     Ok(sb)
 }
@@ -298,7 +323,10 @@ pub fn load_record(dir: &ContainerDir) -> Result<VmRecord, VmError> {
 pub fn connect_record(dir: &ContainerDir) -> Result<Client, VmError> {
     let r = load_record(dir)?;
     agent::connect(&r.info.vsock_uds, r.agent_port, Duration::from_secs(2)).map_err(|e| {
-        VmError::Control(r.info.id.clone(), format!("reaching the agent over vsock: {e}"))
+        VmError::Control(
+            r.info.id.clone(),
+            format!("reaching the agent over vsock: {e}"),
+        )
     })
 }
 

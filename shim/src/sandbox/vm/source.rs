@@ -47,7 +47,12 @@ impl Source {
             tmpfs_dir: cfg.tmpfs_dir.clone(),
             refill_workers: 1,
         })
-        .map_err(|e| VmError::Pool(format!("opening the pool in {}: {e}", cfg.state_dir.display())))?;
+        .map_err(|e| {
+            VmError::Pool(format!(
+                "opening the pool in {}: {e}",
+                cfg.state_dir.display()
+            ))
+        })?;
         Ok(Self::Embedded(Arc::new(pool)))
     }
 
@@ -57,10 +62,15 @@ impl Source {
             Self::Daemon(sock) => {
                 let (code, body) = http(sock, "GET", &format!("/v1/templates/{template}"), None)?;
                 if code == 404 {
-                    return Err(VmError::UnknownTemplate(template.into(), sock.display().to_string()));
+                    return Err(VmError::UnknownTemplate(
+                        template.into(),
+                        sock.display().to_string(),
+                    ));
                 }
                 if code != 200 {
-                    return Err(VmError::Pool(format!("template {template}: HTTP {code}: {body}")));
+                    return Err(VmError::Pool(format!(
+                        "template {template}: HTTP {code}: {body}"
+                    )));
                 }
                 let v: serde_json::Value = serde_json::from_str(&body)
                     .map_err(|e| VmError::Pool(format!("template {template}: bad reply: {e}")))?;
@@ -81,7 +91,11 @@ impl Source {
                 }
             },
         };
-        status.map_err(|reason| VmError::Pool(format!("template {template} is broken: {reason}; rebuild it")))
+        status.map_err(|reason| {
+            VmError::Pool(format!(
+                "template {template} is broken: {reason}; rebuild it"
+            ))
+        })
     }
 
     /// Leases a clone of `template`, labelled with the container id.
@@ -121,7 +135,9 @@ impl Source {
                 let (code, body) = http(sock, "DELETE", &format!("/v1/sandboxes/{id}"), None)?;
                 match code {
                     204 | 404 => Ok(()),
-                    _ => Err(VmError::Pool(format!("releasing sandbox {id}: HTTP {code}: {body}"))),
+                    _ => Err(VmError::Pool(format!(
+                        "releasing sandbox {id}: HTTP {code}: {body}"
+                    ))),
                 }
             }
             Self::Embedded(p) => match p.release(id) {
@@ -161,7 +177,8 @@ fn http(
         ))
     };
     let mut s = UnixStream::connect(sock).map_err(fail)?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(fail)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(fail)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: runv-pool\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -170,8 +187,16 @@ fn http(
     s.write_all(req.as_bytes()).map_err(fail)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(fail)?;
-    let bad = || VmError::Pool(format!("the runv-pool daemon at {} sent a malformed HTTP reply", sock.display()));
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
+    let bad = || {
+        VmError::Pool(format!(
+            "the runv-pool daemon at {} sent a malformed HTTP reply",
+            sock.display()
+        ))
+    };
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
     let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
     let code = head
         .split_whitespace()
