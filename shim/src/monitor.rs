@@ -172,5 +172,6 @@ pub fn initial_record(id: &str, bundle: &crate::bundle::Bundle, kind: Kind) -> R
         started: false,
         exit: None,
         annotations,
+        paused: false,
     }
 }
