@@ -569,7 +569,7 @@ mod tests {
             Request::SetClock {
                 unix_nanos: i64::MIN,
             },
-Request::Update {
+            Request::Update {
                 id: "c".into(),
                 resources: Resources {
                     memory: Some(1 << 20),
@@ -578,7 +578,7 @@ Request::Update {
                     cpu_period: None,
                 },
             },
-                        Request::SetHostname {
+            Request::SetHostname {
                 hostname: "h".into(),
             },
             Request::List,

@@ -20,10 +20,20 @@ pub fn pause(cli: &Cli, id: &str, pause: bool) -> Result<()> {
         bail!("container {id}: {verb} is not supported with --sandbox {}: the agent protocol has no cgroup freezer; only the vm sandbox can {verb} (its VM's vCPUs)", r.sandbox);
     }
     if r.status() != Status::Running {
-        bail!("container {id} is {}: only a running container can be {verb}d", r.status().name());
+        bail!(
+            "container {id} is {}: only a running container can be {verb}d",
+            r.status().name()
+        );
     }
     if r.paused == pause {
-        bail!("container {id} is {}", if pause { "already paused" } else { "not paused" });
+        bail!(
+            "container {id} is {}",
+            if pause {
+                "already paused"
+            } else {
+                "not paused"
+            }
+        );
     }
     vm::pause_record(&dir, pause).with_context(|| format!("container {id}: {verb}"))?;
     dir.update(|r| r.paused = pause)?;
@@ -41,7 +51,11 @@ fn read_resources(path: &Path) -> Result<Resources> {
         .with_context(|| format!("{}: not an OCI linux.resources object", path.display()))?;
     let cpu = r.cpu().as_ref();
     Ok(Resources {
-        memory: r.memory().as_ref().and_then(|m| m.limit()).filter(|&l| l > 0),
+        memory: r
+            .memory()
+            .as_ref()
+            .and_then(|m| m.limit())
+            .filter(|&l| l > 0),
         pids: r.pids().as_ref().map(|p| p.limit()).filter(|&l| l > 0),
         cpu_quota: cpu.and_then(|c| c.quota()).filter(|&q| q > 0),
         cpu_period: cpu.and_then(|c| c.period()),
@@ -52,7 +66,10 @@ fn read_resources(path: &Path) -> Result<Resources> {
 pub fn update(cli: &Cli, resources: &Path, id: &str) -> Result<()> {
     let res = read_resources(resources)?;
     if res == Resources::default() {
-        bail!("{}: no memory.limit, pids.limit or cpu.quota to apply (runv updates only those)", resources.display());
+        bail!(
+            "{}: no memory.limit, pids.limit or cpu.quota to apply (runv updates only those)",
+            resources.display()
+        );
     }
     let (dir, r) = load(cli, id)?;
     if !matches!(r.status(), Status::Created | Status::Running) {
@@ -72,7 +89,9 @@ pub fn parse_interval(s: &str) -> Result<Duration> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().with_context(|| format!("--interval {s:?}: use e.g. 5s or 500ms"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("--interval {s:?}: use e.g. 5s or 500ms"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -116,7 +135,10 @@ pub fn events(cli: &Cli, id: &str, once: bool, interval: Duration) -> Result<()>
                 let _ = e;
                 return Ok(());
             }
-            Ok(other) => bail!("container {id}: stats: unexpected answer {:?}", expect_ok(other, "stats")?),
+            Ok(other) => bail!(
+                "container {id}: stats: unexpected answer {:?}",
+                expect_ok(other, "stats")?
+            ),
             Err(_) if !once => return Ok(()),
             Err(e) => return Err(e).context(format!("container {id}: stats")),
         };

@@ -337,7 +337,9 @@ pub fn pause_record(dir: &ContainerDir, pause: bool) -> Result<(), VmError> {
     let fail = |e: vmm_api::ClientError| VmError::Control(r.info.id.clone(), e.to_string());
     let mut c = ControlClient::connect(&r.info.control, Duration::from_secs(5)).map_err(fail)?;
     c.set_timeout(Duration::from_secs(10)).map_err(fail)?;
-    if pause { c.pause() } else { c.resume() }.map(|_| ()).map_err(fail)
+    if pause { c.pause() } else { c.resume() }
+        .map(|_| ())
+        .map_err(fail)
 }
 
 /// What a killed monitor left: the daemon's lease is released, the VMM's files removed (the
