@@ -3,7 +3,9 @@
 //! 64 MiB test-guest template running the `rt.agent` responder, one disk slot, release
 //! `runv-vmm`) through `attach_disk` of a real EROFS image into slot 0 to the agent's `ping`
 //! answered from inside the clone over vsock (`CONNECT 1024`). Each acquire starts from a full
-//! warm pool, so the refill of the previous one does not share the two cores with it.
+//! warm pool with the previous clone's VMM gone, so neither the refill nor the reaping of the
+//! previous one shares the two cores with it (the refill the acquire itself triggers does, as in
+//! production).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -89,7 +91,14 @@ fn main() {
                 p50.push_duration(d);
                 p99.push_duration(d);
                 total += d;
+                let vmm = sb.info().pid;
                 sb.release().unwrap();
+                // The reaper's shutdown of this clone must not overlap the next measurement.
+                wait(
+                    "the released clone's VMM to exit",
+                    Duration::from_secs(10),
+                    || !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+                );
             }
             total
         })

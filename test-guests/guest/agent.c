@@ -13,7 +13,9 @@
  * A frame that is not a valid request header gets a bad_frame error and the connection is
  * reset. One connection at a time: a new one replaces the old. Reports
  * "PASS agent_listening port=N" once listening; then serves forever, across snapshots (a
- * clone's TRANSPORT_RESET event drops the connection state).
+ * clone's TRANSPORT_RESET event drops a connection opened before the restore, told by the
+ * identity page's generation; the VMM may deliver the event after the clone's first
+ * connection).
  *
  * When a virtio-blk device is announced, slot 0 (the first) is also watched: on each config
  * generation change the agent reports "PASS agent_disk capacity=C serial=S magic=HEX" (serial
@@ -27,6 +29,8 @@ static u32 ag_len;
 static u8 ag_out[320];   /* one response frame */
 static u32 ag_peer;      /* host port of the connection, 0 = none */
 static u32 ag_port;      /* our vsock port */
+static u64 ag_peer_gen;  /* identity generation when the connection was opened */
+#define AG_GEN (*(volatile const u64 *)(IDENTITY_PAGE + 8))
 
 /* ---- slot 0 watch: its own queue, so it does not share vqs[] with vsock ----------------- */
 static struct vq ag_bq __attribute__((aligned(4096)));
@@ -108,15 +112,25 @@ static const u8 *ag_field(const u8 *p, u32 n, const char *key) {
     return 0;
 }
 
+static const char ag_pong[] = "{\"result\":\"pong\",\"version\":1,\"uptime_ms\":0,"
+                              "\"ready\":true,\"agent_version\":\"runv-test-guest\"}";
+static const char *ag_last;  /* payload now in ag_out */
+static u32 ag_last_len;
+
+/* Puts `json` in ag_out after the header. The payloads are constants: each instruction is
+ * emulated here (~1 us), so one is copied only when it differs from the last one. */
+static void ag_payload(const char *json) {
+    if (json == ag_last) return;
+    u32 n = 0;
+    for (; json[n] && n < sizeof ag_out - 16; n++) ag_out[16 + n] = (u8)json[n];
+    ag_last = json;
+    ag_last_len = n;
+}
+
 /* Sends one Response frame (kind 2) for request `id` with `json` as payload. */
 static void ag_respond(const u8 *id, const char *json) {
-    /* The payloads are constants: copy one only when it differs from the last one sent. */
-    static const char *last;
-    static u32 n;
-    if (json != last) {
-        for (n = 0; json[n] && n < sizeof ag_out - 16; n++) ag_out[16 + n] = (u8)json[n];
-        last = json;
-    }
+    ag_payload(json);
+    u32 n = ag_last_len;
     const u8 h[16] = {'R', 'V', 0, 1, 2, 0, id[0], id[1], id[2], id[3],
                       (u8)(n >> 24), (u8)(n >> 16), (u8)(n >> 8), (u8)n, 0, 0};
     for (u32 i = 0; i < 16; i++) ag_out[i] = h[i];
@@ -131,8 +145,7 @@ static void ag_request(const u8 *id, const u8 *p, u32 n) {
     const u8 *end = p + n;
     const u8 *v;
     if (op && prefix((const char *)op, "\"ping\"")) {
-        ag_respond(id, "{\"result\":\"pong\",\"version\":1,\"uptime_ms\":0,\"ready\":true,"
-                       "\"agent_version\":\"runv-test-guest\"}");
+        ag_respond(id, ag_pong);
         return;
     }
     if (op && prefix((const char *)op, "\"reseed\"") && (v = ag_field(p, n, "entropy")) && *v == '[') {
@@ -166,11 +179,13 @@ static void ag_request(const u8 *id, const u8 *p, u32 n) {
                    "agent answers ping, reseed, set_clock and set_hostname only\"}");
 }
 
-/* Consumes every complete frame in ag_in; 0 when the stream is broken (connection reset). */
-static int ag_frames(void) {
+/* Answers every complete frame of buf[0..n]; *used = the bytes they took. 0 when the stream is
+ * broken (the connection is then reset). */
+static int ag_frames(const u8 *buf, u32 n, u32 *used) {
     u32 at = 0;
-    while (ag_len - at >= 16) {
-        const u8 *h = ag_in + at;
+    *used = 0;
+    while (n - at >= 16) {
+        const u8 *h = buf + at;
         u32 len = be32(h + 10);
         if (h[0] != 'R' || h[1] != 'V' || h[2] != 0 || h[3] != 1 || h[5] || h[14] || h[15] ||
             len > sizeof ag_in - 16) {
@@ -179,12 +194,11 @@ static int ag_frames(void) {
                              "runv agent protocol v1 frame (or over 4080 bytes): reconnect\"}");
             return 0;
         }
-        if (ag_len - at < 16 + len) break;
+        if (n - at < 16 + len) break;
         if (h[4] == 1) ag_request(h + 6, h + 16, len);
         at += 16 + len;
     }
-    for (u32 i = at; i < ag_len; i++) ag_in[i - at] = ag_in[i];
-    ag_len -= at;
+    *used = at;
     return 1;
 }
 
@@ -193,6 +207,7 @@ static void ag_packet(const struct vsock_hdr *h) {
     if (h->dst_port != ag_port) return;
     if (h->op == OP_REQUEST) {
         ag_peer = h->src_port;
+        ag_peer_gen = AG_GEN;
         ag_len = 0;
         vs_fwd_cnt = 0;
         vs_send(ag_port, ag_peer, OP_RESPONSE, 0, 0, 0);
@@ -202,8 +217,19 @@ static void ag_packet(const struct vsock_hdr *h) {
     if (h->op == OP_RW) {
         vs_fwd_cnt += h->len;
         const u8 *d = (const u8 *)h + sizeof *h;
-        for (u32 i = 0; i < h->len && ag_len < sizeof ag_in; i++) ag_in[ag_len++] = d[i];
-        if (!ag_frames()) {
+        u32 used;
+        int ok;
+        if (!ag_len) {
+            /* The usual case, whole frames in one packet: answered where they lie. */
+            ok = ag_frames(d, h->len, &used);
+            for (u32 i = used; ok && i < h->len && ag_len < sizeof ag_in; i++) ag_in[ag_len++] = d[i];
+        } else {
+            for (u32 i = 0; i < h->len && ag_len < sizeof ag_in; i++) ag_in[ag_len++] = d[i];
+            ok = ag_frames(ag_in, ag_len, &used);
+            for (u32 i = used; ok && i < ag_len; i++) ag_in[i - used] = ag_in[i];
+            if (ok) ag_len -= used;
+        }
+        if (!ok) {
             vs_send(ag_port, ag_peer, OP_RST, 0, 0, 0);
             ag_peer = 0;
         }
@@ -221,12 +247,15 @@ static void task_agent(u32 port) {
     if (vio_find(2) && (why = ag_blk_init())) { fail("agent", why); return; }
     if ((why = vs_init())) { fail("agent", why); return; }
     vs_post_event();
+    ag_payload(ag_pong); /* a clone's first answer is a ping's: have it ready in the template */
     r_str("PASS agent_listening port="); r_dec(port); r_send();
     for (u32 tick = 0;; tick++) {
         barrier();
         if (*(volatile u16 *)&vqs[2].used.idx != vqs[2].last_used) {
             vqs[2].last_used++;
-            if (vs_event == 0) { ag_peer = 0; ag_len = 0; } /* TRANSPORT_RESET: a restore */
+            /* TRANSPORT_RESET after a restore: only connections from before it are gone. The
+             * VMM may deliver it after a clone's first connection, which must survive. */
+            if (vs_event == 0 && ag_peer_gen != AG_GEN) { ag_peer = 0; ag_len = 0; }
             vs_post_event();
         }
         if (*(volatile u16 *)&vqs[0].used.idx != vqs[0].last_used) {

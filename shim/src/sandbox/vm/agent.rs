@@ -49,7 +49,9 @@ pub fn connect_ready(uds: &Path, port: u32, timeout: Duration) -> Result<Client,
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let err = match connect(uds, port, left).and_then(|mut c| {
-            match c.call_timeout(&Request::Ping, left.max(Duration::from_millis(1))) {
+            // A ping lost with a connection the guest dropped is retried on a new one.
+            let wait = left.clamp(Duration::from_millis(1), Duration::from_secs(1));
+            match c.call_timeout(&Request::Ping, wait) {
                 Ok(Response::Pong { ready: true, .. }) => Ok(c),
                 Ok(other) => Err(format!("ping answered {other:?}")),
                 Err(e) => Err(format!("ping: {e}")),
