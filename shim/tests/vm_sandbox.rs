@@ -388,3 +388,106 @@ fn vm_sandbox_runs_a_container_with_a_linux_kernel() {
         fx.run_files()
     );
 }
+
+/// `runv --sandbox vm create` through the CLI and the monitor's embedded pool, on test-guest
+/// templates: a template without agent fails at `create` naming it; with the `rt.agent`
+/// responder the clone is acquired, hooked and gets the bundle's rootfs as an EROFS image, and
+/// the responder's refusal of `create` (it runs no containers) comes back as the error. Either
+/// way nothing is left: no container directory, no VMM, no socket or log.
+#[test]
+fn runv_create_with_the_vm_sandbox_reaches_the_clone_and_cleans_up() {
+    if !kvm("runv_create_with_the_vm_sandbox_reaches_the_clone_and_cleans_up") {
+        return;
+    }
+    let mut fx = Fixture::new("cli");
+    fx.template("agent", "rt.agent", 1);
+    fx.template("silent", "rt.counter rt.idle", 1);
+    fx.close(); // each runv monitor opens its own pool over these directories
+    let conf = fx.tmp.path().join("config.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "# test\nstate_dir = \"{}\"\nrun_dir = \"{}\"\ntmpfs_dir = \"{}\"\nvmm = \"{}\"\nimage_cache = \"{}\"\npool_socket = \"{}\"\nagent_timeout_ms = 1500\n",
+            fx.tmp.path().join("state").display(),
+            fx.tmp.path().join("run").display(),
+            fx.shm.display(),
+            vmm_bin().display(),
+            fx.tmp.path().join("images").display(),
+            fx.tmp.path().join("no-daemon.sock").display(),
+        ),
+    )
+    .unwrap();
+    let bundle = fx.tmp.path().join("bundle");
+    std::fs::create_dir_all(bundle.join("rootfs/etc")).unwrap();
+    std::fs::write(bundle.join("rootfs/etc/hostname"), "runv\n").unwrap();
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::json!({
+            "ociVersion": "1.2.0",
+            "process": {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "hostname": "vm-box",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let root = fx.tmp.path().join("root");
+    let create = |template: &str, id: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_runv"));
+        c.arg("--root")
+            .arg(&root)
+            .args([
+                "--sandbox",
+                "vm",
+                "--template",
+                template,
+                "create",
+                "--bundle",
+            ])
+            .arg(&bundle)
+            .arg(id)
+            .env("RUNV_CONFIG", &conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        common::run_bounded(&mut c)
+    };
+    let left = || {
+        std::fs::read_dir(&root)
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+
+    let o = create("silent", "c1");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("template silent") && err.contains("did not answer ping"),
+        "{err}"
+    );
+    assert!(left().is_empty(), "{:?}", left());
+
+    let o = create("agent", "c2");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("creating the container") && err.contains("answers ping"),
+        "{err}"
+    );
+    assert!(left().is_empty(), "{:?}", left());
+    // The rootfs image was built (and attached: the guest's reports are gone with its log).
+    let images: Vec<_> = std::fs::read_dir(fx.tmp.path().join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
+        .collect();
+    assert_eq!(images.len(), 1);
+
+    let o = create("nope", "c3");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.contains("template nope does not exist"), "{err}");
+    assert!(
+        fx.run_files().is_empty(),
+        "left in the run dir: {:?}",
+        fx.run_files()
+    );
+}
