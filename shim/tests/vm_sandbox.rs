@@ -491,3 +491,93 @@ fn runv_create_with_the_vm_sandbox_reaches_the_clone_and_cleans_up() {
         fx.run_files()
     );
 }
+
+/// The same library calls with the `runv-pool` daemon as the source: `Source::open` picks it
+/// when its socket answers; acquire, agent, hooks, disk and release go through its HTTP API.
+#[test]
+fn vm_sandbox_uses_the_runv_pool_daemon_when_it_answers() {
+    if !kvm("vm_sandbox_uses_the_runv_pool_daemon_when_it_answers") {
+        return;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = std::process::Command::new(cargo)
+        .args(["build", "-q", "-p", "pool-manager", "--bin", "runv-pool"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "cargo build -p pool-manager --bin runv-pool failed"
+    );
+    let bin = vmm_bin().with_file_name("runv-pool");
+    let mut fx = Fixture::new("daemon");
+    fx.template("agent", "rt.agent", 1);
+    fx.close();
+    let run = fx.tmp.path().join("run");
+    let mut daemon = std::process::Command::new(&bin)
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(fx.tmp.path().join("state"))
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("--tmpfs-dir")
+        .arg(&fx.shm)
+        .arg("--vmm")
+        .arg(vmm_bin())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut cfg = fx.config("agent", Duration::from_secs(10));
+    cfg.pool_socket = run.join("pool.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&cfg.pool_socket).is_err() {
+        assert!(Instant::now() < deadline, "the daemon never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let source = Source::open(&cfg).unwrap();
+    assert!(matches!(source, Source::Daemon(_)), "{source:?}");
+    source.check_template("agent").unwrap();
+    let e = source.check_template("nope").unwrap_err().to_string();
+    assert!(e.contains("template nope does not exist"), "{e}");
+
+    let hooks = Hooks::fresh(Some("from-daemon".into())).unwrap();
+    let (mut sb, mut client) = VmSandbox::start(&cfg, &source, "d1", &hooks).unwrap();
+    let r = wait_report(&sb.info().debug_log, "agent_hook op=set_hostname");
+    assert_eq!(field(&r, "name"), Some("from-daemon"), "{r}");
+    assert!(matches!(
+        client
+            .call_timeout(&Request::Ping, Duration::from_secs(5))
+            .unwrap(),
+        Response::Pong { ready: true, .. }
+    ));
+    let tree = fx.tmp.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("f"), "x").unwrap();
+    let image = shim::image::ImageCache::new(fx.tmp.path().join("images"))
+        .unwrap()
+        .erofs_for(&tree, None)
+        .unwrap();
+    sb.attach_rootfs(&image.path).unwrap();
+    let r = wait_report(&sb.info().debug_log, "agent_disk");
+    assert_eq!(field(&r, "serial"), Some("runv-slot0"), "{r}");
+    let info = sb.info().clone();
+    assert_eq!(
+        info.labels.get("runv.container").map(String::as_str),
+        Some("d1")
+    );
+    sb.release().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(info.pid) || info.control.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not end sandbox {}",
+            info.id
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+}
