@@ -493,7 +493,8 @@ fn runv_create_with_the_vm_sandbox_reaches_the_clone_and_cleans_up() {
 }
 
 /// The same library calls with the `runv-pool` daemon as the source: `Source::open` picks it
-/// when its socket answers; acquire, agent, hooks, disk and release go through its HTTP API.
+/// when its socket answers; acquire, agent, hooks, disk and release go through its HTTP API;
+/// pause/resume through the clone's control socket.
 #[test]
 fn vm_sandbox_uses_the_runv_pool_daemon_when_it_answers() {
     if !kvm("vm_sandbox_uses_the_runv_pool_daemon_when_it_answers") {
@@ -562,6 +563,20 @@ fn vm_sandbox_uses_the_runv_pool_daemon_when_it_answers() {
     sb.attach_rootfs(&image.path).unwrap();
     let r = wait_report(&sb.info().debug_log, "agent_disk");
     assert_eq!(field(&r, "serial"), Some("runv-slot0"), "{r}");
+    // pause parks the clone's vCPUs: its agent cannot answer until resume.
+    sb.pause().unwrap();
+    assert!(matches!(
+        client.call_timeout(&Request::Ping, Duration::from_millis(300)),
+        Err(protocol::client::ClientError::Timeout)
+    ));
+    sb.resume().unwrap();
+    let mut c = sb.agent_ready().unwrap();
+    assert!(matches!(
+        c.call_timeout(&Request::Ping, Duration::from_secs(5))
+            .unwrap(),
+        Response::Pong { .. }
+    ));
+    drop((c, client));
     let info = sb.info().clone();
     assert_eq!(
         info.labels.get("runv.container").map(String::as_str),
