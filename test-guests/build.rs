@@ -13,7 +13,7 @@ fn run(cmd: &mut Command) {
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let src = PathBuf::from("guest");
-    for f in ["start.S", "main.c", "net.c", "guest.ld"] {
+    for f in ["start.S", "main.c", "net.c", "agent.c", "guest.ld"] {
         println!("cargo:rerun-if-changed=guest/{f}");
     }
     let cflags = [

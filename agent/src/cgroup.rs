@@ -232,6 +232,15 @@ impl Cgroup {
         }
     }
 
+    /// Sets the memory, pids and cpu limits of `l` that are present (`runv update`); device
+    /// rules are not changed.
+    pub fn update(&self, l: &Limits) -> Result<(), CgroupError> {
+        self.apply(&Limits {
+            devices: Vec::new(),
+            ..l.clone()
+        })
+    }
+
     fn apply(&self, l: &Limits) -> Result<(), CgroupError> {
         match self {
             Cgroup::V2(d) => {

@@ -512,6 +512,23 @@ impl Runtime {
         })
     }
 
+    /// Changes the cgroup limits of container `id` (those given; the rest stay).
+    pub fn update(&self, id: &str, r: &protocol::Resources) -> Result<(), OpError> {
+        let c = self.get(id)?;
+        let limits = Limits {
+            memory: r.memory,
+            pids: r.pids,
+            cpu: r.cpu_quota.map(|q| (q, r.cpu_period.unwrap_or(100_000))),
+            devices: Vec::new(),
+        };
+        c.cgroup.update(&limits).map_err(|e| {
+            OpError::new(
+                ErrorCode::Io,
+                format!("updating the cgroup limits of {id}: {e}"),
+            )
+        })
+    }
+
     /// Kills every process of container `id`, waits for them, and removes it.
     pub fn destroy(&self, id: &str) -> Result<(), OpError> {
         let c = self

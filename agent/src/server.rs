@@ -330,6 +330,10 @@ impl Conn {
                 id,
             },
             Request::Stats { id } => Response::Stats(rt.stats(&id)?),
+            Request::Update { id, resources } => {
+                rt.update(&id, &resources)?;
+                Response::Ok
+            }
             Request::Destroy { id } => {
                 rt.destroy(&id)?;
                 Response::Ok

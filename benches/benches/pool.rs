@@ -94,6 +94,7 @@ fn main() {
             mem_mib: 64,
             vcpus: 1,
             ready: ReadyCheck::Report,
+            slots: 0,
         },
     )
     .unwrap();

@@ -103,6 +103,8 @@ struct BuildBody {
     vcpus: Option<u8>,
     #[serde(default)]
     ready: ReadyCheck,
+    #[serde(default)]
+    slots: u8,
 }
 
 /// Body of `POST /v1/sandboxes`.
@@ -143,6 +145,7 @@ async fn build_template(State(d): St, body: Body) -> ApiResult<Response> {
         mem_mib: b.mem_mib.unwrap_or(128),
         vcpus: b.vcpus.unwrap_or(1),
         ready: b.ready,
+        slots: b.slots,
     };
     let d2 = d.clone();
     let info = blocking(move || d2.pool.build_template(&b.name, &spec)).await?;

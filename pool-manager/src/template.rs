@@ -56,6 +56,20 @@ pub struct TemplateSpec {
     /// Readiness check.
     #[serde(default)]
     pub ready: ReadyCheck,
+    /// Disk slots (0..=8): virtio-blk devices `runv-slot0`... backed by one-sector placeholder
+    /// files in the template directory, swapped per clone with `attach_disk` (runv's root file
+    /// systems). 0 (the default) keeps templates built before slots existed valid.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slots: u8,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// The placeholder file of disk slot `slot` in a template directory.
+pub fn slot_placeholder(dir: &Path, slot: usize) -> PathBuf {
+    dir.join(format!("slot{slot}.placeholder"))
 }
 
 fn default_mem() -> u64 {
@@ -134,6 +148,12 @@ impl TemplateSpec {
                     p.display()
                 )));
             }
+        }
+        if self.slots > 8 {
+            return Err(TemplateError::Spec(format!(
+                "slots {}: use 0 to 8",
+                self.slots
+            )));
         }
         if self.cmdline.len() > 2048 || self.cmdline.contains('\0') {
             return Err(TemplateError::Spec(
@@ -231,6 +251,15 @@ fn boot_and_snapshot(
     if let Some(i) = &spec.initrd {
         cmd.arg("--initrd").arg(i);
     }
+    for slot in 0..usize::from(spec.slots) {
+        let p = slot_placeholder(snap, slot);
+        std::fs::write(&p, [0u8; 512]).map_err(io("writing", &p))?;
+        cmd.arg("--block").arg(format!(
+            "path={},id={}",
+            p.display(),
+            vmm_api::slot_id(slot)
+        ));
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| TemplateError::Guest(format!("spawning {}: {e}", vmm.display())))?;
@@ -270,6 +299,10 @@ fn wait_ready(
     cmdline: &str,
 ) -> Result<(), TemplateError> {
     let counter = cmdline.split_whitespace().any(|t| t == "rt.counter");
+    // The test guest's agent responder must be listening before the snapshot.
+    let agent = cmdline
+        .split_whitespace()
+        .any(|t| t == "rt.agent" || t.starts_with("rt.agent="));
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -281,7 +314,11 @@ fn wait_ready(
             || text
                 .lines()
                 .any(|l| l.starts_with("REPORT PASS counter_started"));
-        if ready && started {
+        let listening = !agent
+            || text
+                .lines()
+                .any(|l| l.starts_with("REPORT PASS agent_listening"));
+        if ready && started && listening {
             return Ok(());
         }
         if let Ok(Some(s)) = child.try_wait() {

@@ -310,6 +310,7 @@ fn pool_builds_an_agent_template_with_a_linux_kernel() {
         mem_mib: 256,
         vcpus: 1,
         ready: pool_manager::ReadyCheck::Agent,
+        slots: 0,
     };
     let info = pool.build_template("linux", &spec).unwrap();
     assert_eq!(info.status, TemplateStatus::Ready);

@@ -130,6 +130,31 @@ pub enum Request {
     },
     /// Container ids.
     List,
+    /// Change a container's cgroup limits (`runv update`); absent fields stay as they are.
+    /// Additive: an agent that predates it refuses it as `bad_request`.
+    Update {
+        /// Container id.
+        id: String,
+        /// Resources to set.
+        resources: Resources,
+    },
+}
+
+/// Cgroup limits of [`Request::Update`] (the subset of OCI `linux.resources` runv applies).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Memory limit, bytes.
+    #[serde(default)]
+    pub memory: Option<i64>,
+    /// Maximum processes.
+    #[serde(default)]
+    pub pids: Option<i64>,
+    /// CPU quota per period, microseconds.
+    #[serde(default)]
+    pub cpu_quota: Option<i64>,
+    /// CPU period, microseconds (default 100000 with a quota).
+    #[serde(default)]
+    pub cpu_period: Option<u64>,
 }
 
 /// One guest interface for [`Request::SetNetwork`].
@@ -584,6 +609,15 @@ mod tests {
             },
             Request::SetClock {
                 unix_nanos: i64::MIN,
+            },
+            Request::Update {
+                id: "c".into(),
+                resources: Resources {
+                    memory: Some(1 << 20),
+                    pids: Some(10),
+                    cpu_quota: Some(5000),
+                    cpu_period: None,
+                },
             },
             Request::SetHostname {
                 hostname: "h".into(),

@@ -33,6 +33,9 @@ pub struct Cli {
     /// Sandbox backend: vm (a microVM from runv-pool) or host (no VM isolation).
     #[arg(long, global = true, env = "RUNV_SANDBOX", default_value = "vm")]
     pub sandbox: String,
+    /// Template the vm sandbox clones (else /etc/runv/config.toml's `template`).
+    #[arg(long, global = true, env = "RUNV_TEMPLATE")]
+    pub template: Option<String>,
     /// The command.
     #[command(subcommand)]
     pub cmd: cli::Cmd,
@@ -40,6 +43,10 @@ pub struct Cli {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(t) = &cli.template {
+        // The vm backend (here and in the monitor, which inherits it) reads it from there.
+        std::env::set_var("RUNV_TEMPLATE", t);
+    }
     let code = match cli::dispatch(&cli) {
         Ok(code) => code,
         Err(e) => {

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use protocol::{Request, Response, RootfsSource, StdioConfig};
+use protocol::{Request, Response, StdioConfig};
 
 use crate::relay::{relay, HostIo};
 use crate::sandbox::{Kind, Sandbox};
@@ -86,14 +86,13 @@ fn prepare(
         r.monitor_pid = std::process::id() as i32;
         r.agent_pid = sb.pid();
     })?;
+    let rootfs = sb.rootfs(&record.rootfs)?;
     let mut client = sb.client()?;
     let r = client
         .call(&Request::Create {
             id: args.id.clone(),
             spec: Box::new(spec),
-            rootfs: RootfsSource::Bind {
-                path: record.rootfs.display().to_string(),
-            },
+            rootfs,
             stdio: StdioConfig {
                 terminal,
                 stdin: true,
@@ -173,5 +172,6 @@ pub fn initial_record(id: &str, bundle: &crate::bundle::Bundle, kind: Kind) -> R
         started: false,
         exit: None,
         annotations,
+        paused: false,
     }
 }

@@ -48,6 +48,9 @@ pub struct Record {
     pub exit: Option<i32>,
     /// The spec's annotations plus runv's own.
     pub annotations: BTreeMap<String, String>,
+    /// `runv pause` froze it (the vm backend: its vCPUs are parked).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// A container's directory under `--root`.
@@ -246,7 +249,11 @@ impl Record {
             "ociVersion": "1.2.0",
             "id": self.id,
             "pid": pid,
-            "status": status.name(),
+            "status": if self.paused && status == Status::Running {
+                "paused"
+            } else {
+                status.name()
+            },
             "bundle": self.bundle,
             "rootfs": self.rootfs,
             "created": self.created,

@@ -668,6 +668,7 @@ static void task_counter(const struct boot_info *bi) {
     }
 }
 
+#include "agent.c"
 /* net.c: rt.net=IP answers ARP and ICMP echo for IP on the virtio-net device (never returns). */
 void task_net(u64 mmio_base, const char *arg);
 
@@ -688,6 +689,7 @@ void guest_main(const u8 *info, int pvh) {
     if ((a = find_token("rt.vsock_listen")) && *a == '=') task_vsock_listen((u32)parse_dec(a + 1));
     if ((a = find_token("rt.vsock_connect")) && *a == '=') task_vsock_connect((u32)parse_dec(a + 1));
     if (find_token("rt.counter")) task_counter(&bi);
+    if ((a = find_token("rt.agent"))) task_agent(*a == '=' ? (u32)parse_dec(a + 1) : 1024);
     if ((a = find_token("rt.net")) && *a == '=') task_net(vio_find(1) ? vio_base : 0, a + 1);
     a = find_token("rt.exit");
     if (a && prefix(a, "=reset")) outb(0x64, 0xfe);

@@ -244,6 +244,13 @@ impl Shared {
         opts.serial = SerialOutput::None;
         opts.debug_log = Some(paths.log.to_string_lossy().into_owned());
         opts.vsock_uds = Some(paths.vsock);
+        // The snapshot names the build directory's placeholders: point at the published ones.
+        opts.block = (0..usize::from(t.meta.spec.slots))
+            .map(|slot| vmm_api::BlockOverride {
+                index: slot,
+                path: crate::template::slot_placeholder(&t.durable, slot),
+            })
+            .collect();
         if warm {
             crate::warm::set_paused(&mut opts);
         }

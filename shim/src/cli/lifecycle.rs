@@ -341,6 +341,9 @@ pub fn delete(cli: &Cli, id: &str, force: bool) -> Result<()> {
     // A monitor and agent killed from outside leave the container's processes behind.
     if r.sandbox == Kind::Host.name() {
         shim::sandbox::host::reap_leftovers(id);
+    } else if r.sandbox == Kind::Vm.name() {
+        // A killed monitor leaves its lease with the daemon and the VMM's files.
+        shim::sandbox::vm::reap_leftovers(&dir);
     }
     dir.remove()?;
     Ok(())

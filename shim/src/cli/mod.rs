@@ -2,6 +2,7 @@
 
 mod info;
 mod lifecycle;
+mod manage;
 mod process;
 
 use std::path::PathBuf;
@@ -142,13 +143,32 @@ pub enum Cmd {
         #[arg(long, short = 'q')]
         quiet: bool,
     },
-    /// Freeze a container (not supported yet).
+    /// Freeze a container (vm sandbox: its vCPUs are parked).
     Pause {
         /// Container id.
         id: String,
     },
-    /// Thaw a container (not supported yet).
+    /// Thaw a paused container.
     Resume {
+        /// Container id.
+        id: String,
+    },
+    /// Change a container's memory, pids and cpu limits.
+    Update {
+        /// OCI linux.resources JSON file (`-` = stdin).
+        #[arg(long, short = 'r')]
+        resources: PathBuf,
+        /// Container id.
+        id: String,
+    },
+    /// Print a container's events and resource usage as JSON lines.
+    Events {
+        /// Print one stats event and exit.
+        #[arg(long)]
+        stats: bool,
+        /// Time between stats events.
+        #[arg(long, default_value = "5s")]
+        interval: String,
         /// Container id.
         id: String,
     },
@@ -216,9 +236,16 @@ pub fn dispatch(cli: &Cli) -> Result<i32> {
         ),
         Cmd::Ps { format, id } => process::ps(cli, id, format).map(|()| 0),
         Cmd::List { format, quiet } => info::list(cli, format, *quiet).map(|()| 0),
-        Cmd::Pause { id } | Cmd::Resume { id } => {
-            load(cli, id)?;
-            bail!("container {id}: pause and resume are not supported by runv yet (the agent has no freezer); stop the container instead")
+        Cmd::Pause { id } => manage::pause(cli, id, true).map(|()| 0),
+        Cmd::Resume { id } => manage::pause(cli, id, false).map(|()| 0),
+        Cmd::Update { resources, id } => manage::update(cli, resources, id).map(|()| 0),
+        Cmd::Events {
+            stats,
+            interval,
+            id,
+        } => {
+            let interval = manage::parse_interval(interval)?;
+            manage::events(cli, id, *stats, interval).map(|()| 0)
         }
         Cmd::Features => info::features(cli).map(|()| 0),
         Cmd::Spec { bundle, .. } => info::spec(bundle).map(|()| 0),

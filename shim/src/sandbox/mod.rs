@@ -1,5 +1,5 @@
 //! Where a container runs. [`Kind::Host`] (now): a `runv-agent` host process per container,
-//! namespaces and cgroups only, no VM. [`Kind::Vm`] (later): a clone from `runv-pool`, its agent
+//! namespaces and cgroups only, no VM. [`Kind::Vm`]: a clone from `runv-pool`, its agent
 //! reached over vsock (`CONNECT <port>`), clone hooks run. Both hand out the same thing, a
 //! [`protocol::client::Client`] of the container's agent, so the CLI, the monitor, bundle
 //! handling and stdio relaying are shared.
@@ -32,6 +32,9 @@ pub enum SandboxError {
     /// The agent did not come up.
     #[error("the agent did not listen on {0} within {1:?}{2} (see {3})")]
     NotListening(PathBuf, Duration, String, PathBuf),
+    /// The vm backend failed.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
     /// The agent of an existing container is unreachable.
     #[error("container {0}: cannot reach its agent: {1} (has it stopped? `runv delete {0}`)")]
     Unreachable(String, ClientError),
@@ -76,7 +79,7 @@ impl Kind {
     pub fn launch(self, dir: &ContainerDir) -> Result<Box<dyn Sandbox>, SandboxError> {
         match self {
             Self::Host => Ok(Box::new(host::HostSandbox::launch(dir)?)),
-            Self::Vm => Err(vm::preflight().err().unwrap_or(SandboxError::NoTemplate)),
+            Self::Vm => Ok(Box::new(vm::launch(dir)?)),
         }
     }
 }
@@ -87,13 +90,21 @@ pub trait Sandbox {
     fn client(&self) -> Result<Client, SandboxError>;
     /// The host pid standing for the sandbox (agent or VMM process).
     fn pid(&self) -> i32;
+    /// How the container's root file system `rootfs` (a host directory) reaches the agent: the
+    /// directory itself on the host, an EROFS image in a disk slot in a VM.
+    fn rootfs(&mut self, rootfs: &std::path::Path) -> Result<protocol::RootfsSource, SandboxError> {
+        Ok(protocol::RootfsSource::Bind {
+            path: rootfs.display().to_string(),
+        })
+    }
     /// Ends the sandbox and waits for it (idempotent).
     fn shutdown(&mut self);
 }
 
 /// Connects to the agent of an existing container (any runv command but `create`).
 pub fn connect(dir: &ContainerDir, record: &Record) -> Result<Client, SandboxError> {
-    // The vm backend will connect through the VMM's vsock socket (`record.sandbox == "vm"`).
-    let _ = record;
+    if record.sandbox == Kind::Vm.name() {
+        return Ok(vm::connect_record(dir)?);
+    }
     Client::connect(&dir.agent_socket()).map_err(|e| SandboxError::Unreachable(dir.id.clone(), e))
 }

@@ -1,0 +1,356 @@
+//! The `vm` backend: a clone of a pre-booted template VM per container.
+//!
+//! [`VmSandbox::start`] leases a clone from a [`Source`] (the `runv-pool` daemon when its socket
+//! answers, else an embedded `pool_manager::Pool`), reaches the guest's agent over the clone's
+//! vsock socket (`CONNECT <port>`), waits for its `ping` (a template whose guest runs no agent
+//! fails here, naming the template) and runs the clone hooks (`reseed`, `set_clock`,
+//! `set_hostname`). [`VmSandbox::attach_rootfs`] puts an EROFS image in disk slot 0
+//! (`attach_disk`) and returns the `RootfsSource::Block` the agent mounts. Releasing (or
+//! dropping) the sandbox hands the clone back. This is a library API: `runv` (through the
+//! [`super::Sandbox`] trait) and the containerd shim use the same calls.
+
+pub mod agent;
+pub mod config;
+pub mod source;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pool_manager::vmm_api::{self, ControlClient, DiskReply};
+use pool_manager::SandboxInfo;
+use protocol::client::Client;
+use protocol::{RootfsSource, Writable};
+use serde::{Deserialize, Serialize};
+
+pub use agent::Hooks;
+pub use config::VmConfig;
+pub use source::Source;
+
+use super::{Sandbox, SandboxError};
+use crate::state::ContainerDir;
+
+/// Disk slot the root file system goes to.
+pub const ROOTFS_SLOT: usize = 0;
+/// Where the monitor records its sandbox in the container directory.
+const RECORD_FILE: &str = "sandbox.json";
+
+/// Why the vm backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// No template configured.
+    #[error("the vm sandbox needs a VM template: pass --template NAME, set RUNV_TEMPLATE, or put `template = \"NAME\"` in /etc/runv/config.toml (build one with runv-pool). On hosts without virtualization use --sandbox host (or RUNV_SANDBOX=host), which runs containers as host processes without VM isolation")]
+    NoTemplate,
+    /// The config file is unreadable or wrong.
+    #[error("runv config {0}: {1}")]
+    Config(PathBuf, String),
+    /// No `runv-vmm` for the embedded pool.
+    #[error("runv-vmm not found (no runv-pool daemon answered either): set RUNV_VMM, put runv-vmm next to runv or on PATH, or start `runv-pool serve`")]
+    NoVmm,
+    /// The template does not exist.
+    #[error("template {0} does not exist in {1}: build it with runv-pool (`POST /v1/templates`) or pick another with --template")]
+    UnknownTemplate(String, String),
+    /// A pool operation failed.
+    #[error("{0}")]
+    Pool(String),
+    /// The guest's agent did not answer.
+    #[error("template {template}: the agent in its clone did not answer ping on vsock port {port} within {timeout:?} ({last}): build the template from a guest whose init is runv-agent (or the test guest with rt.agent)")]
+    NoAgent {
+        /// Template.
+        template: String,
+        /// vsock port.
+        port: u32,
+        /// How long we waited.
+        timeout: Duration,
+        /// The last failure.
+        last: String,
+    },
+    /// A clone hook failed.
+    #[error("clone hook {0} failed: {1}")]
+    Hook(&'static str, String),
+    /// The VMM's control API refused or failed.
+    #[error("sandbox {0}: {1}")]
+    Control(String, String),
+    /// Building the root file system image failed.
+    #[error("building the rootfs image: {0}")]
+    Image(#[from] crate::image::ImageError),
+    /// The record of a container's sandbox is unreadable.
+    #[error("{0}: {1} (`runv delete --force` removes the container)")]
+    Record(PathBuf, String),
+}
+
+/// What the monitor records about its sandbox (`<container dir>/sandbox.json`): enough for
+/// other runv commands to reach the agent and for `delete` to release a leftover.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The daemon's socket, when the clone came from the daemon.
+    pub daemon: Option<PathBuf>,
+    /// The guest agent's vsock port.
+    pub agent_port: u32,
+    /// The leased sandbox.
+    pub info: SandboxInfo,
+}
+
+/// A leased clone; released on [`VmSandbox::release`] or drop.
+pub struct VmSandbox {
+    cfg: VmConfig,
+    source: Option<Source>,
+    info: SandboxInfo,
+    first: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for VmSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSandbox")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl VmSandbox {
+    /// Leases a clone of `cfg.template` from `source` for `container`, waits for its agent and
+    /// runs `hooks`. Returns the sandbox and the connection the hooks ran on.
+    pub fn start(
+        cfg: &VmConfig,
+        source: &Source,
+        container: &str,
+        hooks: &Hooks,
+    ) -> Result<(Self, Client), VmError> {
+        let sb = Self::acquire(cfg, source, container)?;
+        // On error `sb` is dropped: the clone is released.
+        let mut client = sb.agent_ready()?;
+        hooks.run(&mut client)?;
+        Ok((sb, client))
+    }
+
+    /// Only leases a clone of `cfg.template` (no agent contact, no hooks): for callers that
+    /// order the steps themselves (benchmarks, a shim that attaches disks first).
+    pub fn acquire(cfg: &VmConfig, source: &Source, container: &str) -> Result<Self, VmError> {
+        let info = source.acquire(&cfg.template, container)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            source: Some(source.clone()),
+            info,
+            first: Mutex::new(None),
+        })
+    }
+
+    /// The leased sandbox (ids, sockets, VMM pid).
+    pub fn info(&self) -> &SandboxInfo {
+        &self.info
+    }
+
+    /// What [`connect_record`] needs to reach this sandbox later.
+    pub fn record(&self) -> VmRecord {
+        VmRecord {
+            daemon: match &self.source {
+                Some(Source::Daemon(p)) => Some(p.clone()),
+                _ => None,
+            },
+            agent_port: self.cfg.agent_port,
+            info: self.info.clone(),
+        }
+    }
+
+    /// Connects to the agent and waits (at most `cfg.agent_timeout`) for `ping`.
+    pub fn agent_ready(&self) -> Result<Client, VmError> {
+        agent::connect_ready(
+            &self.info.vsock_uds,
+            self.cfg.agent_port,
+            self.cfg.agent_timeout,
+        )
+        .map_err(|last| VmError::NoAgent {
+            template: self.cfg.template.clone(),
+            port: self.cfg.agent_port,
+            timeout: self.cfg.agent_timeout,
+            last,
+        })
+    }
+
+    fn control(&self) -> Result<ControlClient, VmError> {
+        let fail = |e: vmm_api::ClientError| VmError::Control(self.info.id.clone(), e.to_string());
+        let mut c =
+            ControlClient::connect(&self.info.control, Duration::from_secs(5)).map_err(fail)?;
+        c.set_timeout(Duration::from_secs(10)).map_err(fail)?;
+        Ok(c)
+    }
+
+    /// Swaps disk slot `slot` to `path` (`attach_disk`).
+    pub fn attach_disk(
+        &self,
+        slot: usize,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<DiskReply, VmError> {
+        self.control()?.attach_disk(slot, path, read_only).map_err(|e| {
+            VmError::Control(
+                self.info.id.clone(),
+                format!(
+                    "attach_disk slot {slot} {}: {e} (templates for runv need disk slots: build them with \"slots\": 1 or more)",
+                    path.display()
+                ),
+            )
+        })
+    }
+
+    /// Puts slot `slot`'s placeholder back (`detach_disk`).
+    pub fn detach_disk(&self, slot: usize) -> Result<DiskReply, VmError> {
+        self.control()?
+            .detach_disk(slot)
+            .map_err(|e| VmError::Control(self.info.id.clone(), format!("detach_disk {slot}: {e}")))
+    }
+
+    /// Attaches EROFS image `image` read-only to [`ROOTFS_SLOT`]; returns the root the agent
+    /// mounts (by serial, tmpfs upper layer).
+    pub fn attach_rootfs(&self, image: &Path) -> Result<RootfsSource, VmError> {
+        let reply = self.attach_disk(ROOTFS_SLOT, image, true)?;
+        Ok(RootfsSource::Block {
+            serial: reply.serial,
+            fstype: "erofs".into(),
+            writable: Writable::Tmpfs,
+        })
+    }
+
+    /// Parks the clone's vCPUs.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.control()?
+            .pause()
+            .map(|_| ())
+            .map_err(|e| VmError::Control(self.info.id.clone(), format!("pause: {e}")))
+    }
+
+    /// Resumes the clone's vCPUs.
+    pub fn resume(&self) -> Result<(), VmError> {
+        self.control()?
+            .resume()
+            .map(|_| ())
+            .map_err(|e| VmError::Control(self.info.id.clone(), format!("resume: {e}")))
+    }
+
+    /// Hands the clone back (idempotent). With an embedded pool that only this sandbox holds,
+    /// the pool is shut down too and its VMM reaped before this returns.
+    pub fn release(&mut self) -> Result<(), VmError> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match self.source.take() {
+            Some(s) => s.release(&self.info.id),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for VmSandbox {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+impl Sandbox for VmSandbox {
+    fn client(&self) -> Result<Client, SandboxError> {
+        if let Some(c) = self.first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Ok(c);
+        }
+        Ok(self.agent_ready()?)
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.info.pid).unwrap_or(0)
+    }
+
+    fn rootfs(&mut self, rootfs: &Path) -> Result<RootfsSource, SandboxError> {
+        let cache = crate::image::ImageCache::new(&self.cfg.image_cache).map_err(VmError::from)?;
+        let image = cache.erofs_for(rootfs, None).map_err(VmError::from)?;
+        Ok(self.attach_rootfs(&image.path)?)
+    }
+
+    fn shutdown(&mut self) {
+        if let Err(e) = self.release() {
+            eprintln!("runv: {e}");
+        }
+    }
+}
+
+/// Whether the vm backend can run containers here: a template is configured and exists (asked
+/// of the daemon when it answers, else looked up in the state directory).
+pub fn preflight() -> Result<(), SandboxError> {
+    let cfg = VmConfig::resolve(None)?;
+    if std::os::unix::net::UnixStream::connect(&cfg.pool_socket).is_ok() {
+        return Ok(Source::Daemon(cfg.pool_socket.clone()).check_template(&cfg.template)?);
+    }
+    let meta = cfg
+        .state_dir
+        .join("templates")
+        .join(&cfg.template)
+        .join("template.json");
+    if !meta.is_file() {
+        return Err(
+            VmError::UnknownTemplate(cfg.template, cfg.state_dir.display().to_string()).into(),
+        );
+    }
+    if cfg.vmm.is_none() && source::find_vmm().is_none() {
+        return Err(VmError::NoVmm.into());
+    }
+    Ok(())
+}
+
+/// Starts the sandbox of the container in `dir` for the `runv` monitor: the configuration from
+/// the environment and config file, a source of its own, the spec's hostname (else the container
+/// id) for the hook; records it in `dir`.
+pub fn launch(dir: &ContainerDir) -> Result<VmSandbox, SandboxError> {
+    let cfg = VmConfig::resolve(None)?;
+    let source = Source::open(&cfg)?;
+    let hostname = crate::monitor::load_spec(dir)
+        .ok()
+        .and_then(|s| s.hostname().clone())
+        .unwrap_or_else(|| dir.id.chars().take(63).collect());
+    let (sb, client) = VmSandbox::start(&cfg, &source, &dir.id, &Hooks::fresh(Some(hostname))?)?;
+    drop(source); // the sandbox holds the only reference to an embedded pool
+    *sb.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+    let path = dir.path.join(RECORD_FILE);
+    let json = serde_json::to_vec_pretty(&sb.record())
+        .map_err(|e| VmError::Record(path.clone(), e.to_string()))?;
+    std::fs::write(&path, json).map_err(|e| VmError::Record(path.clone(), e.to_string()))?;
+    Ok(sb)
+}
+
+/// The recorded sandbox of the container in `dir`.
+pub fn load_record(dir: &ContainerDir) -> Result<VmRecord, VmError> {
+    let path = dir.path.join(RECORD_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| VmError::Record(path.clone(), e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| VmError::Record(path, e.to_string()))
+}
+
+/// A new connection to the agent of the container in `dir`.
+pub fn connect_record(dir: &ContainerDir) -> Result<Client, VmError> {
+    let r = load_record(dir)?;
+    agent::connect(&r.info.vsock_uds, r.agent_port, Duration::from_secs(2)).map_err(|e| {
+        VmError::Control(
+            r.info.id.clone(),
+            format!("reaching the agent over vsock: {e}"),
+        )
+    })
+}
+
+/// Pauses (`pause`) or resumes the recorded sandbox of the container in `dir` through its
+/// VMM's control API.
+pub fn pause_record(dir: &ContainerDir, pause: bool) -> Result<(), VmError> {
+    let r = load_record(dir)?;
+    let fail = |e: vmm_api::ClientError| VmError::Control(r.info.id.clone(), e.to_string());
+    let mut c = ControlClient::connect(&r.info.control, Duration::from_secs(5)).map_err(fail)?;
+    c.set_timeout(Duration::from_secs(10)).map_err(fail)?;
+    if pause { c.pause() } else { c.resume() }
+        .map(|_| ())
+        .map_err(fail)
+}
+
+/// What a killed monitor left: the daemon's lease is released, the VMM's files removed (the
+/// caller kills the VMM process, recorded as the agent pid).
+pub fn reap_leftovers(dir: &ContainerDir) {
+    let Ok(r) = load_record(dir) else { return };
+    if let Some(sock) = &r.daemon {
+        let _ = Source::Daemon(sock.clone()).release(&r.info.id);
+    } else {
+        for f in [&r.info.vsock_uds, &r.info.control, &r.info.debug_log] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
