@@ -9,7 +9,7 @@
 //! clones, an upper bound). The warm-tier latencies are measured through the daemon's HTTP API
 //! (`benches/benches/pool_api.rs`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use benches::{criterion, release_bin, wait_report, Recorder};
@@ -45,21 +45,6 @@ fn set_tiers(pool: &Pool, warm: usize, shells: usize) {
 
 fn warm_count(pool: &Pool) -> usize {
     pool.pools()[0].warm
-}
-
-/// Acquires one sandbox and waits for its first report; returns the latency and its id.
-fn acquire_timed(pool: &Pool, tier: Tier) -> (Duration, String) {
-    let start = Instant::now();
-    let s = pool
-        .acquire(AcquireRequest {
-            template: "counter".into(),
-            ..Default::default()
-        })
-        .unwrap();
-    wait_report(&s.debug_log);
-    let d = start.elapsed();
-    assert_eq!(s.tier, tier);
-    (d, s.id)
 }
 
 /// PSS of a process in MiB (smaps_rollup).
