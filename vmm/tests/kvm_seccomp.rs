@@ -153,7 +153,7 @@ fn kvm_seccomp_kills_the_uffd_page_server() {
     assert!(line.is_empty(), "the clone ran: {line}");
     // Log mode: the page server survives its violation and the clone runs.
     let (mut c, line) = restore("log", "uffd");
-    assert!(line.starts_with("REPORT PASS resumed"), "{line}");
+    assert!(line.starts_with("REPORT PASS woke"), "{line}");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut c).success());
