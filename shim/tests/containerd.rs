@@ -19,7 +19,12 @@ const NS: &str = "runv-e2e";
 struct Containerd {
     dir: tempfile::TempDir,
     daemon: Child,
+    /// One containerd test at a time: each counts the shims, agents, mounts and cgroups of the
+    /// whole host, so a concurrent test's would look like a leak.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn need(bin: &str) {
     let found = std::env::var_os("PATH")
@@ -38,6 +43,7 @@ fn shim_bin() -> PathBuf {
 
 impl Containerd {
     fn start() -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         for b in ["containerd", "ctr", "containerd-shim-runc-v2", "runc"] {
             need(b);
         }
@@ -76,7 +82,11 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("starting containerd");
-        let c = Containerd { dir, daemon };
+        let c = Containerd {
+            dir,
+            daemon,
+            _serial: serial,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.ctr(&["version"]).status.success() {
             assert!(
