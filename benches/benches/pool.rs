@@ -38,6 +38,7 @@ fn set_tiers(pool: &Pool, warm: usize, shells: usize) {
             warm,
             shells,
             max_sandboxes: 0,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -94,6 +95,7 @@ fn main() {
             mem_mib: 64,
             vcpus: 1,
             ready: ReadyCheck::Report,
+            net: false,
         },
     )
     .unwrap();

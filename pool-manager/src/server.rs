@@ -103,6 +103,8 @@ struct BuildBody {
     vcpus: Option<u8>,
     #[serde(default)]
     ready: ReadyCheck,
+    #[serde(default)]
+    net: bool,
 }
 
 /// Body of `POST /v1/sandboxes`.
@@ -116,6 +118,8 @@ struct AcquireBody {
     ttl_s: Option<u64>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    network: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +147,7 @@ async fn build_template(State(d): St, body: Body) -> ApiResult<Response> {
         mem_mib: b.mem_mib.unwrap_or(128),
         vcpus: b.vcpus.unwrap_or(1),
         ready: b.ready,
+        net: b.net,
     };
     let d2 = d.clone();
     let info = blocking(move || d2.pool.build_template(&b.name, &spec)).await?;
@@ -198,6 +203,7 @@ async fn acquire(State(d): St, body: Body) -> ApiResult<Response> {
         id: b.id,
         ttl: b.ttl_s.map(Duration::from_secs),
         labels: b.labels,
+        network: b.network,
     };
     let d2 = d.clone();
     let info = blocking(move || d2.pool.acquire(req)).await?;

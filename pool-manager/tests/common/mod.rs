@@ -123,6 +123,7 @@ pub fn counter_spec() -> TemplateSpec {
         mem_mib: 64,
         vcpus: 1,
         ready: ReadyCheck::Report,
+        net: false,
     }
 }
 
