@@ -75,6 +75,11 @@ pub struct SandboxInfo {
     /// Its network, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::network::SandboxNetInfo>,
+    /// Its VM's TAP, for a template built with `net`: inside `network.netns` when it has a
+    /// network, else in the host's namespace, down — ready to be joined to a CRI pod's
+    /// namespace with [`crate::network::pod::connect`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 /// Health of a template.

@@ -364,6 +364,7 @@ impl Pool {
             expires_at: req.ttl.map(|t| now_s() + t.as_secs()),
             labels: req.labels,
             network: vm.net_mut().and_then(|n| n.info().cloned()),
+            tap: vm.net_mut().map(|n| n.tap().to_string()),
         };
         if st.stopping {
             drop(st);

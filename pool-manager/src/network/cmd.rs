@@ -37,7 +37,7 @@ pub(super) fn found(tool: &str) -> bool {
     found
 }
 
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
+pub(super) fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
     let what = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)

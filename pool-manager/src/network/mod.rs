@@ -11,6 +11,7 @@
 
 mod cmd;
 mod lease;
+pub mod pod;
 
 pub use cmd::{nft_rules, NetError};
 pub use lease::{parse_subnet, Block, Leases, PoolNetwork};
