@@ -112,7 +112,8 @@ fn clone_net_ready(c: &mut criterion::Criterion, dir: &Path) {
         ready: ReadyCheck::Report,
         net: true,
     };
-    pool.build_template("net", &spec).expect("building the net template");
+    pool.build_template("net", &spec)
+        .expect("building the net template");
     pool.set_pool(
         "net",
         PoolTargets {
@@ -146,7 +147,9 @@ fn clone_net_ready(c: &mut criterion::Criterion, dir: &Path) {
                 let n = sb.network.clone().expect("the sandbox has a network");
                 let ip = n.ipv4.to_string();
                 let ok = std::process::Command::new("ip")
-                    .args(["netns", "exec", &n.netns, "ping", "-n", "-c", "1", "-w", "10"])
+                    .args([
+                        "netns", "exec", &n.netns, "ping", "-n", "-c", "1", "-w", "10",
+                    ])
                     .args(["-i", "0.002", &ip])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())

@@ -37,14 +37,19 @@ fn spec() -> TemplateSpec {
 /// Pings `addr` from namespace `ns` (up to 3 tries, 2 s each): whether a reply came.
 fn ping_from(ns: &str, addr: &str) -> bool {
     Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "2", addr])
+        .args([
+            "netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "2", addr,
+        ])
         .output()
         .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(&format!("from {addr}:"))
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains(&format!("from {addr}:"))
         })
         || (1..3).any(|_| {
             Command::new("ip")
-                .args(["netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "2", addr])
+                .args([
+                    "netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "2", addr,
+                ])
                 .status()
                 .is_ok_and(|s| s.success())
         })
@@ -64,7 +69,9 @@ fn leftovers() -> Vec<String> {
         left.extend(
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(network::TAP_PREFIX) || n.starts_with(network::VETH_PREFIX)),
+                .filter(|n| {
+                    n.starts_with(network::TAP_PREFIX) || n.starts_with(network::VETH_PREFIX)
+                }),
         );
     }
     left
@@ -107,12 +114,19 @@ fn fifty_networked_sandboxes_answer_for_their_own_address_and_leave_nothing() {
     for i in 0..50 {
         let sb = acquire(&pool, &format!("n{i}"), None).unwrap();
         tiers[sb.tier as usize] += 1;
-        let n = sb.network.clone().expect("a networked pool gives a network");
+        let n = sb
+            .network
+            .clone()
+            .expect("a networked pool gives a network");
         assert_eq!(n.prefix, 30);
         assert!(n.egress && n.veth.is_some());
         assert_eq!(n.nft_handles.len(), 3, "{n:?}");
         assert_eq!(network::nft_rules(Some(&vm_of(&sb))).unwrap(), 3);
-        assert!(addrs.insert(n.ipv4), "address {} leased twice at once", n.ipv4);
+        assert!(
+            addrs.insert(n.ipv4),
+            "address {} leased twice at once",
+            n.ipv4
+        );
         assert!(
             ping_from(&n.netns, &n.ipv4.to_string()),
             "sandbox {} ({:?} tier) does not answer ping for {} from {}",
@@ -136,13 +150,18 @@ fn fifty_networked_sandboxes_answer_for_their_own_address_and_leave_nothing() {
     });
     assert_eq!(network::nft_rules(None).unwrap(), 0, "nftables rules left");
     drop(pool);
-    let left: Vec<_> = leftovers().into_iter().filter(|n| !before.contains(n)).collect();
+    let left: Vec<_> = leftovers()
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]
 fn a_sandbox_without_network_has_none_and_asking_for_one_without_a_pool_network_fails() {
-    if !net_available("a_sandbox_without_network_has_none_and_asking_for_one_without_a_pool_network_fails") {
+    if !net_available(
+        "a_sandbox_without_network_has_none_and_asking_for_one_without_a_pool_network_fails",
+    ) {
         return;
     }
     let dirs = Dirs::new();
@@ -202,7 +221,9 @@ fn a_sandbox_without_network_has_none_and_asking_for_one_without_a_pool_network_
 /// One ping, 1 s: whether it was answered.
 fn ping_from_once(ns: &str, addr: &str) -> bool {
     Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "1", addr])
+        .args([
+            "netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "1", addr,
+        ])
         .output()
         .is_ok_and(|o| o.status.success())
 }

@@ -71,7 +71,10 @@ fn wait_report(log: &Path, prefix: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.lines().any(|l| l.starts_with(&format!("REPORT {prefix}"))) {
+        if text
+            .lines()
+            .any(|l| l.starts_with(&format!("REPORT {prefix}")))
+        {
             return;
         }
         assert!(!text.contains("REPORT FAIL"), "guest failed: {text}");
@@ -135,13 +138,19 @@ fn a_cni_pod_network_reaches_the_vm_through_tc_mirred() {
         let _ = Command::new("ip").args(["link", "del", &tap]).status();
     }
     let joined = joined.unwrap();
-    assert!(!tap_left_here, "the TAP did not move into the pod namespace");
+    assert!(
+        !tap_left_here,
+        "the TAP did not move into the pod namespace"
+    );
     assert_eq!(joined.mac, guest_mac);
     assert_eq!(joined.tap, tap);
 
     // From the bridge side (where CNI's host end is) to the pod's address: the guest answers.
     let rtts = host.ping(&ip.to_string(), 3, 0.2, 2);
-    assert!(!rtts.is_empty(), "no echo from the VM for the pod address {ip}");
+    assert!(
+        !rtts.is_empty(),
+        "no echo from the VM for the pod address {ip}"
+    );
     let stats = podns
         .command("tc")
         .args(["-s", "filter", "show", "dev", &tap, "parent", "ffff:"])

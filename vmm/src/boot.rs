@@ -319,7 +319,8 @@ pub fn write_identity_net(
 ) -> Result<(), BootError> {
     write_identity_ipv4(
         mem,
-        net.and_then(|n| n.ipv4).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        net.and_then(|n| n.ipv4)
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
     )
 }
 

@@ -21,10 +21,7 @@ use super::types::{PoolConfig, PoolCounters, PoolError};
 /// The VMM behind a leased sandbox.
 pub(super) enum LeasedVm {
     Owned(ShellProcess),
-    Adopted {
-        pid: u32,
-        net: Option<SandboxNet>,
-    },
+    Adopted { pid: u32, net: Option<SandboxNet> },
     Gone,
 }
 

@@ -145,9 +145,7 @@ pub(super) fn nft_add_rules(
         ),
         (
             "forward",
-            format!(
-                "oifname \"{veth}\" ct state established,related accept comment \"{vm_name}\""
-            ),
+            format!("oifname \"{veth}\" ct state established,related accept comment \"{vm_name}\""),
         ),
     ];
     let mut handles = Vec::new();
@@ -203,9 +201,7 @@ pub fn nft_rules(vm_name: Option<&str>) -> Result<usize, NetError> {
     let out = match run("nft", &["list", "table", "ip", NFT_TABLE], None) {
         Ok(o) => o,
         // No table: no rules.
-        Err(NetError::Command { detail, .. }) if detail.contains("No such file") => {
-            return Ok(0)
-        }
+        Err(NetError::Command { detail, .. }) if detail.contains("No such file") => return Ok(0),
         Err(e) => return Err(e),
     };
     Ok(out

@@ -93,7 +93,9 @@ impl SandboxNet {
             return Ok(b.guest());
         }
         if self.attached.is_some() {
-            return Err(NetError::State("the sandbox network is already set up".into()));
+            return Err(NetError::State(
+                "the sandbox network is already set up".into(),
+            ));
         }
         let block = self
             .leases
@@ -172,7 +174,10 @@ impl Drop for SandboxNet {
         self.detach();
         // A TAP still in the host's namespace (never attached, or a failed attach that left it
         // there); one that moved went with its namespace.
-        if std::path::Path::new("/sys/class/net").join(&self.tap).exists() {
+        if std::path::Path::new("/sys/class/net")
+            .join(&self.tap)
+            .exists()
+        {
             if let Err(e) = cmd::ip(&["link", "del", &self.tap]) {
                 tracing::warn!("removing TAP {}: {e}", self.tap);
             }
@@ -235,7 +240,10 @@ fn teardown(info: &SandboxNetInfo) {
     }
     // The namespace's devices go with it: the TAP, and eth0 with its host peer (and the host
     // route through it).
-    if std::path::Path::new("/run/netns").join(&info.netns).exists() {
+    if std::path::Path::new("/run/netns")
+        .join(&info.netns)
+        .exists()
+    {
         if let Err(e) = cmd::ip(&["netns", "del", &info.netns]) {
             tracing::warn!("removing network namespace {}: {e}", info.netns);
         }
@@ -263,9 +271,7 @@ pub fn unavailable(egress: bool) -> Option<String> {
     }
     for t in tools {
         if !cmd::found(t) {
-            return Some(format!(
-                "{t} is missing: apt-get install iproute2 nftables"
-            ));
+            return Some(format!("{t} is missing: apt-get install iproute2 nftables"));
         }
     }
     None

@@ -62,7 +62,12 @@ struct IpRoute {
     gateway: Option<String>,
 }
 
-fn nsenter(netns: &Path, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
+fn nsenter(
+    netns: &Path,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, NetError> {
     let net = format!("--net={}", netns.display());
     let mut full = vec![net.as_str(), program];
     full.extend(args);
@@ -87,7 +92,9 @@ pub fn inspect(netns: &Path, ifname: Option<&str>) -> Result<PodLink, NetError> 
     let link = candidates.next().ok_or_else(|| {
         NetError::Config(format!(
             "no {} in the pod network namespace {}: did CNI set it up?",
-            ifname.map_or("interface with an IPv4 address".into(), |n| format!("interface {n}")),
+            ifname.map_or("interface with an IPv4 address".into(), |n| format!(
+                "interface {n}"
+            )),
             netns.display()
         ))
     })?;
@@ -102,7 +109,10 @@ pub fn inspect(netns: &Path, ifname: Option<&str>) -> Result<PodLink, NetError> 
         .as_deref()
         .and_then(|m| m.parse::<MacAddr>().ok())
         .ok_or_else(|| {
-            NetError::Config(format!("interface {} has no usable MAC address", link.ifname))
+            NetError::Config(format!(
+                "interface {} has no usable MAC address",
+                link.ifname
+            ))
         })?;
     let ipv4 = link
         .addr_info
