@@ -1,13 +1,18 @@
 //! Network benchmarks over virtio-net on a TAP, in network namespaces made here (loopback-only):
 //! `net_ping_rtt_us` — host → guest ICMP echo round trip (`ping`'s own per-reply time, p50) to
-//! the test guest's `rt.net`; `clone_net_ready_ms` — `runv-vmm --restore` of a template with
-//! `--net` (the clone's own TAP and address) → the first echo answered by the clone (a `ping`
-//! sending every 2 ms, started with the restore), p50. Until `runv-pool` gives sandboxes a
-//! network, "acquire" here is the VMM's restore with per-clone network settings.
-//! Skipped (no metrics written) without root, `/dev/net/tun`, `ip` or `ping`.
+//! the test guest's `rt.net`; `clone_net_ready_ms` — `pool_manager::Pool::acquire` of a
+//! sandbox with a network (a warm clone of a template built with `net`, from a pool with a
+//! `network` range; its namespace and TAP made when it was pooled, its address given at
+//! activation) → the first echo answered by the clone to a `ping` in the sandbox's namespace
+//! (started when the acquire returns, sending every 2 ms; its start is included), p50; every
+//! acquire starts from a full, quiescent pool. Skipped (no metrics written) without root,
+//! `/dev/net/tun`, `ip` or `ping`.
 
 use std::path::Path;
 use std::process::{Child, Stdio};
+
+use pool_manager::network::{parse_subnet, PoolNetwork};
+use pool_manager::{AcquireRequest, Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
 use std::time::{Duration, Instant};
 
 use benches::{criterion, release_bin, Recorder};
@@ -57,10 +62,6 @@ fn wait_report(log: &Path, prefix: &str) {
     }
 }
 
-fn control(sock: &Path) -> vmm_api::ControlClient {
-    vmm_api::ControlClient::connect(sock, Duration::from_secs(20)).expect("control socket")
-}
-
 fn ping_rtt(c: &mut criterion::Criterion, dir: &Path) {
     let ns = Netns::new().expect("creating a network namespace");
     ns.add_tap("rvbench0", "10.99.0.1/24").unwrap();
@@ -93,60 +94,82 @@ fn ping_rtt(c: &mut criterion::Criterion, dir: &Path) {
 }
 
 fn clone_net_ready(c: &mut criterion::Criterion, dir: &Path) {
-    let tns = Netns::new().expect("creating a network namespace");
-    tns.add_tap("rvbtpl", "10.98.0.1/16").unwrap();
-    let snap = dir.join("snap");
-    std::fs::create_dir_all(&snap).unwrap();
-    let ctl = dir.join("tpl.sock");
-    let kernel = test_guests::guest_path();
-    let tlog = dir.join("tpl.log");
-    let mut args = vec!["--kernel", kernel.to_str().unwrap(), "--mem-mib", "32"];
-    args.extend(["--cmdline", "rt.net=10.98.0.2", "--net", "tap=rvbtpl"]);
-    args.extend(["--control", ctl.to_str().unwrap()]);
-    let template = vmm(&tns, &tlog, &args);
-    wait_report(&tlog, "PASS net_ready");
-    let mut t = control(&ctl);
-    t.snapshot(&snap).expect("snapshotting the template");
-    t.shutdown().unwrap();
-    drop(template);
-
-    let ns = Netns::new().expect("creating a network namespace");
-    ns.add_tap("rvbcl", "10.98.0.1/16").unwrap();
+    let shm = std::path::PathBuf::from(format!("/dev/shm/runv-bench-net-{}", std::process::id()));
+    let pool = Pool::open(PoolConfig {
+        vmm: release_bin("runv-vmm"),
+        state_dir: dir.join("state"),
+        run_dir: dir.join("run"),
+        tmpfs_dir: shm.clone(),
+        refill_workers: 2,
+    })
+    .expect("opening the pool");
+    let spec = TemplateSpec {
+        kernel: test_guests::guest_path(),
+        initrd: None,
+        cmdline: "rt.net=10.98.0.2".into(),
+        mem_mib: 32,
+        vcpus: 1,
+        ready: ReadyCheck::Report,
+        slots: 0,
+        net: true,
+    };
+    pool.build_template("net", &spec)
+        .expect("building the net template");
+    pool.set_pool(
+        "net",
+        PoolTargets {
+            warm: 1,
+            network: Some(PoolNetwork {
+                subnet: parse_subnet("10.98.0.0/16").unwrap(),
+                egress: false,
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut rec = Recorder::median("clone_net_ready_ms", "ms");
-    let mut n = 0u32;
     c.bench_function("clone_net_ready", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                n += 1;
-                let ip = format!("10.98.{}.{}", 1 + n / 250 % 250, 2 + n % 250);
-                let net = format!("tap=rvbcl,ipv4={ip}");
-                let log = dir.join("clone.log");
-                let _ = std::fs::remove_file(&log);
+                // Every acquire starts from a quiescent full pool (its refill is not timed).
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while pool.pools()[0].warm < 1 {
+                    assert!(Instant::now() < deadline, "no warm clone in 20 s");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 let start = Instant::now();
-                let mut pinger: Child = ns
-                    .command("ping")
-                    .args(["-n", "-c", "1", "-w", "10", "-i", "0.002", &ip])
+                let sb = pool
+                    .acquire(AcquireRequest {
+                        template: "net".into(),
+                        ..Default::default()
+                    })
+                    .expect("acquiring a networked sandbox");
+                let n = sb.network.clone().expect("the sandbox has a network");
+                let ip = n.ipv4.to_string();
+                let ok = std::process::Command::new("ip")
+                    .args([
+                        "netns", "exec", &n.netns, "ping", "-n", "-c", "1", "-w", "10",
+                    ])
+                    .args(["-i", "0.002", &ip])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
-                let clone = vmm(
-                    &ns,
-                    &log,
-                    &["--restore", snap.to_str().unwrap(), "--net", &net],
-                );
-                let ok = pinger.wait().unwrap().success();
+                    .status()
+                    .unwrap()
+                    .success();
                 let d = start.elapsed();
-                assert!(ok, "clone {ip} never answered");
+                assert!(ok, "sandbox {} ({ip}) never answered", sb.id);
+                assert_eq!(sb.tier, Tier::Warm);
                 rec.push_duration(d);
                 total += d;
-                drop(clone);
+                pool.release(&sb.id).unwrap();
             }
             total
         })
     });
     rec.write();
+    pool.shutdown(false);
+    let _ = std::fs::remove_dir_all(&shm);
 }
 
 fn main() {

@@ -38,6 +38,7 @@ fn set_tiers(pool: &Pool, warm: usize, shells: usize) {
             warm,
             shells,
             max_sandboxes: 0,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -80,6 +81,7 @@ fn main() {
             vcpus: 1,
             ready: ReadyCheck::Report,
             slots: 0,
+            net: false,
         },
     )
     .unwrap();

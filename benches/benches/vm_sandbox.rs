@@ -50,6 +50,7 @@ fn main() {
             vcpus: 1,
             ready: ReadyCheck::Report,
             slots: 1,
+            net: false,
         },
     )
     .unwrap();
@@ -59,6 +60,7 @@ fn main() {
             warm: WARM,
             shells: 0,
             max_sandboxes: 0,
+            network: None,
         },
     )
     .unwrap();

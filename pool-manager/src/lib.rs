@@ -9,6 +9,7 @@
 pub mod manager;
 pub mod metrics;
 pub mod names;
+pub mod network;
 pub mod pool;
 pub mod sandbox;
 pub mod server;

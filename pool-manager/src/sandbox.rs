@@ -72,6 +72,14 @@ pub struct SandboxInfo {
     /// Caller's labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Its network, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::network::SandboxNetInfo>,
+    /// Its VM's TAP, for a template built with `net`: inside `network.netns` when it has a
+    /// network, else in the host's namespace, down — ready to be joined to a CRI pod's
+    /// namespace with [`crate::network::pod::connect`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 /// Health of a template.
@@ -113,6 +121,10 @@ pub struct PoolTargets {
     /// Most leased sandboxes of the template at once (0 = no limit).
     #[serde(default)]
     pub max_sandboxes: usize,
+    /// Give sandboxes networks (namespace, TAP, an address block of this range, NAT with
+    /// egress); the template must have been built with `net`. Absent: no networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::network::PoolNetwork>,
 }
 
 /// A template's pool as listed.

@@ -105,6 +105,7 @@ struct BuildBody {
     ready: ReadyCheck,
     #[serde(default)]
     slots: u8,
+    net: bool,
 }
 
 /// Body of `POST /v1/sandboxes`.
@@ -118,6 +119,8 @@ struct AcquireBody {
     ttl_s: Option<u64>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    network: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +149,7 @@ async fn build_template(State(d): St, body: Body) -> ApiResult<Response> {
         vcpus: b.vcpus.unwrap_or(1),
         ready: b.ready,
         slots: b.slots,
+        net: b.net,
     };
     let d2 = d.clone();
     let info = blocking(move || d2.pool.build_template(&b.name, &spec)).await?;
@@ -201,6 +205,7 @@ async fn acquire(State(d): St, body: Body) -> ApiResult<Response> {
         id: b.id,
         ttl: b.ttl_s.map(Duration::from_secs),
         labels: b.labels,
+        network: b.network,
     };
     let d2 = d.clone();
     let info = blocking(move || d2.pool.acquire(req)).await?;

@@ -39,6 +39,9 @@ pub enum ShellError {
         /// Cause.
         source: ClientError,
     },
+    /// Its TAP or sandbox network could not be set up.
+    #[error("sandbox network: {0}")]
+    Net(#[from] crate::network::NetError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShellError {
@@ -66,6 +69,8 @@ pub struct ShellProcess {
     control: ControlClient,
     stdout: Option<BufReader<ChildStdout>>,
     socket: PathBuf,
+    /// Its TAP and sandbox network; dropped (torn down) after the VMM is ended.
+    net: Option<crate::network::SandboxNet>,
 }
 
 impl ShellProcess {
@@ -120,6 +125,7 @@ impl ShellProcess {
             control,
             stdout,
             socket,
+            net: None,
         };
         shell
             .control
@@ -202,6 +208,16 @@ impl ShellProcess {
         let pid = self.child.id();
         std::mem::forget(self);
         pid
+    }
+
+    /// Gives the VM its TAP and network (torn down when the VM ends).
+    pub fn set_net(&mut self, net: crate::network::SandboxNet) {
+        self.net = Some(net);
+    }
+
+    /// Its TAP and network, if it has them.
+    pub fn net_mut(&mut self) -> Option<&mut crate::network::SandboxNet> {
+        self.net.as_mut()
     }
 
     /// The process id.

@@ -61,6 +61,10 @@ pub struct TemplateSpec {
     /// systems). 0 (the default) keeps templates built before slots existed valid.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub slots: u8,
+    /// Build it with a virtio-net device (on a TAP made for the build and removed after), so
+    /// that its sandboxes can have networks.
+    #[serde(default)]
+    pub net: bool,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -260,6 +264,19 @@ fn boot_and_snapshot(
             vmm_api::slot_id(slot)
         ));
     }
+    // The build VM's TAP: removed with it (clones get their own).
+    let tap = if spec.net {
+        use std::hash::BuildHasher;
+        let leases = Default::default();
+        // A random suffix (RandomState is seeded randomly): two builds never share a TAP.
+        let r = std::collections::hash_map::RandomState::new().hash_one(name);
+        let tap = crate::network::SandboxNet::create_tap(&format!("vm-b{:011x}", r >> 20), leases)
+            .map_err(|e| TemplateError::Guest(format!("creating the build VM's TAP: {e}")))?;
+        cmd.args(["--net", &format!("tap={}", tap.tap())]);
+        Some(tap)
+    } else {
+        None
+    };
     let mut child = cmd
         .spawn()
         .map_err(|e| TemplateError::Guest(format!("spawning {}: {e}", vmm.display())))?;
@@ -279,6 +296,7 @@ fn boot_and_snapshot(
         let _ = child.kill();
     }
     let status = child.wait();
+    drop(tap);
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(&vsock);
     let _ = std::fs::remove_file(&control);

@@ -13,7 +13,12 @@ pub fn set_paused(opts: &mut RestoreOptions) {
     opts.paused = true;
 }
 
-/// Activates a warm clone as `clone_id`; returns its identity generation.
-pub fn activate(c: &mut ControlClient, clone_id: &str) -> Result<u64, ClientError> {
-    c.activate(clone_id).map(|r| r.generation)
+/// Activates a warm clone as `clone_id` (with its network address `ipv4`, written into the
+/// identity page); returns its identity generation.
+pub fn activate(
+    c: &mut ControlClient,
+    clone_id: &str,
+    ipv4: Option<std::net::Ipv4Addr>,
+) -> Result<u64, ClientError> {
+    c.activate_net(clone_id, ipv4).map(|r| r.generation)
 }

@@ -48,6 +48,7 @@ fn pool_build_acquire_release_refill_and_cleanup() {
             warm: 0,
             shells: 3,
             max_sandboxes: 20,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -125,6 +126,7 @@ fn pool_notices_killed_vmms_and_expired_ttls() {
             warm: 0,
             shells: 2,
             max_sandboxes: 0,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -287,6 +289,7 @@ fn pool_refuses_bad_input_with_what_to_fix() {
                 warm: 0,
                 shells: 5,
                 max_sandboxes: 2,
+                ..Default::default()
             },
         )
         .unwrap_err();
@@ -311,6 +314,7 @@ fn pool_builds_an_agent_template_with_a_linux_kernel() {
         vcpus: 1,
         ready: pool_manager::ReadyCheck::Agent,
         slots: 0,
+        net: false,
     };
     let info = pool.build_template("linux", &spec).unwrap();
     assert_eq!(info.status, TemplateStatus::Ready);
@@ -337,6 +341,7 @@ fn pool_activates_warm_clones_with_fresh_identities() {
             warm: 3,
             shells: 0,
             max_sandboxes: 0,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -390,6 +395,7 @@ fn pool_backs_off_when_vms_fail_to_start_and_says_why() {
             warm: 1,
             shells: 1,
             max_sandboxes: 0,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -431,6 +437,7 @@ fn pool_max_sandboxes_holds_under_concurrent_acquires() {
             warm: 1,
             shells: 1,
             max_sandboxes: 3,
+            ..Default::default()
         },
     )
     .unwrap();

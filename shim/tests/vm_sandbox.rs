@@ -89,6 +89,7 @@ impl Fixture {
             vcpus: 1,
             ready: ReadyCheck::Report,
             slots,
+            net: false,
         };
         self.pool().build_template(name, &spec).unwrap();
     }
@@ -339,6 +340,7 @@ fn vm_sandbox_runs_a_container_with_a_linux_kernel() {
         vcpus: 1,
         ready: ReadyCheck::Agent,
         slots: 1,
+        net: false,
     };
     fx.pool().build_template("linux", &spec).unwrap();
     fx.close(); // the runv monitor opens its own pool over the same directories

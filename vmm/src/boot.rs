@@ -317,9 +317,17 @@ pub fn write_identity_net(
     mem: &GuestMemory,
     net: Option<&crate::config::NetConfig>,
 ) -> Result<(), BootError> {
-    let ip = net.and_then(|n| n.ipv4).map_or([0; 4], |a| a.octets());
+    write_identity_ipv4(
+        mem,
+        net.and_then(|n| n.ipv4)
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+    )
+}
+
+/// Writes the identity page's `ipv4` field alone (a warm clone's address, given at `activate`).
+pub fn write_identity_ipv4(mem: &GuestMemory, ip: std::net::Ipv4Addr) -> Result<(), BootError> {
     mem.write_slice(
-        &ip,
+        &ip.octets(),
         GuestAddress(IDENTITY_PAGE_START + IDENTITY_IPV4_OFFSET),
     )
     .map_err(gw("identity page"))

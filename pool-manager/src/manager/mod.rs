@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use vmm_api::ControlClient;
 
 use crate::names;
+use crate::network::{PoolNetwork, SandboxNet};
 use crate::sandbox::{
     PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus, Tier,
 };
@@ -92,6 +93,7 @@ impl Pool {
             reap: tx,
             counters: PoolCounters::default(),
             record: Mutex::new(None),
+            leases: Default::default(),
         });
         let mut threads = Vec::new();
         for _ in 0..shared.cfg.refill_workers.max(1) {
@@ -213,8 +215,21 @@ impl Pool {
                 targets.warm, targets.shells, targets.max_sandboxes
             )));
         }
+        if let Some(n) = &targets.network {
+            n.validate()?;
+            if let Some(why) = crate::network::unavailable(n.egress) {
+                return Err(PoolError::Invalid(format!(
+                    "pool network: this host cannot give sandboxes networks: {why}"
+                )));
+            }
+        }
         let mut st = self.shared.lock();
         let e = st.entry_mut(name)?;
+        if targets.network.is_some() && !e.info.spec.as_ref().is_some_and(|s| s.net) {
+            return Err(PoolError::Invalid(format!(
+                "template {name} has no network device: build it with net: true to give its sandboxes networks"
+            )));
+        }
         e.targets = targets;
         e.failures = 0;
         e.retry_at = Instant::now();
@@ -262,7 +277,7 @@ impl Pool {
             }
             None => format!("sb-{}", random_hex()),
         };
-        let (template, pooled) = {
+        let (template, pooled, network) = {
             let mut st = self.shared.lock();
             if st.stopping {
                 return Err(PoolError::Conflict("the pool is shutting down".into()));
@@ -295,6 +310,17 @@ impl Pool {
                     })
                 }
             };
+            let network = match (req.network, e.targets.network) {
+                (Some(false), _) => None,
+                (_, Some(n)) => Some(n),
+                (None, None) => None,
+                (Some(true), None) => {
+                    return Err(PoolError::Invalid(format!(
+                        "template {}'s pool has no network: set one (PUT /v1/pools/{} with \"network\") or acquire without",
+                        req.template, req.template
+                    )))
+                }
+            };
             if e.targets.max_sandboxes != 0 && leased >= e.targets.max_sandboxes {
                 return Err(PoolError::Conflict(format!(
                     "template {} has its max_sandboxes {} leased: release some or raise the limit",
@@ -306,15 +332,15 @@ impl Pool {
                 None => e.shells.pop().map(|vm| (vm, Tier::Shell)),
             };
             st.reserved.insert(id.clone(), req.template.clone());
-            (t, pooled)
+            (t, pooled, network)
         };
-        let result = self.make_clone(&template, &id, pooled);
+        let result = self.make_clone(&template, &id, pooled, network);
         // Refill after the clone is served: the refill's VM creation must not compete with the
         // acquire for the cores.
         self.shared.wake.notify_all();
         let mut st = self.shared.lock();
         st.reserved.remove(&id);
-        let (vm, tier, generation) = match result {
+        let (mut vm, tier, generation) = match result {
             Ok(v) => v,
             Err(e) => {
                 drop(st);
@@ -337,6 +363,8 @@ impl Pool {
             state: SandboxState::Running,
             expires_at: req.ttl.map(|t| now_s() + t.as_secs()),
             labels: req.labels,
+            network: vm.net_mut().and_then(|n| n.info().cloned()),
+            tap: vm.net_mut().map(|n| n.tap().to_string()),
         };
         if st.stopping {
             drop(st);
@@ -355,27 +383,52 @@ impl Pool {
     }
 
     /// Turns a pooled VM (or, with none, a shell made now) into clone `id`: activates a warm
-    /// clone, or restores into a shell. Returns the VM, the tier and the identity generation. A
-    /// warm clone that fails to activate is dropped and the acquire made cold.
+    /// clone, or restores into a shell; with `network`, the clone gets its sandbox network
+    /// (a warm clone usually has it already and gets only its address, at activation). Returns
+    /// the VM, the tier and the identity generation. A warm clone that fails to activate is
+    /// dropped and the acquire made cold.
     fn make_clone(
         &self,
         t: &Template,
         id: &str,
         pooled: Option<(ShellProcess, Tier)>,
+        network: Option<PoolNetwork>,
     ) -> Result<(ShellProcess, Tier, u64), ShellError> {
         let (mut vm, tier) = match pooled {
-            Some((mut vm, Tier::Warm)) => match crate::warm::activate(vm.client(), id) {
-                Ok(generation) => return Ok((vm, Tier::Warm, generation)),
-                Err(e) => {
-                    tracing::warn!("activating warm clone {}: {e}; serving cold", vm.name());
-                    let _ = self.shared.reap.send(Reap::Vm(vm));
-                    (self.shared.spawn_shell(t)?, Tier::Cold)
+            Some((mut vm, Tier::Warm)) => {
+                let activated = warm_network(&mut vm, network).and_then(|ip| {
+                    crate::warm::activate(vm.client(), id, ip).map_err(|source| {
+                        ShellError::Control {
+                            name: vm.name().into(),
+                            source,
+                        }
+                    })
+                });
+                match activated {
+                    Ok(generation) => return Ok((vm, Tier::Warm, generation)),
+                    Err(e) => {
+                        tracing::warn!("activating warm clone {}: {e}; serving cold", vm.name());
+                        let _ = self.shared.reap.send(Reap::Vm(vm));
+                        (self.shared.spawn_vm(t)?, Tier::Cold)
+                    }
                 }
-            },
+            }
             Some((vm, tier)) => (vm, tier),
-            None => (self.shared.spawn_shell(t)?, Tier::Cold),
+            None => (self.shared.spawn_vm(t)?, Tier::Cold),
         };
-        match self.shared.restore(&mut vm, t, id, false) {
+        let name = vm.name().to_string();
+        let restored = (|| {
+            let ip = match (network, vm.net_mut()) {
+                (Some(n), Some(net)) => Some(net.reserve(&n)?),
+                _ => None,
+            };
+            let generation = self.shared.restore(&mut vm, t, id, false, ip)?;
+            if let (Some(_), Some(net)) = (ip, vm.net_mut()) {
+                net.attach(&name)?;
+            }
+            Ok(generation)
+        })();
+        match restored {
             Ok(generation) => Ok((vm, tier, generation)),
             Err(e) => {
                 let _ = self.shared.reap.send(Reap::Vm(vm));
@@ -384,8 +437,21 @@ impl Pool {
         }
     }
 
+    /// How many address blocks sandbox networks hold now (pooled warm clones' and leased
+    /// sandboxes'): 0 once every networked VM is gone.
+    pub fn network_leases(&self) -> usize {
+        self.shared
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// After a failed restore: checks the template and marks it broken if its snapshot is.
     fn restore_failed(&self, t: &Template, e: ShellError) -> PoolError {
+        if let ShellError::Net(e) = e {
+            return PoolError::Net(e);
+        }
         match t.check() {
             Err(broken) => {
                 let reason = broken.to_string();
@@ -446,12 +512,18 @@ impl Pool {
                     c.status()
                 })
                 .is_ok();
+        let net = info
+            .network
+            .clone()
+            .map(|n| SandboxNet::adopt(n, self.shared.leases.clone()));
         let mut st = self.shared.lock();
         if !alive
             || !st.templates.contains_key(&info.template)
             || st.sandboxes.contains_key(&info.id)
         {
             drop(st);
+            // Its network goes (a dead VMM's, or one we cannot track).
+            drop(net);
             let _ = self.shared.reap.send(Reap::Files(info_files(&info)));
             return false;
         }
@@ -461,7 +533,7 @@ impl Pool {
         st.sandboxes.insert(
             info.id.clone(),
             Leased {
-                vm: LeasedVm::Adopted { pid: info.pid },
+                vm: LeasedVm::Adopted { pid: info.pid, net },
                 info,
                 deadline,
             },
@@ -562,6 +634,32 @@ impl Pool {
         let _ = self.shared.reap.send(Reap::Stop);
         let _ = reaper.join();
         kept
+    }
+}
+
+/// A warm clone's network at acquire: set up (if the pool's network came after it was pooled)
+/// and its guest address returned with `network`; taken down without.
+fn warm_network(
+    vm: &mut ShellProcess,
+    network: Option<PoolNetwork>,
+) -> Result<Option<std::net::Ipv4Addr>, ShellError> {
+    let name = vm.name().to_string();
+    match (network, vm.net_mut()) {
+        (Some(n), Some(net)) => {
+            if net.info().is_none() {
+                net.reserve(&n)?;
+                net.attach(&name)?;
+            }
+            Ok(net.info().map(|i| i.ipv4))
+        }
+        (None, Some(net)) => {
+            net.detach();
+            Ok(None)
+        }
+        (Some(_), None) => Err(ShellError::Net(crate::network::NetError::State(
+            "the warm clone has no network device".into(),
+        ))),
+        (None, None) => Ok(None),
     }
 }
 

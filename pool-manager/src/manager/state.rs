@@ -4,13 +4,14 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
 use vmm_api::{MemoryMode, RestoreOptions, SerialOutput};
 
 use crate::names;
+use crate::network::{Leases, PoolNetwork, SandboxNet};
 use crate::sandbox::{PoolInfo, PoolTargets, SandboxInfo, TemplateInfo, TemplateStatus};
 use crate::shell::{ShellError, ShellProcess, ShellSpec};
 use crate::template::{Template, TemplateError};
@@ -20,7 +21,7 @@ use super::types::{PoolConfig, PoolCounters, PoolError};
 /// The VMM behind a leased sandbox.
 pub(super) enum LeasedVm {
     Owned(ShellProcess),
-    Adopted { pid: u32 },
+    Adopted { pid: u32, net: Option<SandboxNet> },
     Gone,
 }
 
@@ -58,7 +59,7 @@ pub(super) struct State {
 /// Work for the reaper thread.
 pub(super) enum Reap {
     Vm(ShellProcess),
-    Adopted(SandboxInfo),
+    Adopted(SandboxInfo, Option<SandboxNet>),
     Files(Vec<PathBuf>),
     Stop,
 }
@@ -72,6 +73,8 @@ pub(super) struct Shared {
     pub(super) counters: PoolCounters,
     /// Where the monitor keeps the leased sandboxes recorded ([`super::Pool::record_to`]).
     pub(super) record: Mutex<Option<PathBuf>>,
+    /// Address blocks leased to sandbox networks (pooled and leased VMs).
+    pub(super) leases: Arc<Mutex<Leases>>,
 }
 
 pub(super) fn now_s() -> u64 {
@@ -237,9 +240,17 @@ impl Shared {
         t: &Template,
         id: &str,
         warm: bool,
+        ipv4: Option<std::net::Ipv4Addr>,
     ) -> Result<u64, ShellError> {
         let paths = self.vm_paths(vm.name());
         let mut opts = RestoreOptions::new(&t.tmpfs, MemoryMode::Cow);
+        if let Some(net) = vm.net_mut() {
+            opts.net = Some(vmm_api::NetConfig {
+                tap: net.tap().into(),
+                mac: None,
+                ipv4,
+            });
+        }
         opts.clone_id = id.into();
         opts.serial = SerialOutput::None;
         opts.debug_log = Some(paths.log.to_string_lossy().into_owned());
@@ -257,11 +268,32 @@ impl Shared {
         vm.restore(&opts).map(|r| r.generation)
     }
 
-    /// A pooled VM of tier `warm`/shell for `t`.
-    pub(super) fn make_pooled(&self, t: &Template, warm: bool) -> Result<ShellProcess, ShellError> {
+    /// A shell for `t`, with its own TAP when the template has a network device.
+    pub(super) fn spawn_vm(&self, t: &Template) -> Result<ShellProcess, ShellError> {
         let mut vm = self.spawn_shell(t)?;
+        if t.meta.spec.net {
+            let net = SandboxNet::create_tap(vm.name(), self.leases.clone())?;
+            vm.set_net(net);
+        }
+        Ok(vm)
+    }
+
+    /// A pooled VM of tier `warm`/shell for `t`. A warm clone of a pool with a `network` gets
+    /// its sandbox network now (its address goes to the guest at activation).
+    pub(super) fn make_pooled(
+        &self,
+        t: &Template,
+        warm: bool,
+        network: Option<PoolNetwork>,
+    ) -> Result<ShellProcess, ShellError> {
+        let mut vm = self.spawn_vm(t)?;
         if warm {
-            self.restore(&mut vm, t, "", true)?;
+            self.restore(&mut vm, t, "", true, None)?;
+            let name = vm.name().to_string();
+            if let (Some(n), Some(net)) = (network, vm.net_mut()) {
+                net.reserve(&n)?;
+                net.attach(&name)?;
+            }
         }
         Ok(vm)
     }
@@ -269,7 +301,7 @@ impl Shared {
     pub(super) fn reap_leased(&self, l: Leased) {
         let job = match l.vm {
             LeasedVm::Owned(vm) => Reap::Vm(vm),
-            LeasedVm::Adopted { .. } => Reap::Adopted(l.info),
+            LeasedVm::Adopted { net, .. } => Reap::Adopted(l.info, net),
             LeasedVm::Gone => Reap::Files(info_files(&l.info)),
         };
         let _ = self.reap.send(job);

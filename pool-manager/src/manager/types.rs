@@ -53,6 +53,9 @@ pub enum PoolError {
     /// A VMM failed.
     #[error(transparent)]
     Vm(#[from] ShellError),
+    /// Setting up or tearing down a sandbox network failed.
+    #[error("sandbox network: {0}")]
+    Net(#[from] crate::network::NetError),
     /// A file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -82,6 +85,8 @@ impl PoolError {
         match self {
             PoolError::InvalidName(_) | PoolError::Invalid(_) => ErrorClass::BadRequest,
             PoolError::Template(TemplateError::Spec(_)) => ErrorClass::BadRequest,
+            PoolError::Net(crate::network::NetError::Config(_)) => ErrorClass::BadRequest,
+            PoolError::Net(crate::network::NetError::Exhausted(_)) => ErrorClass::Conflict,
             PoolError::NotFound(_) => ErrorClass::NotFound,
             PoolError::Conflict(_) | PoolError::Broken { .. } => ErrorClass::Conflict,
             _ => ErrorClass::Internal,
@@ -100,6 +105,9 @@ pub struct AcquireRequest {
     pub ttl: Option<Duration>,
     /// Caller's labels.
     pub labels: BTreeMap<String, String>,
+    /// Whether the sandbox gets a network: `None` = the pool's setting (a network when its
+    /// targets have one), `Some(true)` requires the pool's network, `Some(false)` = none.
+    pub network: Option<bool>,
 }
 
 /// Counters since the pool started.

@@ -34,13 +34,13 @@ pub(super) fn refill_loop(s: &Shared) {
                     .shells
                     .saturating_sub(e.shells.len() + e.starting_shells);
                 [
-                    (warm, 1u8, e.info.name.clone(), true),
-                    (shells, 0, e.info.name.clone(), false),
+                    (warm, 1u8, e.info.name.clone(), true, e.targets.network),
+                    (shells, 0, e.info.name.clone(), false, None),
                 ]
             })
             .filter(|j| j.0 > 0)
             .max_by_key(|j| (j.0, j.1));
-        let Some((_, _, name, warm)) = job else {
+        let Some((_, _, name, warm, network)) = job else {
             st = s
                 .wake
                 .wait_timeout(st, MONITOR_PERIOD)
@@ -56,7 +56,7 @@ pub(super) fn refill_loop(s: &Shared) {
         }
         let t = e.template.clone().expect("a ready template has files");
         drop(st);
-        let made = s.make_pooled(&t, warm);
+        let made = s.make_pooled(&t, warm, network);
         st = s.lock();
         let stopping = st.stopping;
         let Some(e) = st.templates.get_mut(&name) else {
@@ -119,7 +119,7 @@ pub(super) fn monitor_loop(s: &Shared) {
             }
             let dead = match &mut l.vm {
                 LeasedVm::Owned(vm) => vm.try_wait().is_some(),
-                LeasedVm::Adopted { pid } => !pid_alive(*pid),
+                LeasedVm::Adopted { pid, .. } => !pid_alive(*pid),
                 LeasedVm::Gone => false,
             };
             if dead {
@@ -178,7 +178,7 @@ pub(super) fn reaper_loop(s: &Shared, rx: Receiver<Reap>) {
                 let _ = vm.shutdown();
                 remove(&[paths.log, paths.vsock]);
             }
-            Reap::Adopted(info) => {
+            Reap::Adopted(info, net) => {
                 if let Ok(mut c) = ControlClient::connect(&info.control, REAP_TIMEOUT) {
                     let _ = c.set_timeout(REAP_TIMEOUT);
                     let _ = c.shutdown();
@@ -188,6 +188,8 @@ pub(super) fn reaper_loop(s: &Shared, rx: Receiver<Reap>) {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 remove(&info_files(&info));
+                // After the VMM: its TAP is in the namespace this removes.
+                drop(net);
             }
             Reap::Files(files) => remove(&files),
             Reap::Stop => return,

@@ -124,6 +124,7 @@ pub fn counter_spec() -> TemplateSpec {
         vcpus: 1,
         ready: ReadyCheck::Report,
         slots: 0,
+        net: false,
     }
 }
 

@@ -219,8 +219,18 @@ impl ControlClient {
 
     /// `activate` a clone restored paused: identity `clone_id`, fresh entropy, then resume.
     pub fn activate(&mut self, clone_id: &str) -> Result<ActivateReply, ClientError> {
+        self.activate_net(clone_id, None)
+    }
+
+    /// `activate` with the guest's IPv4 address (`ipv4`) written into the identity page too.
+    pub fn activate_net(
+        &mut self,
+        clone_id: &str,
+        ipv4: Option<std::net::Ipv4Addr>,
+    ) -> Result<ActivateReply, ClientError> {
         self.call(&Request::Activate {
             clone_id: clone_id.into(),
+            ipv4,
         })
     }
 

@@ -32,6 +32,11 @@ pub enum Request {
     Activate {
         /// Clone id written into the identity page (at most [`MAX_CLONE_ID`] bytes, no NUL).
         clone_id: String,
+        /// The guest's IPv4 address, written into the identity page's `ipv4` field (a warm
+        /// clone's network identity is given here, at acquire, not at its restore); absent:
+        /// the field keeps what the restore wrote. Refused for a VM without a network device.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ipv4: Option<std::net::Ipv4Addr>,
     },
     /// Swap disk slot `slot` (the block device with id `runv-slot<slot>`) of a running VM to
     /// `path`, a regular file or block device: [`DiskReply`]. The guest sees a capacity change

@@ -135,6 +135,11 @@ mod tests {
             Request::Restore(opts),
             Request::Activate {
                 clone_id: "warm-1".into(),
+                ipv4: None,
+            },
+            Request::Activate {
+                clone_id: "warm-2".into(),
+                ipv4: Some("10.200.0.2".parse().unwrap()),
             },
             Request::AttachDisk {
                 slot: 1,

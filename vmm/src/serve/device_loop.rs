@@ -94,10 +94,16 @@ impl DeviceLoop<'_> {
     }
 
     /// Writes a warm clone's identity (fresh entropy) and starts its vCPUs.
-    fn activate(&self, clone_id: &str) -> Vec<u8> {
+    fn activate(&self, clone_id: &str, ipv4: Option<std::net::Ipv4Addr>) -> Vec<u8> {
         let vmm = self.vmm;
         if let Err(e) = validate_clone_id(clone_id) {
             return encode_error(&ApiError::new(ErrorKind::BadRequest, e));
+        }
+        if ipv4.is_some() && vmm.config.net.is_none() {
+            return encode_error(&ApiError::new(
+                ErrorKind::BadRequest,
+                "activate with ipv4: this VM has no network device (build the template with one)",
+            ));
         }
         if !vmm.awaiting_activation.load(Ordering::Relaxed) {
             return encode_error(&ApiError::new(
@@ -109,6 +115,11 @@ impl DeviceLoop<'_> {
         // this identity.
         if let Err(e) = crate::boot::write_identity(&vmm.ram.mem, vmm.generation, clone_id) {
             return encode_error(&ApiError::new(ErrorKind::Failed, e.to_string()));
+        }
+        if let Some(ip) = ipv4 {
+            if let Err(e) = crate::boot::write_identity_ipv4(&vmm.ram.mem, ip) {
+                return encode_error(&ApiError::new(ErrorKind::Failed, e.to_string()));
+            }
         }
         vmm.awaiting_activation.store(false, Ordering::Relaxed);
         vcpu::resume(self.ctl);
@@ -216,7 +227,7 @@ impl DeviceLoop<'_> {
                     state: VmState::Paused,
                 })
             }
-            Request::Activate { clone_id } => self.activate(&clone_id),
+            Request::Activate { clone_id, ipv4 } => self.activate(&clone_id, ipv4),
             Request::Resume {} => {
                 vmm.awaiting_activation.store(false, Ordering::Relaxed);
                 vcpu::resume(ctl);

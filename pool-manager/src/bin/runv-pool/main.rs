@@ -78,6 +78,9 @@ enum TemplateCmd {
         vcpus: u8,
         #[arg(long, default_value = "report")]
         ready: String,
+        /// Give it a network device (its sandboxes can then have networks).
+        #[arg(long)]
+        net: bool,
     },
     /// List templates.
     Ls,
@@ -103,6 +106,12 @@ enum PoolCmd {
         shells: usize,
         #[arg(long, default_value_t = 0)]
         max: usize,
+        /// Give sandboxes networks from this range (A.B.C.D/N, a /29 each).
+        #[arg(long)]
+        subnet: Option<String>,
+        /// With --subnet: a veth to the host and NAT for each sandbox.
+        #[arg(long, requires = "subnet")]
+        egress: bool,
     },
     /// List pools.
     Ls,
@@ -118,6 +127,12 @@ enum SandboxCmd {
         /// Seconds until it is released automatically.
         #[arg(long)]
         ttl: Option<u64>,
+        /// With a network (the pool must have one); the pool's setting when neither is given.
+        #[arg(long, conflicts_with = "no_net")]
+        net: bool,
+        /// Without a network.
+        #[arg(long)]
+        no_net: bool,
     },
     /// List sandboxes.
     Ls,
@@ -189,6 +204,7 @@ fn run(cli: Cli) -> Result<()> {
             mem_mib,
             vcpus,
             ready,
+            net,
         }) => {
             let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
             call(
@@ -196,7 +212,8 @@ fn run(cli: Cli) -> Result<()> {
                 "/v1/templates",
                 Some(
                     json!({"name": name, "kernel": abs(kernel), "initrd": initrd.map(abs),
-                    "cmdline": cmdline, "mem_mib": mem_mib, "vcpus": vcpus, "ready": ready}),
+                    "cmdline": cmdline, "mem_mib": mem_mib, "vcpus": vcpus, "ready": ready,
+                    "net": net}),
                 ),
             )?
         }
@@ -214,17 +231,34 @@ fn run(cli: Cli) -> Result<()> {
             warm,
             shells,
             max,
-        }) => call(
-            "PUT",
-            &format!("/v1/pools/{}", seg(&template)),
-            Some(json!({"warm": warm, "shells": shells, "max_sandboxes": max})),
-        )?,
+            subnet,
+            egress,
+        }) => {
+            let mut body = json!({"warm": warm, "shells": shells, "max_sandboxes": max});
+            if let Some(subnet) = subnet {
+                body["network"] = json!({"subnet": subnet, "egress": egress});
+            }
+            call("PUT", &format!("/v1/pools/{}", seg(&template)), Some(body))?
+        }
         Cmd::Pool(PoolCmd::Ls) => call("GET", "/v1/pools", None)?,
-        Cmd::Sandbox(SandboxCmd::Acquire { template, id, ttl }) => call(
-            "POST",
-            "/v1/sandboxes",
-            Some(json!({"template": template, "id": id, "ttl_s": ttl})),
-        )?,
+        Cmd::Sandbox(SandboxCmd::Acquire {
+            template,
+            id,
+            ttl,
+            net,
+            no_net,
+        }) => {
+            let network = match (net, no_net) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            call(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"template": template, "id": id, "ttl_s": ttl, "network": network})),
+            )?
+        }
         Cmd::Sandbox(SandboxCmd::Ls) => call("GET", "/v1/sandboxes", None)?,
         Cmd::Sandbox(SandboxCmd::Release { id }) => {
             call("DELETE", &format!("/v1/sandboxes/{}", seg(&id)), None)?
