@@ -105,6 +105,7 @@ struct BuildBody {
     ready: ReadyCheck,
     #[serde(default)]
     slots: u8,
+    #[serde(default)]
     net: bool,
 }
 
