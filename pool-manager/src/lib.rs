@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod names;
 pub mod network;
 pub mod pool;
+pub mod priority;
 pub mod sandbox;
 pub mod server;
 pub mod shell;

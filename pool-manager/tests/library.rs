@@ -323,6 +323,20 @@ fn pool_builds_an_agent_template_with_a_linux_kernel() {
     pool.release("l1").unwrap();
 }
 
+/// The nice value of every thread of `pid`.
+fn thread_nices(pid: u32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|stat| {
+            // Field 19 (nice), counted after the parenthesised command name.
+            let after = stat.rsplit(')').next().unwrap();
+            after.split_whitespace().nth(16).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn pool_activates_warm_clones_with_fresh_identities() {
     if !pool_manager::warm::SUPPORTED {
@@ -355,10 +369,22 @@ fn pool_activates_warm_clones_with_fresh_identities() {
             assert!(!text.contains("REPORT"), "{}: {text}", f.display());
         }
     }
+    // Made by the refill at a lower priority (every thread); a lease runs at normal priority.
+    for (_, pid) in pool.pooled_pids("counter").unwrap() {
+        assert_eq!(
+            thread_nices(pid),
+            vec![pool_manager::priority::REFILL_NICE; thread_nices(pid).len()]
+        );
+    }
     let mut ents = std::collections::HashSet::new();
     for i in 0..3 {
         let s = acquire(&pool, "counter", &format!("w{i}"));
         assert_eq!((s.tier, s.generation), (Tier::Warm, 1));
+        let nices = thread_nices(s.pid);
+        assert!(
+            !nices.is_empty() && nices.iter().all(|n| *n == 0),
+            "{nices:?}"
+        );
         let r = resumed_report(&s.debug_log);
         assert_eq!(field(&r, "clone"), Some(format!("w{i}").as_str()), "{r}");
         assert_eq!(field(&r, "gen"), Some("1"), "{r}");

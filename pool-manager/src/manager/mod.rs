@@ -394,6 +394,12 @@ impl Pool {
         pooled: Option<(ShellProcess, Tier)>,
         network: Option<PoolNetwork>,
     ) -> Result<(ShellProcess, Tier, u64), ShellError> {
+        if let Some((vm, _)) = &pooled {
+            // Made by the refill at a lower priority: the lease runs at normal priority.
+            if let Err(e) = crate::priority::set_process(vm.pid(), 0) {
+                tracing::warn!("raising {} to normal priority: {e}", vm.name());
+            }
+        }
         let (mut vm, tier) = match pooled {
             Some((mut vm, Tier::Warm)) => {
                 let activated = warm_network(&mut vm, network).and_then(|ip| {

@@ -14,6 +14,10 @@ use super::*;
 /// A refill thread: starts the VM the most-lacking pool needs (warm before shells on a tie),
 /// one at a time, with an exponential backoff per template after failures.
 pub(super) fn refill_loop(s: &Shared) {
+    // Background work: this thread and the VMMs it starts yield to the request path.
+    if let Err(e) = crate::priority::set_this_thread(crate::priority::REFILL_NICE) {
+        tracing::warn!("lowering the refill worker's priority: {e}");
+    }
     let mut st = s.lock();
     loop {
         if st.stopping {
@@ -174,6 +178,8 @@ pub(super) fn reaper_loop(s: &Shared, rx: Receiver<Reap>) {
         match job {
             Reap::Vm(mut vm) => {
                 let paths = s.vm_paths(vm.name());
+                // Its teardown (unmapping guest memory, closing the VM) yields to live VMs.
+                let _ = crate::priority::set_process(vm.pid(), crate::priority::REAP_NICE);
                 let _ = vm.client().set_timeout(REAP_TIMEOUT);
                 let _ = vm.shutdown();
                 remove(&[paths.log, paths.vsock]);
