@@ -21,8 +21,9 @@ pub mod warm;
 pub use manager::{AcquireRequest, ErrorClass, Pool, PoolConfig, PoolCounters, PoolError};
 pub use pool::ShellPool;
 pub use sandbox::{
-    PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus, Tier,
+    BuildProgress, PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus,
+    Tier,
 };
 pub use shell::{ShellError, ShellProcess, ShellSpec};
-pub use template::{ReadyCheck, Template, TemplateError, TemplateMeta, TemplateSpec};
+pub use template::{BuildStep, ReadyCheck, Template, TemplateError, TemplateMeta, TemplateSpec};
 pub use vmm_api;

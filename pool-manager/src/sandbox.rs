@@ -143,3 +143,22 @@ pub struct PoolInfo {
     /// Consecutive refill failures (backoff grows with them).
     pub refill_failures: u32,
 }
+
+/// A template being built (`GET /v1/templates/{name}` while `POST /v1/templates` runs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildProgress {
+    /// Name.
+    pub name: String,
+    /// Always `building`.
+    pub status: String,
+    /// The step it is at.
+    pub step: crate::template::BuildStep,
+    /// Its 1-based number, of `steps`.
+    pub step_no: usize,
+    /// Steps in a build.
+    pub steps: usize,
+    /// What the step does.
+    pub label: String,
+    /// Seconds since the build started.
+    pub elapsed_s: f64,
+}

@@ -163,7 +163,15 @@ async fn list_templates(State(d): St) -> Response {
 }
 
 async fn get_template(State(d): St, name: Seg) -> ApiResult<Response> {
-    Ok(Json(d.pool.template(&seg(name)?)?).into_response())
+    let name = seg(name)?;
+    match d.pool.template(&name) {
+        Ok(t) => Ok(Json(t).into_response()),
+        // Not built yet: where its build is, if one runs.
+        Err(e) => match d.pool.build_progress(&name) {
+            Some(p) => Ok(Json(p).into_response()),
+            None => Err(e.into()),
+        },
+    }
 }
 
 async fn delete_template(

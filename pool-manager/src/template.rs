@@ -188,6 +188,7 @@ pub fn build(
     templates: &Path,
     tmpfs_root: &Path,
     run_dir: &Path,
+    progress: &dyn Fn(BuildStep),
 ) -> Result<Template, TemplateError> {
     names::validate("template", name).map_err(|e| TemplateError::Spec(e.to_string()))?;
     spec.validate()?;
@@ -195,8 +196,9 @@ pub fn build(
     let building = templates.join(format!(".{name}.building"));
     let _ = std::fs::remove_dir_all(&building);
     std::fs::create_dir_all(&building).map_err(io("creating", &building))?;
-    let result = boot_and_snapshot(vmm, name, spec, &building, run_dir);
+    let result = boot_and_snapshot(vmm, name, spec, &building, run_dir, progress);
     let result = result.and_then(|()| {
+        progress(BuildStep::Publishing);
         let meta = TemplateMeta {
             name: name.into(),
             spec: spec.clone(),
@@ -223,7 +225,46 @@ pub fn build(
     };
     let tmpfs = tmpfs_root.join(name);
     let _ = std::fs::remove_dir_all(&tmpfs);
+    progress(BuildStep::Verifying);
     open(&durable, tmpfs_root)
+}
+
+/// The steps of a template build, in order (reported while it runs: `GET /v1/templates/{name}`
+/// and `runv-pool template build`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStep {
+    /// Starting the VMM and booting the guest.
+    Booting,
+    /// Waiting for the readiness check (`report` or `agent`).
+    WaitingReady,
+    /// Pausing and snapshotting the guest.
+    Snapshotting,
+    /// Writing the metadata and publishing the durable copy.
+    Publishing,
+    /// Copying it to tmpfs and checking the snapshot opens.
+    Verifying,
+}
+
+impl BuildStep {
+    /// How many steps a build has.
+    pub const COUNT: usize = 5;
+
+    /// 1-based position of the step.
+    pub fn number(self) -> usize {
+        self as usize + 1
+    }
+
+    /// What the step does, for people.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Booting => "booting the guest",
+            Self::WaitingReady => "waiting for the guest to be ready",
+            Self::Snapshotting => "pausing and snapshotting",
+            Self::Publishing => "publishing the durable copy",
+            Self::Verifying => "copying to tmpfs and verifying",
+        }
+    }
 }
 
 fn boot_and_snapshot(
@@ -232,7 +273,9 @@ fn boot_and_snapshot(
     spec: &TemplateSpec,
     snap: &Path,
     run_dir: &Path,
+    progress: &dyn Fn(BuildStep),
 ) -> Result<(), TemplateError> {
+    progress(BuildStep::Booting);
     let log = snap.join("build.log");
     let control = run_dir.join(format!("build-{name}.sock"));
     let vsock = run_dir.join(format!("build-{name}.vsock"));
@@ -281,12 +324,14 @@ fn boot_and_snapshot(
         .spawn()
         .map_err(|e| TemplateError::Guest(format!("spawning {}: {e}", vmm.display())))?;
     let outcome = (|| {
+        progress(BuildStep::WaitingReady);
         match spec.ready {
             ReadyCheck::Report => wait_ready(&mut child, &log, &spec.cmdline)?,
             ReadyCheck::Agent => wait_agent(&mut child, &vsock)?,
         }
         let mut c = vmm_api::ControlClient::connect(&control, Duration::from_secs(5))
             .map_err(|e| TemplateError::Guest(e.to_string()))?;
+        progress(BuildStep::Snapshotting);
         c.snapshot(snap)
             .map_err(|e| TemplateError::Guest(format!("snapshot: {e}")))?;
         let _ = c.shutdown();

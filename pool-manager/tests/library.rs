@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use pool_manager::{
-    AcquireRequest, Pool, PoolError, PoolTargets, SandboxState, TemplateStatus, Tier,
+    AcquireRequest, BuildStep, Pool, PoolError, PoolTargets, SandboxState, TemplateStatus, Tier,
 };
 
 fn acquire(pool: &Pool, template: &str, id: &str) -> pool_manager::SandboxInfo {
@@ -491,4 +491,39 @@ fn pool_max_sandboxes_holds_under_concurrent_acquires() {
     }
     drop(pool);
     assert!(vmm_pids(&dirs).is_empty());
+}
+
+#[test]
+fn pool_reports_a_template_build_step_by_step() {
+    if !kvm_available("pool_reports_a_template_build_step_by_step") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    let seen = std::thread::scope(|s| {
+        let build = s.spawn(|| pool.build_template("counter", &counter_spec()));
+        let mut seen: Vec<BuildStep> = Vec::new();
+        while !build.is_finished() {
+            if let Some(p) = pool.build_progress("counter") {
+                assert_eq!(p.status, "building");
+                assert_eq!((p.step_no, p.steps), (p.step.number(), BuildStep::COUNT));
+                if seen.last() != Some(&p.step) {
+                    seen.push(p.step);
+                }
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        build.join().unwrap().unwrap();
+        seen
+    });
+    assert!(!seen.is_empty(), "no build step seen");
+    assert!(
+        seen.windows(2).all(|w| w[0].number() < w[1].number()),
+        "steps out of order: {seen:?}"
+    );
+    assert!(pool.build_progress("counter").is_none());
+    assert_eq!(
+        pool.template("counter").unwrap().status,
+        TemplateStatus::Ready
+    );
 }

@@ -31,7 +31,8 @@ use vmm_api::ControlClient;
 use crate::names;
 use crate::network::{PoolNetwork, SandboxNet};
 use crate::sandbox::{
-    PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus, Tier,
+    BuildProgress, PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus,
+    Tier,
 };
 use crate::shell::{ShellError, ShellProcess};
 use crate::template::{self, Template, TemplateSpec};
@@ -132,13 +133,28 @@ impl Pool {
         spec.validate()?;
         {
             let mut st = self.shared.lock();
-            if st.templates.contains_key(name) || !st.building.insert(name.to_string()) {
+            if st.templates.contains_key(name) || st.building.contains_key(name) {
                 return Err(PoolError::Conflict(format!(
                     "template {name} already exists: delete it first or pick another name"
                 )));
             }
+            st.building.insert(
+                name.to_string(),
+                (template::BuildStep::Booting, Instant::now()),
+            );
         }
         let cfg = &self.shared.cfg;
+        let progress = |step: template::BuildStep| {
+            tracing::info!(
+                "template {name}: [{}/{}] {}",
+                step.number(),
+                template::BuildStep::COUNT,
+                step.label()
+            );
+            if let Some(b) = self.shared.lock().building.get_mut(name) {
+                b.0 = step;
+            }
+        };
         let built = template::build(
             &cfg.vmm,
             name,
@@ -146,6 +162,7 @@ impl Pool {
             &cfg.state_dir.join("templates"),
             &cfg.tmpfs_dir,
             &cfg.run_dir,
+            &progress,
         );
         let mut st = self.shared.lock();
         st.building.remove(name);
@@ -160,6 +177,21 @@ impl Pool {
     pub fn templates(&self) -> Vec<TemplateInfo> {
         let st = self.shared.lock();
         st.templates.values().map(|e| st.template_info(e)).collect()
+    }
+
+    /// Where the build of template `name` is, while it runs.
+    pub fn build_progress(&self, name: &str) -> Option<BuildProgress> {
+        let st = self.shared.lock();
+        let (step, started) = st.building.get(name)?;
+        Some(BuildProgress {
+            name: name.to_string(),
+            status: "building".into(),
+            step: *step,
+            step_no: step.number(),
+            steps: template::BuildStep::COUNT,
+            label: step.label().into(),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        })
     }
 
     /// One template.

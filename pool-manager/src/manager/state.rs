@@ -1,7 +1,7 @@
 //! The pool's shared state under its one mutex, and the operations on it that the API and
 //! the worker threads share.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -52,7 +52,8 @@ pub(super) struct State {
     pub(super) sandboxes: BTreeMap<String, Leased>,
     /// Ids of acquires in flight, with their template.
     pub(super) reserved: BTreeMap<String, String>,
-    pub(super) building: HashSet<String>,
+    /// Templates being built: the step each is at and when it started.
+    pub(super) building: BTreeMap<String, (crate::template::BuildStep, Instant)>,
     pub(super) stopping: bool,
 }
 

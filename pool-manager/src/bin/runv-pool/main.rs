@@ -81,6 +81,9 @@ enum TemplateCmd {
         /// Give it a network device (its sandboxes can then have networks).
         #[arg(long)]
         net: bool,
+        /// Disk slots (virtio-blk `runv-slot0`...; `runv`'s vm backend needs at least 1).
+        #[arg(long, default_value_t = 0)]
+        slots: u8,
     },
     /// List templates.
     Ls,
@@ -205,17 +208,23 @@ fn run(cli: Cli) -> Result<()> {
             vcpus,
             ready,
             net,
+            slots,
         }) => {
             let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-            call(
-                "POST",
-                "/v1/templates",
-                Some(
-                    json!({"name": name, "kernel": abs(kernel), "initrd": initrd.map(abs),
-                    "cmdline": cmdline, "mem_mib": mem_mib, "vcpus": vcpus, "ready": ready,
-                    "net": net}),
-                ),
-            )?
+            let body = json!({"name": name, "kernel": abs(kernel), "initrd": initrd.map(abs),
+                "cmdline": cmdline, "mem_mib": mem_mib, "vcpus": vcpus, "ready": ready,
+                "net": net, "slots": slots});
+            // Step lines on stderr while the daemon builds (not with --json: scripts read
+            // stdout, and polling is for people).
+            let done = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                if !cli.json {
+                    s.spawn(|| watch_build(&cli.socket, &name, &done));
+                }
+                let r = call("POST", "/v1/templates", Some(body));
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                r
+            })?
         }
         Cmd::Template(TemplateCmd::Ls) => call("GET", "/v1/templates", None)?,
         Cmd::Template(TemplateCmd::Inspect { name }) => {
@@ -288,6 +297,28 @@ fn run(cli: Cli) -> Result<()> {
     };
     print(&out, cli.json);
     Ok(())
+}
+
+/// Prints a line on stderr each time template `name`'s build reaches a new step, until `done`.
+fn watch_build(sock: &Path, name: &str, done: &std::sync::atomic::AtomicBool) {
+    let path = format!("/v1/templates/{}", seg(name));
+    let mut last = 0;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Ok(r) = client::request(sock, "GET", &path, None) {
+            let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            let n = v["step_no"].as_u64().unwrap_or(0);
+            if r.status == 200 && v["status"] == "building" && n > last {
+                eprintln!(
+                    "template {name}: [{n}/{}] {} ({:.1} s)",
+                    v["steps"],
+                    v["label"].as_str().unwrap_or(""),
+                    v["elapsed_s"].as_f64().unwrap_or(0.0)
+                );
+                last = n;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// The samples of a Prometheus text exposition, histogram buckets left out.
