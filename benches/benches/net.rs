@@ -112,6 +112,8 @@ fn clone_net_ready(c: &mut criterion::Criterion, dir: &Path) {
         ready: ReadyCheck::Report,
         slots: 0,
         net: true,
+        mem_mode: Default::default(),
+        warmup_ms: 0,
     };
     pool.build_template("net", &spec)
         .expect("building the net template");

@@ -82,6 +82,8 @@ fn main() {
             ready: ReadyCheck::Report,
             slots: 0,
             net: false,
+            mem_mode: Default::default(),
+            warmup_ms: 0,
         },
     )
     .unwrap();

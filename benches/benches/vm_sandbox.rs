@@ -51,6 +51,8 @@ fn main() {
             ready: ReadyCheck::Report,
             slots: 1,
             net: false,
+            mem_mode: Default::default(),
+            warmup_ms: 0,
         },
     )
     .unwrap();

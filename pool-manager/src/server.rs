@@ -107,6 +107,10 @@ struct BuildBody {
     slots: u8,
     #[serde(default)]
     net: bool,
+    #[serde(default)]
+    mem_mode: vmm_api::MemoryMode,
+    #[serde(default)]
+    warmup_ms: u64,
 }
 
 /// Body of `POST /v1/sandboxes`.
@@ -151,6 +155,8 @@ async fn build_template(State(d): St, body: Body) -> ApiResult<Response> {
         ready: b.ready,
         slots: b.slots,
         net: b.net,
+        mem_mode: b.mem_mode,
+        warmup_ms: b.warmup_ms,
     };
     let d2 = d.clone();
     let info = blocking(move || d2.pool.build_template(&b.name, &spec)).await?;

@@ -65,6 +65,23 @@ pub struct TemplateSpec {
     /// that its sandboxes can have networks.
     #[serde(default)]
     pub net: bool,
+    /// How its clones map its memory: `cow` (the default: page cache shared by every clone)
+    /// or `uffd` (served through userfaultfd with the working set recorded by the build's
+    /// first clone and prefetched by the others). `copy` is accepted.
+    #[serde(default, skip_serializing_if = "is_cow")]
+    pub mem_mode: vmm_api::MemoryMode,
+    /// Warm-up: how long the guest keeps running after it is ready and before it is
+    /// snapshotted (caches filled, lazy initialisation done), 0..=600000 ms.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub warmup_ms: u64,
+}
+
+fn is_cow(m: &vmm_api::MemoryMode) -> bool {
+    *m == vmm_api::MemoryMode::Cow
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -153,6 +170,12 @@ impl TemplateSpec {
                 )));
             }
         }
+        if self.warmup_ms > 600_000 {
+            return Err(TemplateError::Spec(format!(
+                "warmup_ms {}: use 0 to 600000",
+                self.warmup_ms
+            )));
+        }
         if self.slots > 8 {
             return Err(TemplateError::Spec(format!(
                 "slots {}: use 0 to 8",
@@ -238,17 +261,22 @@ pub enum BuildStep {
     Booting,
     /// Waiting for the readiness check (`report` or `agent`).
     WaitingReady,
+    /// The warm-up (`warmup_ms`; skipped without one).
+    WarmingUp,
     /// Pausing and snapshotting the guest.
     Snapshotting,
     /// Writing the metadata and publishing the durable copy.
     Publishing,
     /// Copying it to tmpfs and checking the snapshot opens.
     Verifying,
+    /// Restoring a first clone (the pool does it): proves the snapshot restores, and records
+    /// the working set of a `uffd` template.
+    FirstClone,
 }
 
 impl BuildStep {
     /// How many steps a build has.
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 7;
 
     /// 1-based position of the step.
     pub fn number(self) -> usize {
@@ -260,9 +288,11 @@ impl BuildStep {
         match self {
             Self::Booting => "booting the guest",
             Self::WaitingReady => "waiting for the guest to be ready",
+            Self::WarmingUp => "warming up",
             Self::Snapshotting => "pausing and snapshotting",
             Self::Publishing => "publishing the durable copy",
             Self::Verifying => "copying to tmpfs and verifying",
+            Self::FirstClone => "restoring a first clone",
         }
     }
 }
@@ -329,6 +359,10 @@ fn boot_and_snapshot(
             ReadyCheck::Report => wait_ready(&mut child, &log, &spec.cmdline)?,
             ReadyCheck::Agent => wait_agent(&mut child, &vsock)?,
         }
+        if spec.warmup_ms > 0 {
+            progress(BuildStep::WarmingUp);
+            warm_up(&mut child, Duration::from_millis(spec.warmup_ms))?;
+        }
         let mut c = vmm_api::ControlClient::connect(&control, Duration::from_secs(5))
             .map_err(|e| TemplateError::Guest(e.to_string()))?;
         progress(BuildStep::Snapshotting);
@@ -394,6 +428,18 @@ fn wait_ready(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Lets the guest run for `how_long`; an exit of the VMM meanwhile is an error.
+fn warm_up(child: &mut std::process::Child, how_long: Duration) -> Result<(), TemplateError> {
+    let end = Instant::now() + how_long;
+    while Instant::now() < end {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Err(exited(child, s));
+        }
+        std::thread::sleep(Duration::from_millis(10).min(end - Instant::now()));
+    }
+    Ok(())
 }
 
 /// The VMM's exit as an error, with its stderr.

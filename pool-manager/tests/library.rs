@@ -315,6 +315,8 @@ fn pool_builds_an_agent_template_with_a_linux_kernel() {
         ready: pool_manager::ReadyCheck::Agent,
         slots: 0,
         net: false,
+        mem_mode: Default::default(),
+        warmup_ms: 0,
     };
     let info = pool.build_template("linux", &spec).unwrap();
     assert_eq!(info.status, TemplateStatus::Ready);
@@ -526,4 +528,39 @@ fn pool_reports_a_template_build_step_by_step() {
         pool.template("counter").unwrap().status,
         TemplateStatus::Ready
     );
+}
+
+#[test]
+fn pool_builds_a_uffd_template_whose_first_clone_records_the_working_set() {
+    if !kvm_available("pool_builds_a_uffd_template_whose_first_clone_records_the_working_set") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    let mut spec = counter_spec();
+    spec.mem_mode = pool_manager::vmm_api::MemoryMode::Uffd;
+    spec.warmup_ms = 50;
+    let t0 = std::time::Instant::now();
+    let info = pool.build_template("lazy", &spec).unwrap();
+    assert_eq!(info.status, TemplateStatus::Ready);
+    assert!(t0.elapsed() >= Duration::from_millis(50), "the warm-up ran");
+    // The first clone recorded the working set beside the tmpfs copy clones restore from.
+    assert!(
+        dirs.shm.join("lazy").join("workingset.bin").is_file(),
+        "no working set in {}",
+        dirs.shm.display()
+    );
+    let s = acquire(&pool, "lazy", "u1");
+    assert_eq!((s.tier, s.generation), (Tier::Cold, 1));
+    let r = resumed_report(&s.debug_log);
+    assert_eq!(field(&r, "pattern"), Some("ok"), "{r}");
+    pool.release("u1").unwrap();
+    // Bad warm-ups are refused before anything boots.
+    spec.warmup_ms = 600_001;
+    match pool.build_template("slow", &spec) {
+        Err(PoolError::Template(e)) => assert!(e.to_string().contains("warmup_ms"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    drop(pool);
+    assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
 }

@@ -90,6 +90,8 @@ impl Fixture {
             ready: ReadyCheck::Report,
             slots,
             net: false,
+            mem_mode: Default::default(),
+            warmup_ms: 0,
         };
         self.pool().build_template(name, &spec).unwrap();
     }
@@ -341,6 +343,8 @@ fn vm_sandbox_runs_a_container_with_a_linux_kernel() {
         ready: ReadyCheck::Agent,
         slots: 1,
         net: false,
+        mem_mode: Default::default(),
+        warmup_ms: 0,
     };
     fx.pool().build_template("linux", &spec).unwrap();
     fx.close(); // the runv monitor opens its own pool over the same directories

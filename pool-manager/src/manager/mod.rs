@@ -164,9 +164,19 @@ impl Pool {
             &cfg.run_dir,
             &progress,
         );
+        let verified = built.map_err(PoolError::from).and_then(|t| {
+            progress(template::BuildStep::FirstClone);
+            match self.first_clone(&t) {
+                Ok(()) => Ok(t),
+                Err(e) => {
+                    t.remove();
+                    Err(e)
+                }
+            }
+        });
         let mut st = self.shared.lock();
         st.building.remove(name);
-        let t = built?;
+        let t = verified?;
         let entry = Entry::new(name, Ok(t));
         let info = entry.info.clone();
         st.templates.insert(name.to_string(), entry);
@@ -177,6 +187,56 @@ impl Pool {
     pub fn templates(&self) -> Vec<TemplateInfo> {
         let st = self.shared.lock();
         st.templates.values().map(|e| st.template_info(e)).collect()
+    }
+
+    /// Restores one clone of a freshly built template and runs it briefly: a template that
+    /// cannot be cloned is never published, and a `uffd` template gets its working set, recorded
+    /// by this clone over its recording window and prefetched by every later clone.
+    fn first_clone(&self, t: &Template) -> Result<(), PoolError> {
+        let failed = |what: String| {
+            PoolError::Template(template::TemplateError::Guest(format!(
+                "the first clone of template {} {what}: the template is not published",
+                t.meta.name
+            )))
+        };
+        let mut vm = self
+            .shared
+            .spawn_vm(t)
+            .map_err(|e| failed(format!("has no VM: {e}")))?;
+        let ran = self
+            .shared
+            .restore(&mut vm, t, "first-clone", false, None)
+            .map_err(|e| failed(format!("failed to restore: {e}")))
+            .and_then(|_| {
+                let window = match t.meta.spec.mem_mode {
+                    vmm_api::MemoryMode::Uffd => {
+                        Duration::from_millis(vmm_api::DEFAULT_RECORD_MS + 100)
+                    }
+                    _ => Duration::from_millis(20),
+                };
+                std::thread::sleep(window);
+                let status = vm
+                    .status()
+                    .map_err(|e| failed(format!("stopped answering: {e}")))?;
+                if status.state != vmm_api::VmState::Running {
+                    return Err(failed(format!("is {:?}, not running", status.state)));
+                }
+                Ok(())
+            });
+        let paths = self.shared.vm_paths(vm.name());
+        let _ = vm.shutdown();
+        let _ = std::fs::remove_file(paths.log);
+        let _ = std::fs::remove_file(paths.vsock);
+        ran?;
+        if t.meta.spec.mem_mode == vmm_api::MemoryMode::Uffd
+            && !t.tmpfs.join("workingset.bin").exists()
+        {
+            tracing::warn!(
+                "template {}: its first uffd clone published no working set; clones fault every page in",
+                t.meta.name
+            );
+        }
+        Ok(())
     }
 
     /// Where the build of template `name` is, while it runs.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
-use vmm_api::{MemoryMode, RestoreOptions, SerialOutput};
+use vmm_api::{RestoreOptions, SerialOutput};
 
 use crate::names;
 use crate::network::{Leases, PoolNetwork, SandboxNet};
@@ -244,7 +244,7 @@ impl Shared {
         ipv4: Option<std::net::Ipv4Addr>,
     ) -> Result<u64, ShellError> {
         let paths = self.vm_paths(vm.name());
-        let mut opts = RestoreOptions::new(&t.tmpfs, MemoryMode::Cow);
+        let mut opts = RestoreOptions::new(&t.tmpfs, t.meta.spec.mem_mode);
         if let Some(net) = vm.net_mut() {
             opts.net = Some(vmm_api::NetConfig {
                 tap: net.tap().into(),

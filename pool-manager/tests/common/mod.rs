@@ -125,6 +125,8 @@ pub fn counter_spec() -> TemplateSpec {
         ready: ReadyCheck::Report,
         slots: 0,
         net: false,
+        mem_mode: Default::default(),
+        warmup_ms: 0,
     }
 }
 

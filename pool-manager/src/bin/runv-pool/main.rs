@@ -84,6 +84,12 @@ enum TemplateCmd {
         /// Disk slots (virtio-blk `runv-slot0`...; `runv`'s vm backend needs at least 1).
         #[arg(long, default_value_t = 0)]
         slots: u8,
+        /// How clones map its memory: cow (shared page cache) or uffd (working set prefetched).
+        #[arg(long, default_value = "cow")]
+        mem_mode: String,
+        /// Let the guest run this long after it is ready, before the snapshot.
+        #[arg(long, default_value_t = 0)]
+        warmup_ms: u64,
     },
     /// List templates.
     Ls,
@@ -209,11 +215,13 @@ fn run(cli: Cli) -> Result<()> {
             ready,
             net,
             slots,
+            mem_mode,
+            warmup_ms,
         }) => {
             let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
             let body = json!({"name": name, "kernel": abs(kernel), "initrd": initrd.map(abs),
                 "cmdline": cmdline, "mem_mib": mem_mib, "vcpus": vcpus, "ready": ready,
-                "net": net, "slots": slots});
+                "net": net, "slots": slots, "mem_mode": mem_mode, "warmup_ms": warmup_ms});
             // Step lines on stderr while the daemon builds (not with --json: scripts read
             // stdout, and polling is for people).
             let done = std::sync::atomic::AtomicBool::new(false);
