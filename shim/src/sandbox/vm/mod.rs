@@ -437,8 +437,8 @@ pub fn pause_record(dir: &ContainerDir, pause: bool) -> Result<(), VmError> {
         .map_err(fail)
 }
 
-/// What a killed monitor left: the daemon's lease is released, the VMM's files removed (the
-/// caller kills the VMM process, recorded as the agent pid).
+/// What a killed monitor or shim left: the pod link undone, the daemon's lease released, or an
+/// embedded pool's VMM (still serving the recorded control socket) killed and its files removed.
 pub fn reap_leftovers(dir: &ContainerDir) {
     let Ok(r) = load_record(dir) else { return };
     if let Some(p) = &r.pod {
@@ -449,6 +449,12 @@ pub fn reap_leftovers(dir: &ContainerDir) {
     if let Some(sock) = &r.daemon {
         let _ = Source::Daemon(sock.clone()).release(&r.info.id);
     } else {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.info.pid)).unwrap_or_default();
+        let control = r.info.control.as_os_str().as_encoded_bytes();
+        if r.info.pid > 0 && cmdline.windows(control.len()).any(|w| w == control) {
+            // SAFETY: kill(2) on the VMM serving this sandbox's control socket (checked above).
+            unsafe { libc::kill(r.info.pid as i32, libc::SIGKILL) };
+        }
         for f in [&r.info.vsock_uds, &r.info.control, &r.info.debug_log] {
             let _ = std::fs::remove_file(f);
         }
