@@ -184,16 +184,20 @@ fn a_restarted_daemon_removes_the_networks_a_killed_one_left() {
     }
 
     let d2 = Daemon::start(&dirs);
-    wait_until("the orphans' networks removed", Duration::from_secs(10), || {
-        pooled.iter().all(|vm| network_of(vm).is_empty())
-    });
+    wait_until(
+        "the orphans' networks removed",
+        Duration::from_secs(10),
+        || pooled.iter().all(|vm| network_of(vm).is_empty()),
+    );
     // The re-adopted sandbox keeps its network.
     assert_eq!(network_of(&kept_vm).len(), 3, "{:?}", network_of(&kept_vm));
     let (code, body) = http(&sock, "DELETE", "/v1/sandboxes/kept", b"");
     assert_eq!(code, 204, "{body}");
-    wait_until("the released sandbox's network removed", Duration::from_secs(10), || {
-        network_of(&kept_vm).is_empty()
-    });
+    wait_until(
+        "the released sandbox's network removed",
+        Duration::from_secs(10),
+        || network_of(&kept_vm).is_empty(),
+    );
     drop(d2);
     wait_until("every VMM ended", Duration::from_secs(10), || {
         live_processes_mentioning(dirs.run().to_str().unwrap()).is_empty()

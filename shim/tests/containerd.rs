@@ -584,7 +584,10 @@ fn ctr_run_on_the_vm_backend_reaches_the_clone_and_reports_the_refusal() {
     let out = child.wait_with_output().unwrap();
     let seen = seen.join().unwrap();
     let stderr = text(&out.stderr);
-    assert!(!out.status.success(), "ctr run succeeded on a test guest: {stderr}");
+    assert!(
+        !out.status.success(),
+        "ctr run succeeded on a test guest: {stderr}"
+    );
     assert!(
         stderr.contains("creating the container") && stderr.contains("cannot run containers"),
         "ctr does not name the reason: {stderr}\n{}",
@@ -601,15 +604,21 @@ fn ctr_run_on_the_vm_backend_reaches_the_clone_and_reports_the_refusal() {
 
     wait_until("the shim and VMM to end", Duration::from_secs(10), || {
         let l = leftovers(&c);
-        l.shims.is_empty() && common::processes_mentioning(&p.join("run").display().to_string()).is_empty()
+        l.shims.is_empty()
+            && common::processes_mentioning(&p.join("run").display().to_string()).is_empty()
     });
     let run_files: Vec<_> = std::fs::read_dir(p.join("run"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    assert!(run_files.is_empty(), "left in the pool's run dir: {run_files:?}");
+    assert!(
+        run_files.is_empty(),
+        "left in the pool's run dir: {run_files:?}"
+    );
     let l = leftovers(&c);
     assert!(l.mounts.is_empty() && l.sandboxes.is_empty(), "{l:?}");
-    assert!(text(&c.ctr(&["container", "ls", "-q"]).stdout).trim().is_empty());
+    assert!(text(&c.ctr(&["container", "ls", "-q"]).stdout)
+        .trim()
+        .is_empty());
     drop(c);
     let _ = std::fs::remove_dir_all(&shm);
 }

@@ -227,8 +227,7 @@ fn a_spec_naming_a_pod_netns_joins_the_clone_to_it_and_the_guest_gets_its_addres
     let hooks = Hooks::fresh(Some("pod".into())).unwrap();
 
     // A cold clone (nothing pooled).
-    let (sb, _c) =
-        VmSandbox::start_with(&fx.config("net"), &source, "c1", &hooks, &plan).unwrap();
+    let (sb, _c) = VmSandbox::start_with(&fx.config("net"), &source, "c1", &hooks, &plan).unwrap();
     assert_eq!(sb.info().network, None, "a pod sandbox has no pool network");
     check_pod_sandbox(sb, &pod, &mac);
 
@@ -248,12 +247,16 @@ fn a_spec_naming_a_pod_netns_joins_the_clone_to_it_and_the_guest_gets_its_addres
         )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !fx.pool().pools().iter().any(|p| p.template == "net" && p.warm > 0) {
+    while !fx
+        .pool()
+        .pools()
+        .iter()
+        .any(|p| p.template == "net" && p.warm > 0)
+    {
         assert!(Instant::now() < deadline, "no warm clone");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (sb, _c) =
-        VmSandbox::start_with(&fx.config("net"), &source, "c2", &hooks, &plan).unwrap();
+    let (sb, _c) = VmSandbox::start_with(&fx.config("net"), &source, "c2", &hooks, &plan).unwrap();
     assert_eq!(sb.info().tier, Tier::Warm);
     check_pod_sandbox(sb, &pod, &mac);
 

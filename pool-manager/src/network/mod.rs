@@ -159,7 +159,16 @@ impl SandboxNet {
     pub fn detach_keep_tap(&mut self) -> Result<(), NetError> {
         if let Some((info, _)) = &self.attached {
             let me = std::process::id().to_string();
-            cmd::ip(&["-n", &info.netns, "link", "set", "dev", &self.tap, "netns", &me])?;
+            cmd::ip(&[
+                "-n",
+                &info.netns,
+                "link",
+                "set",
+                "dev",
+                &self.tap,
+                "netns",
+                &me,
+            ])?;
         }
         self.detach();
         Ok(())

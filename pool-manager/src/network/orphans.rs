@@ -151,7 +151,9 @@ pub fn remove(found: &Leftovers, live: &HashSet<String>, ended: &HashSet<String>
     let mut removed = 0;
     for (chain, handle, vm) in &found.rules {
         if !live.contains(vm) && cmd::nft_delete(chain, *handle).is_ok() {
-            tracing::info!("removed nftables rule {chain}/{handle} of {vm}, left by an earlier pool");
+            tracing::info!(
+                "removed nftables rule {chain}/{handle} of {vm}, left by an earlier pool"
+            );
             removed += 1;
         }
     }
@@ -172,7 +174,8 @@ pub fn remove(found: &Leftovers, live: &HashSet<String>, ended: &HashSet<String>
             continue;
         }
         // A veth end may have gone with its namespace above.
-        if Path::new("/sys/class/net").join(link).exists() && cmd::ip(&["link", "del", link]).is_ok()
+        if Path::new("/sys/class/net").join(link).exists()
+            && cmd::ip(&["link", "del", link]).is_ok()
         {
             tracing::info!("removed link {link}, left by an earlier pool");
             removed += 1;
@@ -190,7 +193,13 @@ mod tests {
         assert_eq!(link_suffix("rvt0123456789ab"), Some("0123456789ab"));
         assert_eq!(link_suffix("rvh0123456789ab"), Some("0123456789ab"));
         assert_eq!(link_suffix("rvtb0123456789a"), Some("b0123456789a"));
-        for n in ["rvtpod123", "rvt0123", "eth0", "rvt0123456789abc", "rvtxyz456789ab"] {
+        for n in [
+            "rvtpod123",
+            "rvt0123",
+            "eth0",
+            "rvt0123456789abc",
+            "rvtxyz456789ab",
+        ] {
             assert_eq!(link_suffix(n), None, "{n}");
         }
         let out = "table ip runv_pool { # handle 3\n\tchain postrouting { # handle 1\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr 10.200.0.0/29 oifname != \"rvhab\" masquerade comment \"vm-ab\" # handle 7\n\t}\n\tchain forward { # handle 2\n\t\tiifname \"rvhab\" accept comment \"vm-ab\" # handle 8\n\t}\n}\n";

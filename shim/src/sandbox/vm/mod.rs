@@ -192,18 +192,23 @@ impl VmSandbox {
     }
 
     /// Joins the pod namespace `netns`'s interface `ifname` to the clone's TAP (tc mirred).
-    fn join_pod(&mut self, netns: &Path, ifname: &str) -> Result<pool_manager::network::pod::PodLink, VmError> {
+    fn join_pod(
+        &mut self,
+        netns: &Path,
+        ifname: &str,
+    ) -> Result<pool_manager::network::pod::PodLink, VmError> {
         let tap = self.info.tap.clone().ok_or_else(|| VmError::NoNetDevice {
             template: self.cfg.template.clone(),
             netns: netns.display().to_string(),
         })?;
-        let link = pool_manager::network::pod::connect(netns, Some(ifname), &tap, None).map_err(
-            |e| VmError::PodNet {
-                id: self.info.id.clone(),
-                netns: netns.display().to_string(),
-                why: e.to_string(),
-            },
-        )?;
+        let link =
+            pool_manager::network::pod::connect(netns, Some(ifname), &tap, None).map_err(|e| {
+                VmError::PodNet {
+                    id: self.info.id.clone(),
+                    netns: netns.display().to_string(),
+                    why: e.to_string(),
+                }
+            })?;
         self.pod = Some(net::PodJoin {
             netns: netns.to_path_buf(),
             ifname: ifname.into(),

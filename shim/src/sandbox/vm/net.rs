@@ -52,7 +52,11 @@ pub fn pod_netns(spec: &Spec) -> Option<PathBuf> {
 /// (the VM is joined to it); the container shares the guest's network, which has the pod's
 /// addresses.
 pub fn strip_pod_netns(spec: &mut Spec) {
-    let Some(ns) = spec.linux_mut().as_mut().and_then(|l| l.namespaces_mut().as_mut()) else {
+    let Some(ns) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.namespaces_mut().as_mut())
+    else {
         return;
     };
     ns.retain(|n| !(n.typ() == LinuxNamespaceType::Network && n.path().is_some()));
@@ -183,7 +187,11 @@ mod tests {
     fn spec_netns_and_dns() {
         let dir = tempfile::tempdir().unwrap();
         let resolv = dir.path().join("resolv.conf");
-        std::fs::write(&resolv, "search x\nnameserver 10.96.0.10\nnameserver bogus\n").unwrap();
+        std::fs::write(
+            &resolv,
+            "search x\nnameserver 10.96.0.10\nnameserver bogus\n",
+        )
+        .unwrap();
         let mut spec: Spec = serde_json::from_value(serde_json::json!({
             "ociVersion": "1.0.2",
             "mounts": [{"destination": "/etc/resolv.conf", "source": resolv, "type": "bind"}],
@@ -199,8 +207,14 @@ mod tests {
         assert_eq!(plan.dns, vec!["10.96.0.10".to_string()]);
         strip_pod_netns(&mut spec);
         assert_eq!(pod_netns(&spec), None);
-        let ns = spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        let ns = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap();
         assert_eq!(ns.len(), 1);
-        assert_eq!(NetPlan::from_spec(&spec), NetPlan::default());
+        assert_eq!(NetPlan::from_spec(&spec).pod, None);
     }
 }
