@@ -200,11 +200,16 @@ fn a_sandbox_without_network_has_none_and_asking_for_one_without_a_pool_network_
     wait_until("a warm clone", Duration::from_secs(20), || {
         pool.pools()[0].warm == 1
     });
-    // The pooled warm clone had its network; acquired without one, it is taken down.
+    // The pooled warm clone had its network; acquired without one, it is taken down and its
+    // TAP is back in the host's namespace (for a caller joining it to a CRI pod).
     let sb = acquire(&pool, "none", Some(false)).unwrap();
     assert_eq!(sb.tier, Tier::Warm);
     assert!(sb.network.is_none());
-    assert!(!leftovers().iter().any(|n| n.contains(&vm_of(&sb)[3..])));
+    assert!(!leftovers()
+        .iter()
+        .any(|n| n.starts_with("runv-") && n.contains(&vm_of(&sb)[3..])));
+    let tap = sb.tap.clone().expect("the VM's TAP");
+    assert!(std::path::Path::new("/sys/class/net").join(&tap).exists());
     // One with a network but no egress: no veth, no rules, still answers.
     let sb2 = acquire(&pool, "some", None).unwrap();
     let n = sb2.network.clone().unwrap();
@@ -214,7 +219,7 @@ fn a_sandbox_without_network_has_none_and_asking_for_one_without_a_pool_network_
     pool.release("some").unwrap();
     pool.set_pool("net", PoolTargets::default()).unwrap();
     wait_until("every network freed", Duration::from_secs(30), || {
-        pool.network_leases() == 0
+        pool.network_leases() == 0 && !std::path::Path::new("/sys/class/net").join(&tap).exists()
     });
 }
 

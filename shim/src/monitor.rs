@@ -74,14 +74,15 @@ fn prepare(
 ) -> anyhow::Result<Prepared> {
     use anyhow::Context;
     let record = dir.load()?;
-    let spec = load_spec(dir)?;
+    let mut spec = load_spec(dir)?;
     let terminal = spec
         .process()
         .as_ref()
         .and_then(|p| p.terminal())
         .unwrap_or(false);
     let io = host_io(terminal, args.console_socket.as_deref())?;
-    let sb = sandbox.insert(args.kind.launch(dir)?);
+    let sb = sandbox.insert(args.kind.launch(dir, Some(&spec))?);
+    args.kind.guest_spec(&mut spec);
     dir.update(|r| {
         r.monitor_pid = std::process::id() as i32;
         r.agent_pid = sb.pid();

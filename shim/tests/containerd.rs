@@ -2,7 +2,8 @@
 //! `io.containerd.runc.v2`: every test starts its own containerd with a private root, state,
 //! socket and config in a temporary directory, imports a busybox OCI image built from
 //! busybox-static (`scripts/busybox-oci.sh`), drives it with `ctr`, and stops it afterwards.
-//! The runv shim runs the host sandbox backend (`RUNV_SANDBOX=host` in containerd's environment).
+//! The runv shim runs the host sandbox backend (`RUNV_SANDBOX=host` in containerd's environment),
+//! except in the vm backend's test (`RUNV_SANDBOX=vm`, a test-guest template in an embedded pool).
 
 mod common;
 
@@ -43,6 +44,14 @@ fn shim_bin() -> PathBuf {
 
 impl Containerd {
     fn start() -> Self {
+        Self::start_with(&[
+            ("RUNV_SANDBOX", "host".into()),
+            ("RUNV_AGENT", common::agent()),
+        ])
+    }
+
+    /// A containerd whose shims get `env`.
+    fn start_with(env: &[(&str, PathBuf)]) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         for b in ["containerd", "ctr", "containerd-shim-runc-v2", "runc"] {
             need(b);
@@ -75,8 +84,7 @@ impl Containerd {
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
-            .env("RUNV_SANDBOX", "host")
-            .env("RUNV_AGENT", common::agent())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -487,4 +495,130 @@ fn killed_shim_is_cleaned_up() {
         common::processes_mentioning("sleep 300").is_empty(),
         "the container's process survived"
     );
+}
+
+/// The vm backend under containerd: `ctr run` gets a clone of a test-guest `rt.agent` template
+/// (an embedded pool over private directories, configured by `RUNV_CONFIG`), the guest reports
+/// the clone hooks and the container's root file system image on its disk, then its agent
+/// double refuses `create` (it cannot run containers); ctr prints that reason, and the shim, the
+/// VMM, its sockets and the mounts are gone afterwards.
+#[test]
+fn ctr_run_on_the_vm_backend_reaches_the_clone_and_reports_the_refusal() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("SKIPPED: /dev/kvm is not usable");
+        return;
+    }
+    let pool_dir = tempfile::tempdir().unwrap();
+    let p = pool_dir.path();
+    let shm = PathBuf::from(format!("/dev/shm/runv-ctd-vm-{}", std::process::id()));
+    let vmm = common::vmm();
+    {
+        let pool = pool_manager::Pool::open(pool_manager::PoolConfig {
+            vmm: vmm.clone(),
+            state_dir: p.join("state"),
+            run_dir: p.join("run"),
+            tmpfs_dir: shm.clone(),
+            refill_workers: 1,
+        })
+        .unwrap();
+        let spec = pool_manager::TemplateSpec {
+            kernel: test_guests::guest_path(),
+            initrd: None,
+            cmdline: "rt.agent".into(),
+            mem_mib: 64,
+            vcpus: 1,
+            ready: pool_manager::ReadyCheck::Report,
+            slots: 1,
+            net: false,
+        };
+        pool.build_template("agent", &spec).unwrap();
+    }
+    let config = p.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "template = \"agent\"\npool_socket = \"{0}/none.sock\"\nstate_dir = \"{0}/state\"\n\
+             run_dir = \"{0}/run\"\ntmpfs_dir = \"{1}\"\nvmm = \"{2}\"\nimage_cache = \"{0}/images\"\n\
+             agent_timeout_ms = 10000\n",
+            p.display(),
+            shm.display(),
+            vmm.display()
+        ),
+    )
+    .unwrap();
+    let c = Containerd::start_with(&[("RUNV_SANDBOX", "vm".into()), ("RUNV_CONFIG", config)]);
+
+    // ctr run, while the clone's debug log is copied as it grows (the release removes it).
+    let child = c
+        .cmd(&["run", "--rm", "--runtime", RUNV, IMAGE, "vm1", "echo", "hi"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = p.join("run");
+    let seen = std::thread::spawn(move || {
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            for f in std::fs::read_dir(&run).into_iter().flatten().flatten() {
+                let n = f.file_name().to_string_lossy().into_owned();
+                if n.starts_with("vm-") && n.ends_with(".log") {
+                    let t = std::fs::read_to_string(f.path()).unwrap_or_default();
+                    if t.len() > seen.len() {
+                        seen = t;
+                    }
+                }
+            }
+            if seen.contains("op=set_hostname") && seen.contains("agent_disk") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        seen
+    });
+    let out = child.wait_with_output().unwrap();
+    let seen = seen.join().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "ctr run succeeded on a test guest: {stderr}"
+    );
+    assert!(
+        stderr.contains("creating the container") && stderr.contains("cannot run containers"),
+        "ctr does not name the reason: {stderr}\n{}",
+        c.log()
+    );
+    for hook in ["op=reseed", "op=set_clock", "op=set_hostname name=vm1"] {
+        assert!(seen.contains(hook), "no {hook} in the clone's log:\n{seen}");
+    }
+    // The busybox image reached slot 0 as an EROFS image (superblock magic e0f5e1e2).
+    assert!(
+        seen.contains("PASS agent_disk") && seen.contains("magic=e0f5e1e2"),
+        "no rootfs image on the clone's disk:\n{seen}"
+    );
+
+    wait_until("the shim and VMM to end", Duration::from_secs(10), || {
+        let l = leftovers(&c);
+        l.shims.is_empty()
+            && common::processes_mentioning(&p.join("run").display().to_string()).is_empty()
+    });
+    let run_files: Vec<_> = std::fs::read_dir(p.join("run"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        run_files.is_empty(),
+        "left in the pool's run dir: {run_files:?}"
+    );
+    let l = leftovers(&c);
+    assert!(l.mounts.is_empty() && l.sandboxes.is_empty(), "{l:?}");
+    assert!(text(&c.ctr(&["container", "ls", "-q"]).stdout)
+        .trim()
+        .is_empty());
+    drop(c);
+    let _ = std::fs::remove_dir_all(&shm);
 }

@@ -9,6 +9,9 @@
  *   reseed        -> {"result":"ok"}, reports "PASS agent_hook op=reseed bytes=N"
  *   set_clock     -> {"result":"ok"}, reports "PASS agent_hook op=set_clock unix_nanos=N"
  *   set_hostname  -> {"result":"ok"}, reports "PASS agent_hook op=set_hostname name=S"
+ *   set_network   -> {"result":"ok"}, reports "PASS agent_hook op=set_network ipv4=A/N gw=G
+ *                    mac=M dns=D" (the first address, route gateway, MAC and name server; "-"
+ *                    for one that is absent); nothing is applied
  *   anything else -> {"result":"error","code":"bad_request",...}
  * A frame that is not a valid request header gets a bad_frame error and the connection is
  * reset. One connection at a time: a new one replaces the old. Reports
@@ -139,6 +142,17 @@ static void ag_respond(const u8 *id, const char *json) {
 
 static const char ag_ok[] = "{\"result\":\"ok\"}";
 
+/* Reports the JSON string at v (up to 64 plain characters), "-" when v is not a string. */
+static void ag_str(const u8 *v, const u8 *end) {
+    char t[65];
+    u32 k = 0;
+    if (v && v < end && *v == '"')
+        for (v++; v < end && k < 64 && *v != '"' && *v != '\\' && *v != ' '; v++) t[k++] = (char)*v;
+    if (!k) t[k++] = '-';
+    t[k] = 0;
+    r_str(t);
+}
+
 /* Answers one request payload. */
 static void ag_request(const u8 *id, const u8 *p, u32 n) {
     const u8 *op = ag_field(p, n, "op");
@@ -166,17 +180,26 @@ static void ag_request(const u8 *id, const u8 *p, u32 n) {
         return;
     }
     if (op && prefix((const char *)op, "\"set_hostname\"") && (v = ag_field(p, n, "hostname")) && *v == '"') {
-        r_str("PASS agent_hook op=set_hostname name=");
-        char t[65];
-        u32 k = 0;
-        for (v++; v < end && k < 64 && *v != '"' && *v != '\\' && *v != ' '; v++) t[k++] = (char)*v;
-        t[k] = 0;
-        r_str(t); r_send();
+        r_str("PASS agent_hook op=set_hostname name="); ag_str(v, end); r_send();
+        ag_respond(id, ag_ok);
+        return;
+    }
+    if (op && prefix((const char *)op, "\"set_network\"")) {
+        r_str("PASS agent_hook op=set_network ipv4=");
+        v = ag_field(p, n, "addresses");
+        ag_str(v && *v == '[' ? v + 1 : 0, end);
+        r_str(" gw="); ag_str(ag_field(p, n, "gateway"), end);
+        r_str(" mac="); ag_str(ag_field(p, n, "mac"), end);
+        r_str(" dns=");
+        v = ag_field(p, n, "dns");
+        ag_str(v && *v == '[' ? v + 1 : 0, end);
+        r_send();
         ag_respond(id, ag_ok);
         return;
     }
     ag_respond(id, "{\"result\":\"error\",\"code\":\"bad_request\",\"message\":\"the runv test guest "
-                   "agent answers ping, reseed, set_clock and set_hostname only\"}");
+                   "agent answers ping, reseed, set_clock, set_hostname and set_network only: it "
+                   "cannot run containers\"}");
 }
 
 /* Answers every complete frame of buf[0..n]; *used = the bytes they took. 0 when the stream is

@@ -649,10 +649,14 @@ impl Pool {
     /// Ends what a previous pool left in the run dir and this one does not own (a daemon that
     /// was killed leaves its pooled VMs behind): every VMM whose command line controls a
     /// `<run_dir>/vm-*.sock` and that is neither this process's child nor an adopted sandbox gets
-    /// SIGTERM, and `vm-*` files that no live VMM claims are removed. Call it after
-    /// [`Pool::adopt`]ing the recorded sandboxes; returns how many VMMs were ended.
+    /// SIGTERM, `vm-*` files that no live VMM claims are removed, and so are the sandbox networks
+    /// (namespaces `runv-vm-*`, TAPs, veths, nftables rules) of VMs that no live VMM on the host
+    /// runs ([`crate::network::orphans`]). Call it after [`Pool::adopt`]ing the recorded
+    /// sandboxes; returns how many VMMs were ended.
     pub fn clean_orphans(&self) -> usize {
         let run = &self.shared.cfg.run_dir;
+        // Listed first: what appears later belongs to a VMM that is live by then.
+        let nets = crate::network::orphans::find();
         let adopted: std::collections::HashSet<u32> = {
             let st = self.shared.lock();
             st.sandboxes
@@ -664,6 +668,8 @@ impl Pool {
         let me = std::process::id();
         let mut claimed = std::collections::HashSet::new();
         let mut ended = 0;
+        let mut ended_pids = std::collections::HashSet::new();
+        let mut ended_vms = std::collections::HashSet::new();
         for (pid, ppid, socket) in vmm_processes(run) {
             if ppid == me || adopted.contains(&pid) {
                 claimed.insert(socket);
@@ -677,7 +683,13 @@ impl Pool {
                 socket.display()
             );
             ended += 1;
+            ended_pids.insert(pid);
+            if let Some(vm) = socket.file_stem() {
+                ended_vms.insert(vm.to_string_lossy().into_owned());
+            }
         }
+        let live = crate::network::orphans::live_vms(&ended_pids);
+        crate::network::orphans::remove(&nets, &live, &ended_vms);
         let mut stale = Vec::new();
         if let Ok(dir) = std::fs::read_dir(run) {
             for f in dir.flatten() {
@@ -751,7 +763,7 @@ fn warm_network(
             Ok(net.info().map(|i| i.ipv4))
         }
         (None, Some(net)) => {
-            net.detach();
+            net.detach_keep_tap()?;
             Ok(None)
         }
         (Some(_), None) => Err(ShellError::Net(crate::network::NetError::State(

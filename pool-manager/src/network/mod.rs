@@ -11,6 +11,7 @@
 
 mod cmd;
 mod lease;
+pub mod orphans;
 pub mod pod;
 
 pub use cmd::{nft_rules, NetError};
@@ -150,6 +151,27 @@ impl SandboxNet {
                 .unwrap_or_else(|p| p.into_inner())
                 .free(&block);
         }
+    }
+
+    /// Like [`SandboxNet::detach`], but the TAP first moves back to this process's namespace
+    /// (down, no address), so the VM keeps a link a caller can join to a network of its own (a
+    /// warm clone acquired without the pool's network, for a CRI pod).
+    pub fn detach_keep_tap(&mut self) -> Result<(), NetError> {
+        if let Some((info, _)) = &self.attached {
+            let me = std::process::id().to_string();
+            cmd::ip(&[
+                "-n",
+                &info.netns,
+                "link",
+                "set",
+                "dev",
+                &self.tap,
+                "netns",
+                &me,
+            ])?;
+        }
+        self.detach();
+        Ok(())
     }
 
     /// Takes over the network of a sandbox a previous pool left running (from its recorded

@@ -112,6 +112,10 @@ pub fn options_config_path(type_url: &str, value: &[u8]) -> Option<PathBuf> {
 
 enum Cmd {
     Client(mpsc::Sender<Result<Client, SandboxError>>),
+    Rootfs(
+        std::path::PathBuf,
+        mpsc::Sender<Result<protocol::RootfsSource, SandboxError>>,
+    ),
     Shutdown(mpsc::Sender<()>),
 }
 
@@ -124,14 +128,19 @@ pub struct Owner {
 }
 
 impl Owner {
-    /// Launches a `kind` sandbox with its state in `dir` on a new owner thread.
-    pub fn launch(kind: Kind, dir: ContainerDir) -> Result<Self, SandboxError> {
+    /// Launches a `kind` sandbox with its state in `dir` for the first container's `spec` on a
+    /// new owner thread.
+    pub fn launch(
+        kind: Kind,
+        dir: ContainerDir,
+        spec: oci_spec::runtime::Spec,
+    ) -> Result<Self, SandboxError> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (tx, rx) = mpsc::channel::<Cmd>();
         std::thread::Builder::new()
             .name("sandbox".into())
             .spawn(move || {
-                let mut sb: Box<dyn Sandbox> = match kind.launch(&dir) {
+                let mut sb: Box<dyn Sandbox> = match kind.launch(&dir, Some(&spec)) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -143,6 +152,9 @@ impl Owner {
                     match cmd {
                         Cmd::Client(reply) => {
                             let _ = reply.send(sb.client());
+                        }
+                        Cmd::Rootfs(path, reply) => {
+                            let _ = reply.send(sb.rootfs(&path));
                         }
                         Cmd::Shutdown(done) => {
                             sb.shutdown();
@@ -165,6 +177,17 @@ impl Owner {
         let (tx, rx) = mpsc::channel();
         self.tx
             .send(Cmd::Client(tx))
+            .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?;
+        rx.recv()
+            .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?
+    }
+
+    /// How the root file system at `path` (a host directory) reaches the agent (the directory
+    /// itself for host processes, an EROFS image in a disk slot for a VM).
+    pub fn rootfs(&self, path: &std::path::Path) -> Result<protocol::RootfsSource, SandboxError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Cmd::Rootfs(path.to_path_buf(), tx))
             .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?;
         rx.recv()
             .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?

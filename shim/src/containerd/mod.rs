@@ -123,6 +123,7 @@ impl containerd_shim::Shim for Shim {
             _ => {
                 drop(alive);
                 crate::sandbox::host::reap_leftovers(&dir.id);
+                crate::sandbox::vm::reap_leftovers(&dir);
                 let _ = dir.remove();
             }
         }

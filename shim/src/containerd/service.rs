@@ -116,14 +116,16 @@ impl Service {
         }
     }
 
-    /// Starts the sandbox on the first Create (backend chosen as [`backend::choose`] says).
+    /// Starts the sandbox on the first Create (backend chosen as [`backend::choose`] says, its
+    /// network and hostname from the first container's `spec`); returns its kind.
     fn ensure_sandbox(
         &self,
         options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
-    ) -> TtrpcResult<()> {
+        spec: &oci_spec::runtime::Spec,
+    ) -> TtrpcResult<Kind> {
         let mut g = lock(&self.inner.sandbox);
-        if g.is_some() {
-            return Ok(());
+        if let Some((_, kind)) = g.as_ref() {
+            return Ok(*kind);
         }
         let config = options.and_then(|a| backend::options_config_path(&a.type_url, &a.value));
         let choice = backend::choose(config.as_deref())
@@ -158,9 +160,27 @@ impl Service {
                 format!("creating {}: {e}", self.inner.sandbox_dir.path.display()),
             )
         })?;
-        let owner = Owner::launch(choice.kind, self.inner.sandbox_dir.clone()).map_err(fail)?;
+        let owner = Owner::launch(choice.kind, self.inner.sandbox_dir.clone(), spec.clone())
+            .map_err(fail)?;
         *g = Some((owner, choice.kind));
-        Ok(())
+        Ok(choice.kind)
+    }
+
+    /// How `path` (the bundle's rootfs) reaches the agent.
+    fn rootfs_source(&self, path: &Path) -> TtrpcResult<RootfsSource> {
+        let g = lock(&self.inner.sandbox);
+        let (owner, _) = g.as_ref().ok_or_else(|| {
+            err(
+                Code::FAILED_PRECONDITION,
+                "this runv shim has no sandbox yet: create a task first",
+            )
+        })?;
+        owner.rootfs(path).map_err(|e| {
+            err(
+                Code::FAILED_PRECONDITION,
+                format!("the container's root file system {}: {e}", path.display()),
+            )
+        })
     }
 
     fn client(&self) -> TtrpcResult<Client> {
@@ -211,7 +231,9 @@ impl Service {
             )
         })?;
         super::spec::adapt(&mut spec);
-        self.ensure_sandbox(req.options.as_ref())?;
+        let kind = self.ensure_sandbox(req.options.as_ref(), &spec)?;
+        kind.guest_spec(&mut spec);
+        let rootfs = self.rootfs_source(&rootfs::target(bundle))?;
         let paths = Paths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -224,9 +246,7 @@ impl Service {
             .call(&Request::Create {
                 id: req.id.clone(),
                 spec: Box::new(spec),
-                rootfs: RootfsSource::Bind {
-                    path: rootfs::target(bundle).display().to_string(),
-                },
+                rootfs,
                 stdio: StdioConfig {
                     terminal: req.terminal,
                     stdin: !req.stdin.is_empty(),

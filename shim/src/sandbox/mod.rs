@@ -75,11 +75,24 @@ impl Kind {
         }
     }
 
-    /// Starts a sandbox for the container in `dir`.
-    pub fn launch(self, dir: &ContainerDir) -> Result<Box<dyn Sandbox>, SandboxError> {
+    /// Starts a sandbox for the container in `dir` whose spec is `spec` (the vm backend takes
+    /// its hostname and network from it).
+    pub fn launch(
+        self,
+        dir: &ContainerDir,
+        spec: Option<&oci_spec::runtime::Spec>,
+    ) -> Result<Box<dyn Sandbox>, SandboxError> {
         match self {
             Self::Host => Ok(Box::new(host::HostSandbox::launch(dir)?)),
-            Self::Vm => Ok(Box::new(vm::launch(dir)?)),
+            Self::Vm => Ok(Box::new(vm::launch(dir, spec)?)),
+        }
+    }
+
+    /// Adapts the spec the agent gets to this backend: in a VM, a network namespace path is the
+    /// host's (the VM is joined to it, see [`vm::net`]), so it is dropped.
+    pub fn guest_spec(self, spec: &mut oci_spec::runtime::Spec) {
+        if self == Self::Vm {
+            vm::net::strip_pod_netns(spec);
         }
     }
 }

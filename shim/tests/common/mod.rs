@@ -302,3 +302,26 @@ pub fn gone(pid: i64) -> bool {
         Err(_) => true,
     }
 }
+
+/// `runv-vmm`: `$RUNV_VMM`, else built into the workspace target dir on first use (shim must
+/// not depend on the vmm crate).
+pub fn vmm() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("RUNV_VMM") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-q", "-p", "vmm", "--bin", "runv-vmm"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "cargo build -p vmm --bin runv-vmm failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        target.join("debug/runv-vmm")
+    })
+    .clone()
+}

@@ -76,6 +76,8 @@ pub struct Hooks {
     pub unix_nanos: i64,
     /// Hostname, when the spec sets one (or the caller picks one).
     pub hostname: Option<String>,
+    /// The guest's network (`set_network`), when the sandbox has one.
+    pub network: Option<super::net::NetHook>,
 }
 
 impl Hooks {
@@ -93,10 +95,12 @@ impl Hooks {
             entropy,
             unix_nanos,
             hostname,
+            network: None,
         })
     }
 
-    /// Runs them in order (reseed, set_clock, set_hostname); each must answer `ok`.
+    /// Runs them in order (reseed, set_clock, set_hostname, set_network); each must answer
+    /// `ok`.
     pub fn run(&self, c: &mut Client) -> Result<(), VmError> {
         let mut reqs = vec![
             (
@@ -119,6 +123,9 @@ impl Hooks {
                     hostname: h.clone(),
                 },
             ));
+        }
+        if let Some(n) = &self.network {
+            reqs.push(("set_network", n.request()));
         }
         for (op, req) in reqs {
             match c.call_timeout(&req, Duration::from_secs(5)) {

@@ -3,7 +3,8 @@
 //!
 //! The file is a flat `key = "value"` list (TOML's subset runv needs; `#` starts a comment):
 //! `template`, `pool_socket`, `state_dir`, `run_dir`, `tmpfs_dir`, `vmm`, `image_cache`,
-//! `agent_port`, `agent_timeout_ms`.
+//! `agent_port`, `agent_timeout_ms`; `sandbox` (the backend choice, read by the containerd shim)
+//! is allowed and ignored here.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -98,7 +99,7 @@ impl VmConfig {
             };
             match key.trim() {
                 "template" if template.is_none() => cfg.template = value.into(),
-                "template" => {}
+                "template" | "sandbox" => {}
                 "pool_socket" => cfg.pool_socket = value.into(),
                 "state_dir" => cfg.state_dir = value.into(),
                 "run_dir" => cfg.run_dir = value.into(),

@@ -4,13 +4,15 @@
 //! answers, else an embedded `pool_manager::Pool`), reaches the guest's agent over the clone's
 //! vsock socket (`CONNECT <port>`), waits for its `ping` (a template whose guest runs no agent
 //! fails here, naming the template) and runs the clone hooks (`reseed`, `set_clock`,
-//! `set_hostname`). [`VmSandbox::attach_rootfs`] puts an EROFS image in disk slot 0
+//! `set_hostname`, and `set_network` when it has a network: a CRI pod's namespace named by the
+//! spec, joined to the clone's TAP, or the pool's network; see [`net`]). [`VmSandbox::attach_rootfs`] puts an EROFS image in disk slot 0
 //! (`attach_disk`) and returns the `RootfsSource::Block` the agent mounts. Releasing (or
 //! dropping) the sandbox hands the clone back. This is a library API: `runv` (through the
 //! [`super::Sandbox`] trait) and the containerd shim use the same calls.
 
 pub mod agent;
 pub mod config;
+pub mod net;
 pub mod source;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use agent::Hooks;
 pub use config::VmConfig;
+pub use net::NetPlan;
 pub use source::Source;
 
 use super::{Sandbox, SandboxError};
@@ -71,6 +74,24 @@ pub enum VmError {
     /// The VMM's control API refused or failed.
     #[error("sandbox {0}: {1}")]
     Control(String, String),
+    /// The spec names a pod network but the template's VMs have no network device.
+    #[error("template {template} has no network device, but the container's spec names the network namespace {netns}: build the template with net (`runv-pool template build ... --net`)")]
+    NoNetDevice {
+        /// Template.
+        template: String,
+        /// The spec's network namespace.
+        netns: String,
+    },
+    /// Joining the pod's network failed.
+    #[error("joining the pod network {netns} to sandbox {id}: {why}")]
+    PodNet {
+        /// Sandbox.
+        id: String,
+        /// The pod's namespace.
+        netns: String,
+        /// Cause.
+        why: String,
+    },
     /// Building the root file system image failed.
     #[error("building the rootfs image: {0}")]
     Image(#[from] crate::image::ImageError),
@@ -89,6 +110,9 @@ pub struct VmRecord {
     pub agent_port: u32,
     /// The leased sandbox.
     pub info: SandboxInfo,
+    /// The pod network joined to its TAP.
+    #[serde(default)]
+    pub pod: Option<net::PodJoin>,
 }
 
 /// A leased clone; released on [`VmSandbox::release`] or drop.
@@ -96,6 +120,7 @@ pub struct VmSandbox {
     cfg: VmConfig,
     source: Option<Source>,
     info: SandboxInfo,
+    pod: Option<net::PodJoin>,
     first: Mutex<Option<Client>>,
 }
 
@@ -116,8 +141,29 @@ impl VmSandbox {
         container: &str,
         hooks: &Hooks,
     ) -> Result<(Self, Client), VmError> {
-        let sb = Self::acquire(cfg, source, container)?;
-        // On error `sb` is dropped: the clone is released.
+        Self::start_with(cfg, source, container, hooks, &NetPlan::default())
+    }
+
+    /// [`VmSandbox::start`] with a network plan: with a pod namespace the clone comes without
+    /// the pool's network, its TAP is joined to the pod's interface and `set_network` gives the
+    /// guest the pod's addresses; else the pool's network (if any) goes to `set_network`.
+    pub fn start_with(
+        cfg: &VmConfig,
+        source: &Source,
+        container: &str,
+        hooks: &Hooks,
+        plan: &NetPlan,
+    ) -> Result<(Self, Client), VmError> {
+        let network = plan.pod.as_ref().map(|_| false);
+        let mut sb = Self::acquire_with(cfg, source, container, network)?;
+        // On error `sb` is dropped: the pod link undone, the clone released.
+        let mut hooks = hooks.clone();
+        if let Some((netns, ifname)) = &plan.pod {
+            let link = sb.join_pod(netns, ifname)?;
+            hooks.network = Some(net::NetHook::from_pod(&link, plan.dns.clone()));
+        } else if let Some(n) = &sb.info.network {
+            hooks.network = Some(net::NetHook::from_pool(n, plan.dns.clone()));
+        }
         let mut client = sb.agent_ready()?;
         hooks.run(&mut client)?;
         Ok((sb, client))
@@ -126,13 +172,54 @@ impl VmSandbox {
     /// Only leases a clone of `cfg.template` (no agent contact, no hooks): for callers that
     /// order the steps themselves (benchmarks, a shim that attaches disks first).
     pub fn acquire(cfg: &VmConfig, source: &Source, container: &str) -> Result<Self, VmError> {
-        let info = source.acquire(&cfg.template, container)?;
+        Self::acquire_with(cfg, source, container, None)
+    }
+
+    fn acquire_with(
+        cfg: &VmConfig,
+        source: &Source,
+        container: &str,
+        network: Option<bool>,
+    ) -> Result<Self, VmError> {
+        let info = source.acquire(&cfg.template, container, network)?;
         Ok(Self {
             cfg: cfg.clone(),
             source: Some(source.clone()),
             info,
+            pod: None,
             first: Mutex::new(None),
         })
+    }
+
+    /// Joins the pod namespace `netns`'s interface `ifname` to the clone's TAP (tc mirred).
+    fn join_pod(
+        &mut self,
+        netns: &Path,
+        ifname: &str,
+    ) -> Result<pool_manager::network::pod::PodLink, VmError> {
+        let tap = self.info.tap.clone().ok_or_else(|| VmError::NoNetDevice {
+            template: self.cfg.template.clone(),
+            netns: netns.display().to_string(),
+        })?;
+        let link =
+            pool_manager::network::pod::connect(netns, Some(ifname), &tap, None).map_err(|e| {
+                VmError::PodNet {
+                    id: self.info.id.clone(),
+                    netns: netns.display().to_string(),
+                    why: e.to_string(),
+                }
+            })?;
+        self.pod = Some(net::PodJoin {
+            netns: netns.to_path_buf(),
+            ifname: ifname.into(),
+            tap,
+        });
+        Ok(link)
+    }
+
+    /// The pod network joined to the clone's TAP, if any.
+    pub fn pod(&self) -> Option<&net::PodJoin> {
+        self.pod.as_ref()
     }
 
     /// The leased sandbox (ids, sockets, VMM pid).
@@ -149,6 +236,7 @@ impl VmSandbox {
             },
             agent_port: self.cfg.agent_port,
             info: self.info.clone(),
+            pod: self.pod.clone(),
         }
     }
 
@@ -227,14 +315,21 @@ impl VmSandbox {
             .map_err(|e| VmError::Control(self.info.id.clone(), format!("resume: {e}")))
     }
 
-    /// Hands the clone back (idempotent). With an embedded pool that only this sandbox holds,
-    /// the pool is shut down too and its VMM reaped before this returns.
+    /// Hands the clone back (idempotent), after undoing its pod link (tc redirects, TAP).
+    /// With an embedded pool that only this sandbox holds, the pool is shut down too and its
+    /// VMM reaped before this returns.
     pub fn release(&mut self) -> Result<(), VmError> {
         self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match self.source.take() {
+        let unjoined = match self.pod.take() {
+            Some(p) => p.disconnect(),
+            None => Ok(()),
+        };
+        let released = match self.source.take() {
             Some(s) => s.release(&self.info.id),
             None => Ok(()),
-        }
+        };
+        released?;
+        unjoined.map_err(|why| VmError::Control(self.info.id.clone(), why))
     }
 }
 
@@ -292,17 +387,22 @@ pub fn preflight() -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Starts the sandbox of the container in `dir` for the `runv` monitor: the configuration from
-/// the environment and config file, a source of its own, the spec's hostname (else the container
-/// id) for the hook; records it in `dir`.
-pub fn launch(dir: &ContainerDir) -> Result<VmSandbox, SandboxError> {
+/// Starts the sandbox of the container in `dir` (for the `runv` monitor or the shim): the
+/// configuration from the environment and config file, a source of its own, `spec`'s hostname
+/// (else the container id) for the hook and its network ([`NetPlan::from_spec`]); records it in
+/// `dir`.
+pub fn launch(
+    dir: &ContainerDir,
+    spec: Option<&oci_spec::runtime::Spec>,
+) -> Result<VmSandbox, SandboxError> {
     let cfg = VmConfig::resolve(None)?;
     let source = Source::open(&cfg)?;
-    let hostname = crate::monitor::load_spec(dir)
-        .ok()
+    let hostname = spec
         .and_then(|s| s.hostname().clone())
         .unwrap_or_else(|| dir.id.chars().take(63).collect());
-    let (sb, client) = VmSandbox::start(&cfg, &source, &dir.id, &Hooks::fresh(Some(hostname))?)?;
+    let plan = spec.map(NetPlan::from_spec).unwrap_or_default();
+    let hooks = Hooks::fresh(Some(hostname))?;
+    let (sb, client) = VmSandbox::start_with(&cfg, &source, &dir.id, &hooks, &plan)?;
     drop(source); // the sandbox holds the only reference to an embedded pool
     *sb.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
     let path = dir.path.join(RECORD_FILE);
@@ -342,13 +442,24 @@ pub fn pause_record(dir: &ContainerDir, pause: bool) -> Result<(), VmError> {
         .map_err(fail)
 }
 
-/// What a killed monitor left: the daemon's lease is released, the VMM's files removed (the
-/// caller kills the VMM process, recorded as the agent pid).
+/// What a killed monitor or shim left: the pod link undone, the daemon's lease released, or an
+/// embedded pool's VMM (still serving the recorded control socket) killed and its files removed.
 pub fn reap_leftovers(dir: &ContainerDir) {
     let Ok(r) = load_record(dir) else { return };
+    if let Some(p) = &r.pod {
+        if let Err(e) = p.disconnect() {
+            eprintln!("runv: {e}");
+        }
+    }
     if let Some(sock) = &r.daemon {
         let _ = Source::Daemon(sock.clone()).release(&r.info.id);
     } else {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.info.pid)).unwrap_or_default();
+        let control = r.info.control.as_os_str().as_encoded_bytes();
+        if r.info.pid > 0 && cmdline.windows(control.len()).any(|w| w == control) {
+            // SAFETY: kill(2) on the VMM serving this sandbox's control socket (checked above).
+            unsafe { libc::kill(r.info.pid as i32, libc::SIGKILL) };
+        }
         for f in [&r.info.vsock_uds, &r.info.control, &r.info.debug_log] {
             let _ = std::fs::remove_file(f);
         }

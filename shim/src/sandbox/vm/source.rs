@@ -98,14 +98,23 @@ impl Source {
         })
     }
 
-    /// Leases a clone of `template`, labelled with the container id.
-    pub fn acquire(&self, template: &str, container: &str) -> Result<SandboxInfo, VmError> {
+    /// Leases a clone of `template`, labelled with the container id; `network` as in
+    /// [`AcquireRequest::network`] (`None`: the pool's setting, `Some(false)`: none).
+    pub fn acquire(
+        &self,
+        template: &str,
+        container: &str,
+        network: Option<bool>,
+    ) -> Result<SandboxInfo, VmError> {
         match self {
             Self::Daemon(sock) => {
-                let body = serde_json::json!({
+                let mut body = serde_json::json!({
                     "template": template,
                     "labels": {"runv.container": container},
                 });
+                if let Some(n) = network {
+                    body["network"] = n.into();
+                }
                 let (code, body) = http(sock, "POST", "/v1/sandboxes", Some(&body))?;
                 if code != 201 {
                     return Err(VmError::Pool(format!(
@@ -119,6 +128,7 @@ impl Source {
             Self::Embedded(p) => {
                 let mut req = AcquireRequest {
                     template: template.into(),
+                    network,
                     ..Default::default()
                 };
                 req.labels.insert("runv.container".into(), container.into());
