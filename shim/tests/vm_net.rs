@@ -138,6 +138,8 @@ impl Fixture {
             ready: ReadyCheck::Report,
             slots: 1,
             net,
+            mem_mode: Default::default(),
+            warmup_ms: 0,
         };
         self.pool().build_template(name, &spec).unwrap();
     }
