@@ -535,6 +535,8 @@ fn ctr_run_on_the_vm_backend_reaches_the_clone_and_reports_the_refusal() {
             ready: pool_manager::ReadyCheck::Report,
             slots: 1,
             net: false,
+            mem_mode: Default::default(),
+            warmup_ms: 0,
         };
         pool.build_template("agent", &spec).unwrap();
     }
