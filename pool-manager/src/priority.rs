@@ -9,8 +9,9 @@ use std::io;
 
 /// Nice value of the refill workers and of the VMMs they start.
 pub const REFILL_NICE: i32 = 10;
-/// Nice value of a released VMM while it shuts down.
-pub const REAP_NICE: i32 = 19;
+/// Nice value of a released VMM while it shuts down: background work like the refill, not
+/// lower (a teardown starved by other background work keeps its memory and network longer).
+pub const REAP_NICE: i32 = REFILL_NICE;
 
 /// Sets the nice value of the calling thread (Linux: nice is per thread) to `nice`.
 pub fn set_this_thread(nice: i32) -> io::Result<()> {
