@@ -7,6 +7,7 @@
 //! refused and the connection is closed. [`PROTOCOL_VERSION`] is reported by `status`; requests
 //! with unknown fields are refused. See `docs/ARCHITECTURE.md` ("Control socket").
 
+pub mod jail;
 mod client;
 mod net;
 mod types;
