@@ -111,6 +111,34 @@ fn private_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// `jail_setup_ms`: what jailing adds to creating a shell (spawn → first `status` answered),
+/// the median of paired differences jailed − unjailed, measured back to back.
+fn jail_setup(c: &mut criterion::Criterion, plain: &ShellSpec, jailed: &ShellSpec) {
+    let mut rec = Recorder::median("jail_setup_ms", "ms");
+    let mut n = 0;
+    c.bench_function("jail_setup", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                n += 1;
+                let mut time = |spec: &ShellSpec, tag: &str| {
+                    let start = Instant::now();
+                    let shell = ShellProcess::spawn(spec, &format!("js-{tag}-{n}")).unwrap();
+                    let d = start.elapsed();
+                    shell.shutdown().unwrap();
+                    d
+                };
+                let plain_d = time(plain, "p");
+                let jailed_d = time(jailed, "j");
+                rec.push(jailed_d.as_secs_f64() * 1e3 - plain_d.as_secs_f64() * 1e3);
+                total += jailed_d;
+            }
+            total
+        })
+    });
+    rec.write();
+}
+
 fn main() {
     let mut c = criterion();
     let dir = std::env::temp_dir().join(format!("runv-bench-snap-{}", std::process::id()));
@@ -146,13 +174,26 @@ fn main() {
         mem_mib: 256,
         vcpus: 1,
         run_dir: dir.clone(),
+        jail: None,
     };
-    let pool = ShellPool::new(spec.clone(), 4, 2);
+    // copy and cow clones run as the pool runs them: jailed (the template bound read-only),
+    // seccomp on. uffd needs the userfaultfd syscall, which an unprivileged jail cannot make
+    // (vm.unprivileged_userfaultfd=0): its clones run unjailed.
+    pool_manager::template::grant_read(&snap, vmm_api::jail::DEFAULT_JAIL_ID).unwrap();
+    let mut jail = pool_manager::ShellJail::pool_default();
+    jail.read_only.push(snap.clone());
+    let jailed_spec = ShellSpec {
+        jail: Some(jail),
+        ..spec.clone()
+    };
+    jail_setup(&mut c, &spec, &jailed_spec);
+    let jailed = ShellPool::new(jailed_spec, 4, 2);
+    let unjailed = ShellPool::new(spec.clone(), 4, 2);
     let mut id = 0;
-    for (name, mode) in [
-        ("copy", MemoryMode::Copy),
-        ("cow", MemoryMode::Cow),
-        ("uffd", MemoryMode::Uffd),
+    for (name, mode, pool) in [
+        ("copy", MemoryMode::Copy, &jailed),
+        ("cow", MemoryMode::Cow, &jailed),
+        ("uffd", MemoryMode::Uffd, &unjailed),
     ] {
         let mut rec = Recorder::median(&format!("restore_{name}_ms"), "ms");
         let mut p99 = Recorder::p99("restore_uffd_p99_ms", "ms");

@@ -21,6 +21,6 @@ pub use pool::ShellPool;
 pub use sandbox::{
     PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus, Tier,
 };
-pub use shell::{ShellError, ShellProcess, ShellSpec};
+pub use shell::{remove_leftovers, ShellError, ShellJail, ShellProcess, ShellSpec};
 pub use template::{ReadyCheck, Template, TemplateError, TemplateMeta, TemplateSpec};
 pub use vmm_api;

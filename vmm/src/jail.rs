@@ -115,17 +115,30 @@ pub fn enter(spec: &JailSpec, netns: &Netns) -> Result<(), JailSetupError> {
             let mut unblock = SigSet::empty();
             unblock.add(Signal::SIGCHLD);
             unblock.thread_unblock().map_err(sys("unblocking SIGCHLD"))?;
-            // SAFETY: prctl(PR_SET_PDEATHSIG) takes an integer signal; no memory is passed.
-            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-                return Err(sys("PR_SET_PDEATHSIG")(nix::Error::last()));
-            }
             // The keeper writes once we are in the cgroup; EOF means it died: stop.
             let mut b = [0u8; 1];
             if nix::unistd::read(go_read.as_raw_fd(), &mut b) != Ok(1) {
                 std::process::exit(1);
             }
-            drop(go_read);
-            confine(spec, netns)
+            confine(spec, netns)?;
+            // Set only now: a change of uid clears the parent-death signal. The keeper holds
+            // the pipe's write end until it exits: a hang-up means it is already gone.
+            // SAFETY: prctl(PR_SET_PDEATHSIG) takes an integer signal; no memory is passed.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+                return Err(sys("PR_SET_PDEATHSIG")(nix::Error::last()));
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&go_read),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO);
+            if fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLHUP))
+            {
+                std::process::exit(1);
+            }
+            Ok(())
         }
     }
 }
@@ -178,15 +191,15 @@ fn keep(
         let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
         let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
     }
-    // SAFETY: close_range on fds above stderr except `go`, which is closed separately below
-    // once written; nothing in this thread uses the others afterwards.
+    // SAFETY: close_range on fds above stderr except `go`, which the keeper keeps; nothing in
+    // this thread uses the others afterwards.
     unsafe {
         let g = go.as_raw_fd() as libc::c_uint;
         libc::syscall(libc::SYS_close_range, 3u32, g - 1, 0u32);
         libc::syscall(libc::SYS_close_range, g + 1, u32::MAX, 0u32);
     }
     let _ = nix::unistd::write(&go, &[1]);
-    drop(go);
+    // `go` stays open until the keeper exits (the child checks it for a hang-up).
     let status = loop {
         match signals.wait() {
             Ok(Signal::SIGCHLD) | Err(_) => {}

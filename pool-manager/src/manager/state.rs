@@ -212,19 +212,36 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn vm_paths(&self, vm: &str) -> VmPaths {
+    pub(super) fn vm_paths(&self, vm: &ShellProcess) -> VmPaths {
+        let (dir, name) = (vm.files_dir(), vm.name());
         VmPaths {
-            log: self.cfg.run_dir.join(format!("{vm}.log")),
-            vsock: self.cfg.run_dir.join(format!("{vm}.vsock")),
+            log: dir.join(format!("{name}.log")),
+            vsock: dir.join(format!("{name}.vsock")),
         }
     }
 
     pub(super) fn spawn_shell(&self, t: &Template) -> Result<ShellProcess, ShellError> {
+        let jail = match &self.cfg.jail {
+            Some(j) => {
+                // The jailed VMM reads the template as the pool gid; nothing else is bound.
+                crate::template::grant_read(&t.tmpfs, j.gid).map_err(|source| {
+                    ShellError::Io {
+                        what: format!("letting jail gid {} read {}", j.gid, t.tmpfs.display()),
+                        source,
+                    }
+                })?;
+                let mut j = j.clone();
+                j.read_only.push(t.tmpfs.clone());
+                Some(j)
+            }
+            None => None,
+        };
         let spec = ShellSpec {
             vmm: self.cfg.vmm.clone(),
             mem_mib: t.meta.spec.mem_mib,
             vcpus: t.meta.spec.vcpus,
             run_dir: self.cfg.run_dir.clone(),
+            jail,
         };
         ShellProcess::spawn(&spec, &format!("vm-{}", random_hex()))
     }
@@ -238,7 +255,7 @@ impl Shared {
         id: &str,
         warm: bool,
     ) -> Result<u64, ShellError> {
-        let paths = self.vm_paths(vm.name());
+        let paths = self.vm_paths(vm);
         let mut opts = RestoreOptions::new(&t.tmpfs, MemoryMode::Cow);
         opts.clone_id = id.into();
         opts.serial = SerialOutput::None;
@@ -321,5 +338,9 @@ pub(super) fn vmm_processes(run: &std::path::Path) -> Vec<(u32, u32, PathBuf)> {
             out.push((pid, ppid, socket));
         }
     }
+    // A jailed VMM shows twice (the jail's keeper and, as its child, the VMM proper, with the
+    // same command line): only the keeper counts; it forwards signals to the VMM.
+    let pids: std::collections::HashSet<u32> = out.iter().map(|(p, _, _)| *p).collect();
+    out.retain(|(_, ppid, _)| !pids.contains(ppid));
     out
 }
