@@ -123,7 +123,8 @@ pub struct ShellProcess {
     control: ControlClient,
     stdout: Option<BufReader<ChildStdout>>,
     socket: PathBuf,
-    run_dir: PathBuf,
+    /// Whether it runs jailed (its files then live in `<run_dir>/<name>/`).
+    jailed: bool,
 }
 
 /// Creates `dir` (mode 0700) owned by the jail's uid/gid, so that only the jailed VMM (and
@@ -210,7 +211,7 @@ impl ShellProcess {
             control,
             stdout,
             socket,
-            run_dir: spec.run_dir.clone(),
+            jailed: spec.jail.is_some(),
         };
         shell
             .control
@@ -308,7 +309,7 @@ impl ShellProcess {
     /// The directory holding this shell's socket, vsock socket and log (`<run_dir>/<name>`
     /// when jailed, else the run dir).
     pub fn files_dir(&self) -> &Path {
-        self.socket.parent().unwrap_or(&self.run_dir)
+        self.socket.parent().unwrap_or(Path::new("/"))
     }
 
     /// Asks the VMM to shut down and waits for it.
@@ -328,8 +329,10 @@ impl Drop for ShellProcess {
             let _ = self.child.wait();
         }
         let _ = std::fs::remove_file(&self.socket);
-        if self.files_dir() != self.run_dir {
-            remove_leftovers(&self.run_dir, &self.name);
+        if self.jailed {
+            if let Some(run_dir) = self.files_dir().parent() {
+                remove_leftovers(run_dir, &self.name);
+            }
         }
     }
 }

@@ -80,9 +80,8 @@ const DEVICES: [&str; 3] = ["/dev/kvm", "/dev/net/tun", "/dev/userfaultfd"];
 /// the child ends.
 pub fn enter(spec: &JailSpec, netns: &Netns) -> Result<(), JailSetupError> {
     check(spec)?;
-    std::fs::create_dir_all(&spec.root).map_err(|e| {
-        JailSetupError::Invalid(format!("creating {}: {e}", spec.root.display()))
-    })?;
+    std::fs::create_dir_all(&spec.root)
+        .map_err(|e| JailSetupError::Invalid(format!("creating {}: {e}", spec.root.display())))?;
     let cg = Cgroup::of(&spec.id);
     // A stale cgroup of the same id (a keeper that was killed) would refuse mkdir.
     let _ = cg.remove(std::time::Duration::ZERO);
@@ -114,7 +113,9 @@ pub fn enter(spec: &JailSpec, netns: &Netns) -> Result<(), JailSetupError> {
             drop(go_write);
             let mut unblock = SigSet::empty();
             unblock.add(Signal::SIGCHLD);
-            unblock.thread_unblock().map_err(sys("unblocking SIGCHLD"))?;
+            unblock
+                .thread_unblock()
+                .map_err(sys("unblocking SIGCHLD"))?;
             // The keeper writes once we are in the cgroup; EOF means it died: stop.
             let mut b = [0u8; 1];
             if nix::unistd::read(go_read.as_raw_fd(), &mut b) != Ok(1) {
@@ -178,12 +179,7 @@ fn check(spec: &JailSpec) -> Result<(), JailSetupError> {
 }
 
 /// The keeper: releases the child, forwards termination signals, waits, cleans up, exits.
-fn keep(
-    child: nix::unistd::Pid,
-    go: std::os::fd::OwnedFd,
-    signals: &SigSet,
-    spec: &JailSpec,
-) -> ! {
+fn keep(child: nix::unistd::Pid, go: std::os::fd::OwnedFd, signals: &SigSet, spec: &JailSpec) -> ! {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     // The keeper holds no fd of the VMM's: an inherited control socket or pipe must close
     // when the VMM ends. stdin/stdout go to /dev/null, stderr stays for the keeper's log.
@@ -366,13 +362,21 @@ fn drop_privileges(spec: &JailSpec) -> Result<(), JailSetupError> {
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0
             && nix::Error::last() != nix::Error::EINVAL
         {
-            return Err(sys(format!("dropping capability {cap} from the bounding set"))(
-                nix::Error::last(),
-            ));
+            return Err(sys(format!(
+                "dropping capability {cap} from the bounding set"
+            ))(nix::Error::last()));
         }
     }
     // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
     nix::unistd::setgroups(&[]).map_err(sys("setgroups([])"))?;
     nix::unistd::setresgid(gid, gid, gid).map_err(sys(format!("setresgid {gid}")))?;

@@ -143,9 +143,9 @@ fn enter_jail(args: &Args, root: &std::path::Path) -> Result<()> {
         gid: args.jail_gid,
         read_only,
         read_write,
-        mem_mib: args.jail_mem_mib.unwrap_or(
-            args.mem_mib.unwrap_or(1024) + vmm_api::jail::MEMORY_OVERHEAD_MIB,
-        ),
+        mem_mib: args
+            .jail_mem_mib
+            .unwrap_or(args.mem_mib.unwrap_or(1024) + vmm_api::jail::MEMORY_OVERHEAD_MIB),
         pids_max: args.jail_pids,
     };
     let netns = args.jail_netns.clone().unwrap_or(if args.net.is_some() {

@@ -56,14 +56,24 @@ fn jailed_pid(keeper: u32) -> u32 {
             .filter(|p| {
                 std::fs::read_to_string(format!("/proc/{p}/stat"))
                     .ok()
-                    .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok())
+                    .and_then(|s| {
+                        s.rsplit_once(')')?
+                            .1
+                            .split_whitespace()
+                            .nth(1)?
+                            .parse()
+                            .ok()
+                    })
                     == Some(keeper)
             })
             .collect();
         if kids.len() == 1 {
             return kids[0];
         }
-        assert!(Instant::now() < deadline, "keeper {keeper} children: {kids:?}");
+        assert!(
+            Instant::now() < deadline,
+            "keeper {keeper} children: {kids:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -162,8 +172,14 @@ fn kvm_jail_shell_restores_a_confined_clone() {
     shell.client().resume().unwrap();
 
     // Unprivileged, no capabilities, no_new_privs.
-    assert_eq!(status_field(vmm, "Uid"), format!("{0}\t{0}\t{0}\t{0}", DEFAULT_JAIL_ID));
-    assert_eq!(status_field(vmm, "Gid"), format!("{0}\t{0}\t{0}\t{0}", DEFAULT_JAIL_ID));
+    assert_eq!(
+        status_field(vmm, "Uid"),
+        format!("{0}\t{0}\t{0}\t{0}", DEFAULT_JAIL_ID)
+    );
+    assert_eq!(
+        status_field(vmm, "Gid"),
+        format!("{0}\t{0}\t{0}\t{0}", DEFAULT_JAIL_ID)
+    );
     for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(status_field(vmm, cap), "0000000000000000", "{cap}");
     }
@@ -173,7 +189,11 @@ fn kvm_jail_shell_restores_a_confined_clone() {
     let nspid = status_field(vmm, "NSpid");
     assert!(nspid.ends_with("\t1"), "{nspid}");
     for kind in ["mnt", "pid", "ipc", "uts", "net"] {
-        assert_ne!(ns(&vmm.to_string(), kind), ns("self", kind), "{kind} namespace");
+        assert_ne!(
+            ns(&vmm.to_string(), kind),
+            ns("self", kind),
+            "{kind} namespace"
+        );
     }
     // In its cgroup, with the limits.
     let cg = Cgroup::of(&name);
@@ -209,7 +229,11 @@ fn kvm_jail_shell_restores_a_confined_clone() {
     assert!(devs.contains("kvm") && devs.contains("net"), "{devs:?}");
 
     assert!(shell.shutdown().unwrap().success());
-    assert!(seccomp_reports(vmm).is_empty(), "{:?}", seccomp_reports(vmm));
+    assert!(
+        seccomp_reports(vmm).is_empty(),
+        "{:?}",
+        seccomp_reports(vmm)
+    );
     assert_eq!(leftovers(&run, &name), Vec::<String>::new());
 }
 
@@ -235,7 +259,10 @@ fn kvm_jail_kill_9_leaves_nothing_behind() {
         unsafe { libc::kill(target as i32, libc::SIGKILL) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while shell.try_wait().is_none() {
-            assert!(Instant::now() < deadline, "{victim}: the keeper did not end");
+            assert!(
+                Instant::now() < deadline,
+                "{victim}: the keeper did not end"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         drop(shell);

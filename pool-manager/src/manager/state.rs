@@ -224,11 +224,9 @@ impl Shared {
         let jail = match &self.cfg.jail {
             Some(j) => {
                 // The jailed VMM reads the template as the pool gid; nothing else is bound.
-                crate::template::grant_read(&t.tmpfs, j.gid).map_err(|source| {
-                    ShellError::Io {
-                        what: format!("letting jail gid {} read {}", j.gid, t.tmpfs.display()),
-                        source,
-                    }
+                crate::template::grant_read(&t.tmpfs, j.gid).map_err(|source| ShellError::Io {
+                    what: format!("letting jail gid {} read {}", j.gid, t.tmpfs.display()),
+                    source,
                 })?;
                 let mut j = j.clone();
                 j.read_only.push(t.tmpfs.clone());

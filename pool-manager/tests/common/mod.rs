@@ -186,7 +186,12 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 /// The parent pid of `pid` (from `/proc/<pid>/stat`).
 pub fn ppid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// A raw HTTP/1.1 exchange over a Unix socket: (status, body).

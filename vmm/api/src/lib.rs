@@ -7,8 +7,8 @@
 //! refused and the connection is closed. [`PROTOCOL_VERSION`] is reported by `status`; requests
 //! with unknown fields are refused. See `docs/ARCHITECTURE.md` ("Control socket").
 
-pub mod jail;
 mod client;
+pub mod jail;
 mod net;
 mod types;
 mod wire;

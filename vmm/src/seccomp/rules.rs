@@ -213,10 +213,10 @@ fn vmm() -> Result<Vec<Entry>, SeccompError> {
         // virtio-net's TAP: whether it exists (if_nametoindex), attach (at build or restore),
         // header size, offloads.
         .chain(ioctl_eq(&[
-            SIOCGIFINDEX as u64,
-            TUNSETIFF as u64,
-            TUNSETVNETHDRSZ as u64,
-            TUNSETOFFLOAD as u64,
+            SIOCGIFINDEX,
+            TUNSETIFF,
+            TUNSETVNETHDRSZ,
+            TUNSETOFFLOAD,
         ])?)
         .collect(),
     ));
@@ -262,7 +262,7 @@ fn vcpu() -> Result<Vec<Entry>, SeccompError> {
             KVM_GET_REGS() as u64,
             // A driver starting virtio-net (an MMIO status write, handled on this thread)
             // sets the TAP's offloads and arms it in the device's epoll.
-            libc::TUNSETOFFLOAD as u64,
+            libc::TUNSETOFFLOAD,
         ])?,
     ));
     v.push(always(libc::SYS_epoll_ctl));
