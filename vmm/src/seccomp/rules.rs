@@ -135,6 +135,8 @@ fn files() -> Vec<Entry> {
         SYS_rename,
         SYS_renameat,
         SYS_renameat2,
+        // Publishing a working set without replacing one a concurrent clone published.
+        SYS_linkat,
         SYS_readlinkat,
         SYS_readlink,
         SYS_fchmod,
