@@ -201,7 +201,7 @@ fn main() {
         // only once its recording window has passed while it ran.
         if mode == MemoryMode::Uffd {
             let _ = std::fs::remove_file(snap.join("workingset.bin"));
-            let (_, recorder) = restore_into(&pool, &snap, mode, id);
+            let (_, recorder) = restore_into(pool, &snap, mode, id);
             std::thread::sleep(Duration::from_millis(DEFAULT_RECORD_MS + 200));
             recorder.shutdown().unwrap();
             assert!(
@@ -214,7 +214,7 @@ fn main() {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     id += 1;
-                    let (d, clone) = restore_into(&pool, &snap, mode, id);
+                    let (d, clone) = restore_into(pool, &snap, mode, id);
                     rec.push_duration(d);
                     p99.push_duration(d);
                     total += d;
