@@ -101,6 +101,7 @@ fn clone_net_ready(c: &mut criterion::Criterion, dir: &Path) {
         run_dir: dir.join("run"),
         tmpfs_dir: shm.clone(),
         refill_workers: 2,
+        jail: Some(pool_manager::ShellJail::pool_default()),
     })
     .expect("opening the pool");
     let spec = TemplateSpec {

@@ -69,6 +69,8 @@ fn main() {
         run_dir: dir.join("run"),
         tmpfs_dir: shm.clone(),
         refill_workers: 2,
+        // The daemon's default: jail and seccomp on.
+        jail: Some(pool_manager::ShellJail::pool_default()),
     })
     .unwrap();
     pool.build_template(

@@ -4,7 +4,8 @@
 //! clone's first report after resume, the test guest's `PASS woke`, in its debug log; each
 //! acquire starts from a full pool of 4 warm clones, so the refill of the previous one does not
 //! share the two cores with it) and `pool_burst_p99_ms` (50 concurrent acquires against a pool
-//! of 50 warm clones, three rounds).
+//! of 50 warm clones, three rounds). The daemon runs with its defaults: every VMM jailed, seccomp
+//! on. `RUNV_BENCH_NO_JAIL=1` starts it with `--no-jail` instead, to see what the jail costs.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -80,6 +81,11 @@ impl Daemon {
             .arg(shm)
             .arg("--vmm")
             .arg(release_bin("runv-vmm"))
+            .args(
+                std::env::var("RUNV_BENCH_NO_JAIL")
+                    .is_ok_and(|v| v == "1")
+                    .then_some("--no-jail"),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

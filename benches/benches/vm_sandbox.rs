@@ -37,6 +37,7 @@ fn main() {
             run_dir: dir.join("run"),
             tmpfs_dir: shm.clone(),
             refill_workers: 2,
+            jail: Some(pool_manager::ShellJail::pool_default()),
         })
         .unwrap(),
     );

@@ -55,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             mem_mib: 128,
             vcpus: 1,
             run_dir: dir.path().to_path_buf(),
+            jail: None,
         },
         4,
         2,

@@ -24,6 +24,6 @@ pub use sandbox::{
     BuildProgress, PoolInfo, PoolTargets, SandboxInfo, SandboxState, TemplateInfo, TemplateStatus,
     Tier,
 };
-pub use shell::{ShellError, ShellProcess, ShellSpec};
+pub use shell::{remove_leftovers, ShellError, ShellJail, ShellProcess, ShellSpec};
 pub use template::{BuildStep, ReadyCheck, Template, TemplateError, TemplateMeta, TemplateSpec};
 pub use vmm_api;

@@ -4,6 +4,12 @@
 //! the first request can be written as soon as the process exists and is answered once the
 //! shell is ready: readiness holds by construction, with no polling of `connect`. The shell also
 //! listens on `<run_dir>/<name>.sock` for other clients.
+//!
+//! A jailed shell ([`ShellSpec::jail`]) is `runv-vmm --jail`: its files go in its own directory
+//! `<run_dir>/<name>/` (owned by the jail uid, bound read-write into the jail at the same
+//! path), its jail root is `<run_dir>/<name>.root`, its cgroup `runv/<name>`, and the
+//! template snapshot directories it may restore from are bound read-only at the same path, so
+//! every path in a control request means the same inside the jail as on the host.
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
@@ -60,6 +66,57 @@ pub struct ShellSpec {
     pub vcpus: u8,
     /// Directory for the shells' control sockets.
     pub run_dir: PathBuf,
+    /// Jail each shell (`runv-vmm --jail`); `None` runs it unconfined, as root.
+    pub jail: Option<ShellJail>,
+}
+
+/// How a pool jails its shells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShellJail {
+    /// uid and gid every jailed VMM of the pool runs as (one pool id; each VMM is alone in
+    /// its own pid and mount namespaces).
+    pub uid: u32,
+    /// gid of the jailed VMMs.
+    pub gid: u32,
+    /// Snapshot directories (or other files) bound read-only into each jail at the same path.
+    pub read_only: Vec<PathBuf>,
+}
+
+impl ShellJail {
+    /// The pool default: uid/gid [`vmm_api::jail::DEFAULT_JAIL_ID`], nothing bound yet.
+    pub fn pool_default() -> Self {
+        Self {
+            uid: vmm_api::jail::DEFAULT_JAIL_ID,
+            gid: vmm_api::jail::DEFAULT_JAIL_ID,
+            read_only: Vec::new(),
+        }
+    }
+}
+
+impl ShellSpec {
+    /// The directory holding shell `name`'s socket, vsock socket and log.
+    pub fn files_dir(&self, name: &str) -> PathBuf {
+        match self.jail {
+            Some(_) => self.run_dir.join(name),
+            None => self.run_dir.clone(),
+        }
+    }
+}
+
+/// Removes everything shell `name` in `run_dir` may have left once its VMM is gone, jailed or
+/// not, on any path (`kill -9` included): its files, its directory, its jail root and cgroup.
+/// Idempotent; waits up to a second for a killed VMM to leave its cgroup.
+pub fn remove_leftovers(run_dir: &Path, name: &str) {
+    for ext in ["sock", "vsock", "log"] {
+        let _ = std::fs::remove_file(run_dir.join(format!("{name}.{ext}")));
+    }
+    let _ = std::fs::remove_dir_all(run_dir.join(name));
+    let root = run_dir.join(format!("{name}.root"));
+    if root.exists() || vmm_api::jail::Cgroup::of(name).exists() {
+        if let Err(e) = vmm_api::jail::cleanup(&root, name) {
+            tracing::warn!("cleaning up the jail of {name}: {e}");
+        }
+    }
 }
 
 /// A running shell (and, after [`ShellProcess::restore`], the clone it became).
@@ -71,15 +128,44 @@ pub struct ShellProcess {
     socket: PathBuf,
     /// Its TAP and sandbox network; dropped (torn down) after the VMM is ended.
     net: Option<crate::network::SandboxNet>,
+    /// Whether it runs jailed (its files then live in `<run_dir>/<name>/`).
+    jailed: bool,
+}
+
+/// Creates `dir` (mode 0700) owned by the jail's uid/gid, so that only the jailed VMM (and
+/// root) can use what it makes there.
+fn make_owned_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), ShellError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("creating {}", dir.display())))?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+        .map_err(io(format!("chown {} to the jail uid", dir.display())))
 }
 
 impl ShellProcess {
     /// Starts a shell named `name` and waits until it answers `status`.
     pub fn spawn(spec: &ShellSpec, name: &str) -> Result<Self, ShellError> {
-        let socket = spec.run_dir.join(format!("{name}.sock"));
+        let dir = spec.files_dir(name);
+        let socket = dir.join(format!("{name}.sock"));
         let (ours, theirs) = UnixStream::pair().map_err(io("creating a socketpair"))?;
         let their_fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&spec.vmm);
+        if let Some(j) = &spec.jail {
+            make_owned_dir(&dir, j.uid, j.gid)?;
+            let jail = vmm_api::jail::JailSpec {
+                root: spec.run_dir.join(format!("{name}.root")),
+                id: name.into(),
+                uid: j.uid,
+                gid: j.gid,
+                read_only: j.read_only.clone(),
+                read_write: vec![dir.clone()],
+                mem_mib: spec.mem_mib + vmm_api::jail::MEMORY_OVERHEAD_MIB,
+                pids_max: vmm_api::jail::DEFAULT_PIDS_MAX,
+            };
+            cmd.args(jail.args());
+        }
         cmd.arg("--shell")
             .args(["--mem-mib", &spec.mem_mib.to_string()])
             .args(["--vcpus", &spec.vcpus.to_string()])
@@ -103,9 +189,13 @@ impl ShellProcess {
                 Ok(())
             })
         };
-        let mut child = cmd
-            .spawn()
-            .map_err(io(format!("spawning {}", spec.vmm.display())))?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                remove_leftovers(&spec.run_dir, name);
+                return Err(io(format!("spawning {}", spec.vmm.display()))(e));
+            }
+        };
         drop(theirs);
         let stdout = child.stdout.take().map(BufReader::new);
         let control = match ControlClient::from_stream(ours) {
@@ -113,6 +203,7 @@ impl ShellProcess {
             Err(source) => {
                 let _ = child.kill();
                 let _ = child.wait();
+                remove_leftovers(&spec.run_dir, name);
                 return Err(ShellError::Control {
                     name: name.into(),
                     source,
@@ -126,6 +217,7 @@ impl ShellProcess {
             stdout,
             socket,
             net: None,
+            jailed: spec.jail.is_some(),
         };
         shell
             .control
@@ -230,6 +322,12 @@ impl ShellProcess {
         &self.socket
     }
 
+    /// The directory holding this shell's socket, vsock socket and log (`<run_dir>/<name>`
+    /// when jailed, else the run dir).
+    pub fn files_dir(&self) -> &Path {
+        self.socket.parent().unwrap_or(Path::new("/"))
+    }
+
     /// Asks the VMM to shut down and waits for it.
     pub fn shutdown(mut self) -> Result<std::process::ExitStatus, ShellError> {
         // A VMM that already exited (e.g. after a failed restore) cannot answer; waiting is
@@ -247,5 +345,10 @@ impl Drop for ShellProcess {
             let _ = self.child.wait();
         }
         let _ = std::fs::remove_file(&self.socket);
+        if self.jailed {
+            if let Some(run_dir) = self.files_dir().parent() {
+                remove_leftovers(run_dir, &self.name);
+            }
+        }
     }
 }

@@ -500,6 +500,22 @@ fn ping_agent(vsock: &Path) -> Result<(), String> {
     }
 }
 
+/// Lets group `gid` (the jailed VMMs') read the snapshot in `dir`: the directory becomes
+/// `root:gid 0750` and its files `root:gid 0640` (a snapshot is written `0600`).
+pub fn grant_read(dir: &Path, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(dir, Some(0), Some(gid))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
+    for f in std::fs::read_dir(dir)? {
+        let f = f?;
+        if f.file_type()?.is_file() {
+            std::os::unix::fs::chown(f.path(), Some(0), Some(gid))?;
+            std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o640))?;
+        }
+    }
+    Ok(())
+}
+
 /// Opens the template in `durable`: reads `template.json`, makes the tmpfs copy under
 /// `tmpfs_root` if it is missing, and checks the copy as a snapshot.
 pub fn open(durable: &Path, tmpfs_root: &Path) -> Result<Template, TemplateError> {

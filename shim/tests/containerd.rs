@@ -524,6 +524,7 @@ fn ctr_run_on_the_vm_backend_reaches_the_clone_and_reports_the_refusal() {
             run_dir: p.join("run"),
             tmpfs_dir: shm.clone(),
             refill_workers: 1,
+            jail: Some(pool_manager::ShellJail::pool_default()),
         })
         .unwrap();
         let spec = pool_manager::TemplateSpec {

@@ -115,6 +115,7 @@ impl Fixture {
             run_dir: tmp.path().join("run"),
             tmpfs_dir: shm.clone(),
             refill_workers: 1,
+            jail: Some(pool_manager::ShellJail::pool_default()),
         })
         .unwrap();
         Self {

@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod devices;
 mod error;
 mod exit;
+pub mod jail;
 pub mod layout;
 mod machine;
 pub mod memory;

@@ -76,6 +76,84 @@ struct Args {
     /// with SIGSYS), log (allowed, logged by the kernel) or off.
     #[arg(long, value_enum, default_value_t = vmm::seccomp::SeccompMode::Kill)]
     seccomp: vmm::seccomp::SeccompMode,
+    /// Jail the VMM with DIR as its root (see docs/ARCHITECTURE.md, "Jail"): new namespaces,
+    /// only the named files inside (kernel, initrd, blocks, config and restore dir are bound
+    /// read-only automatically; sockets and logs must be in a --jail-rw directory),
+    /// an unprivileged uid/gid, no capabilities, its own cgroup. Needs root.
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
+    /// The jail's name (its cgroup is runv/NAME); default: DIR's file name.
+    #[arg(long, requires = "jail")]
+    jail_id: Option<String>,
+    /// uid the jailed VMM runs as.
+    #[arg(long, requires = "jail", default_value_t = vmm_api::jail::DEFAULT_JAIL_ID)]
+    jail_uid: u32,
+    /// gid the jailed VMM runs as.
+    #[arg(long, requires = "jail", default_value_t = vmm_api::jail::DEFAULT_JAIL_ID)]
+    jail_gid: u32,
+    /// A file or directory bound read-only at the same path inside the jail (repeatable).
+    #[arg(long, requires = "jail")]
+    jail_ro: Vec<PathBuf>,
+    /// A directory bound read-write at the same path inside the jail (repeatable): where the
+    /// control socket, vsock socket, serial file and debug log go.
+    #[arg(long, requires = "jail")]
+    jail_rw: Vec<PathBuf>,
+    /// The jail's network namespace: new (default without --net), keep (default with --net:
+    /// the TAP lives in the spawner's) or the path of one to join.
+    #[arg(long, requires = "jail")]
+    jail_netns: Option<vmm::jail::Netns>,
+    /// The jail cgroup's memory limit in MiB (default: guest RAM + 128 MiB; 1 GiB + 128 MiB
+    /// when the guest RAM is not given, as for --restore).
+    #[arg(long, requires = "jail")]
+    jail_mem_mib: Option<u64>,
+    /// The jail cgroup's pids (tasks) limit.
+    #[arg(long, requires = "jail", default_value_t = vmm_api::jail::DEFAULT_PIDS_MAX)]
+    jail_pids: u64,
+}
+
+/// Enters the jail `--jail` asks for (returns in the jailed VMM; its keeper parent never
+/// returns).
+fn enter_jail(args: &Args, root: &std::path::Path) -> Result<()> {
+    let mut read_only = args.jail_ro.clone();
+    read_only.extend(
+        [&args.kernel, &args.initrd, &args.config, &args.restore]
+            .into_iter()
+            .flatten()
+            .cloned(),
+    );
+    let mut read_write = args.jail_rw.clone();
+    for b in &args.block {
+        if b.read_only {
+            read_only.push(b.path.clone());
+        } else {
+            read_write.push(b.path.clone());
+        }
+    }
+    read_write.extend(args.restore_block.iter().map(|b| b.path.clone()));
+    let spec = vmm_api::jail::JailSpec {
+        root: root.to_path_buf(),
+        id: match &args.jail_id {
+            Some(id) => id.clone(),
+            None => root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        },
+        uid: args.jail_uid,
+        gid: args.jail_gid,
+        read_only,
+        read_write,
+        mem_mib: args
+            .jail_mem_mib
+            .unwrap_or(args.mem_mib.unwrap_or(1024) + vmm_api::jail::MEMORY_OVERHEAD_MIB),
+        pids_max: args.jail_pids,
+    };
+    let netns = args.jail_netns.clone().unwrap_or(if args.net.is_some() {
+        vmm::jail::Netns::Keep
+    } else {
+        vmm::jail::Netns::New
+    });
+    vmm::jail::enter(&spec, &netns).context("jailing runv-vmm")
 }
 
 fn parse_block_override(s: &str) -> Result<vmm::BlockOverride, String> {
@@ -223,6 +301,9 @@ fn main() -> Result<()> {
                 bail!("{flag} applies to a restore: add --restore DIR, or drop {flag}");
             }
         }
+    }
+    if let Some(root) = args.jail.clone() {
+        enter_jail(&args, &root)?;
     }
     vmm::seccomp::set_mode(args.seccomp).context("preparing the seccomp filters")?;
     if args.seccomp != vmm::seccomp::SeccompMode::Off {

@@ -22,6 +22,7 @@ fn shell_spec(dir: &Path, mem_mib: u64) -> ShellSpec {
         mem_mib,
         vcpus: 1,
         run_dir: dir.to_path_buf(),
+        jail: None,
     }
 }
 

@@ -176,6 +176,7 @@ fn kvm_disks_an_idle_shell_refuses_attach_and_detach() {
         mem_mib: 32,
         vcpus: 1,
         run_dir: dir.path().to_path_buf(),
+        jail: None,
     };
     let mut shell = ShellProcess::spawn(&spec, "idle").unwrap();
     let (img, _) = image(dir.path(), "a.img", 0);

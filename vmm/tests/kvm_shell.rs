@@ -25,6 +25,7 @@ fn spec(dir: &Path, mem_mib: u64) -> ShellSpec {
         mem_mib,
         vcpus: 1,
         run_dir: dir.to_path_buf(),
+        jail: None,
     }
 }
 

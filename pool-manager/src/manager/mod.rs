@@ -223,7 +223,7 @@ impl Pool {
                 }
                 Ok(())
             });
-        let paths = self.shared.vm_paths(vm.name());
+        let paths = self.shared.vm_paths(&vm);
         let _ = vm.shutdown();
         let _ = std::fs::remove_file(paths.log);
         let _ = std::fs::remove_file(paths.vsock);
@@ -441,7 +441,7 @@ impl Pool {
         };
         let acquire_ms = start.elapsed().as_secs_f64() * 1e3;
         self.shared.counters.acquires[tier as usize].fetch_add(1, Ordering::Relaxed);
-        let paths = self.shared.vm_paths(vm.name());
+        let paths = self.shared.vm_paths(&vm);
         let info = SandboxInfo {
             id: id.clone(),
             template: req.template,
@@ -672,7 +672,11 @@ impl Pool {
         let mut ended_vms = std::collections::HashSet::new();
         for (pid, ppid, socket) in vmm_processes(run) {
             if ppid == me || adopted.contains(&pid) {
-                claimed.insert(socket);
+                // The VMM's name: its socket's file name (`<run>/vm-X.sock`, or
+                // `<run>/vm-X/vm-X.sock` when jailed).
+                if let Some(n) = socket.file_stem().and_then(|n| n.to_str()) {
+                    claimed.insert(n.to_owned());
+                }
                 continue;
             }
             // SAFETY: kill(2) with SIGTERM on a VMM serving a socket in our run dir that no
@@ -697,7 +701,7 @@ impl Pool {
                 let Some(vm) = name.strip_prefix("vm-").and_then(|n| n.split('.').next()) else {
                     continue;
                 };
-                if !claimed.contains(&run.join(format!("vm-{vm}.sock"))) {
+                if !claimed.contains(&format!("vm-{vm}")) {
                     stale.push(f.path());
                 }
             }

@@ -216,19 +216,42 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn vm_paths(&self, vm: &str) -> VmPaths {
+    pub(super) fn vm_paths(&self, vm: &ShellProcess) -> VmPaths {
+        let (dir, name) = (vm.files_dir(), vm.name());
         VmPaths {
-            log: self.cfg.run_dir.join(format!("{vm}.log")),
-            vsock: self.cfg.run_dir.join(format!("{vm}.vsock")),
+            log: dir.join(format!("{name}.log")),
+            vsock: dir.join(format!("{name}.vsock")),
         }
     }
 
     pub(super) fn spawn_shell(&self, t: &Template) -> Result<ShellProcess, ShellError> {
+        // Not jailable yet, so run unconfined (said in the docs): a uffd template (the
+        // userfaultfd syscall needs CAP_SYS_PTRACE, and /dev/userfaultfd is not used yet) and a
+        // networked one (its TAP lives in the host namespace and the jail's VMM has no
+        // CAP_NET_ADMIN to attach it from a namespace of its own).
+        // Nor one with disk slots: `attach_disk` opens images the jail does not hold.
+        let jailable = t.meta.spec.mem_mode != vmm_api::MemoryMode::Uffd
+            && !t.meta.spec.net
+            && t.meta.spec.slots == 0;
+        let jail = match self.cfg.jail.as_ref().filter(|_| jailable) {
+            Some(j) => {
+                // The jailed VMM reads the template as the pool gid; nothing else is bound.
+                crate::template::grant_read(&t.tmpfs, j.gid).map_err(|source| ShellError::Io {
+                    what: format!("letting jail gid {} read {}", j.gid, t.tmpfs.display()),
+                    source,
+                })?;
+                let mut j = j.clone();
+                j.read_only.push(t.tmpfs.clone());
+                Some(j)
+            }
+            None => None,
+        };
         let spec = ShellSpec {
             vmm: self.cfg.vmm.clone(),
             mem_mib: t.meta.spec.mem_mib,
             vcpus: t.meta.spec.vcpus,
             run_dir: self.cfg.run_dir.clone(),
+            jail,
         };
         ShellProcess::spawn(&spec, &format!("vm-{}", random_hex()))
     }
@@ -243,7 +266,7 @@ impl Shared {
         warm: bool,
         ipv4: Option<std::net::Ipv4Addr>,
     ) -> Result<u64, ShellError> {
-        let paths = self.vm_paths(vm.name());
+        let paths = self.vm_paths(vm);
         let mut opts = RestoreOptions::new(&t.tmpfs, t.meta.spec.mem_mode);
         if let Some(net) = vm.net_mut() {
             opts.net = Some(vmm_api::NetConfig {
@@ -361,5 +384,9 @@ pub(super) fn vmm_processes(run: &std::path::Path) -> Vec<(u32, u32, PathBuf)> {
             out.push((pid, ppid, socket));
         }
     }
+    // A jailed VMM shows twice (the jail's keeper and, as its child, the VMM proper, with the
+    // same command line): only the keeper counts; it forwards signals to the VMM.
+    let pids: std::collections::HashSet<u32> = out.iter().map(|(p, _, _)| *p).collect();
+    out.retain(|(_, ppid, _)| !pids.contains(ppid));
     out
 }

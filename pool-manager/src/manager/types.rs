@@ -22,6 +22,9 @@ pub struct PoolConfig {
     pub tmpfs_dir: PathBuf,
     /// Threads creating pooled VMs (bounded refill concurrency).
     pub refill_workers: usize,
+    /// Jail every pooled VMM (`runv-vmm --jail`, see [`crate::ShellJail`]); `None` runs them
+    /// unconfined as root. The daemon jails by default (`--no-jail` opts out).
+    pub jail: Option<crate::ShellJail>,
 }
 
 /// Error of a pool operation; [`PoolError::class`] classifies it for an API.

@@ -169,15 +169,28 @@ pub(super) fn monitor_loop(s: &Shared) {
 
 /// The reaper: shuts VMs down and removes their files, off every request path.
 pub(super) fn reaper_loop(s: &Shared, rx: Receiver<Reap>) {
+    let run = &s.cfg.run_dir;
+    // Files first, then whatever the VMM they belong to left (its directory, jail root and
+    // cgroup when jailed), found from the `vm-*` names.
     let remove = |files: &[PathBuf]| {
         for f in files {
             let _ = std::fs::remove_file(f);
+        }
+        let mut names: Vec<String> = files
+            .iter()
+            .filter_map(|f| f.file_stem()?.to_str().map(str::to_owned))
+            .filter(|n| n.starts_with("vm-"))
+            .collect();
+        names.sort();
+        names.dedup();
+        for n in names {
+            crate::shell::remove_leftovers(run, &n);
         }
     };
     while let Ok(job) = rx.recv() {
         match job {
             Reap::Vm(mut vm) => {
-                let paths = s.vm_paths(vm.name());
+                let paths = s.vm_paths(&vm);
                 // Its teardown (unmapping guest memory, closing the VM) yields to live VMs.
                 let _ = crate::priority::set_process(vm.pid(), crate::priority::REAP_NICE);
                 let _ = vm.client().set_timeout(REAP_TIMEOUT);

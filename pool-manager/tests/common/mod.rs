@@ -97,6 +97,8 @@ impl Dirs {
             run_dir: self.run(),
             tmpfs_dir: self.shm.clone(),
             refill_workers: 2,
+            // The daemon's default: every VMM jailed.
+            jail: Some(pool_manager::ShellJail::pool_default()),
         }
     }
 
@@ -167,7 +169,7 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 /// Live processes whose command line mentions `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
+    let all: Vec<u32> = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
@@ -176,7 +178,24 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
                 .map(|c| String::from_utf8_lossy(&c).contains(needle))
                 .unwrap_or(false)
         })
+        .collect();
+    // A jailed VMM is two processes with one command line: the jail's keeper (the pool's
+    // child, whose pid the pool reports) and its child, the VMM proper. Count the keeper.
+    all.iter()
+        .copied()
+        .filter(|p| !ppid(*p).is_some_and(|pp| all.contains(&pp)))
         .collect()
+}
+
+/// The parent pid of `pid` (from `/proc/<pid>/stat`).
+pub fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// A raw HTTP/1.1 exchange over a Unix socket: (status, body).

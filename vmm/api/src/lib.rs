@@ -8,6 +8,7 @@
 //! with unknown fields are refused. See `docs/ARCHITECTURE.md` ("Control socket").
 
 mod client;
+pub mod jail;
 mod net;
 mod types;
 mod wire;

@@ -47,6 +47,13 @@ enum Cmd {
         /// Threads creating pooled VMs.
         #[arg(long, default_value_t = 2)]
         refill_workers: usize,
+        /// Run the VMMs unconfined, as root (default: each in its own jail: namespaces, a
+        /// root holding only its files, uid/gid --jail-uid, no capabilities, a cgroup).
+        #[arg(long)]
+        no_jail: bool,
+        /// uid and gid of the jailed VMMs (one pool id).
+        #[arg(long, default_value_t = vmm_api::jail::DEFAULT_JAIL_ID)]
+        jail_uid: u32,
     },
     /// Templates.
     #[command(subcommand)]
@@ -184,6 +191,8 @@ fn run(cli: Cli) -> Result<()> {
             tmpfs_dir,
             vmm,
             refill_workers,
+            no_jail,
+            jail_uid,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -198,6 +207,11 @@ fn run(cli: Cli) -> Result<()> {
                 run_dir,
                 tmpfs_dir,
                 refill_workers,
+                jail: (!no_jail).then(|| pool_manager::ShellJail {
+                    uid: jail_uid,
+                    gid: jail_uid,
+                    read_only: Vec::new(),
+                }),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -46,6 +46,8 @@ impl Source {
             run_dir: cfg.run_dir.clone(),
             tmpfs_dir: cfg.tmpfs_dir.clone(),
             refill_workers: 1,
+            // The pool's default: runv's templates have disk slots, which it does not jail yet.
+            jail: Some(pool_manager::ShellJail::pool_default()),
         })
         .map_err(|e| {
             VmError::Pool(format!(
