@@ -6,7 +6,11 @@
 //! 20 shells by two workers), `sandbox_host_mib` (median PSS of 100 idle leased sandboxes' VMM
 //! processes, which includes the guest's private pages and its share of the template's page
 //! cache; measured on idle warm clones when the warm tier is available, else on idle leased
-//! clones, an upper bound). The warm-tier latencies are measured through the daemon's HTTP API
+//! clones, an upper bound). With the warm tier (`pool_manager::warm::SUPPORTED`, the VMM's
+//! `activate`): `pool_lib_acquire_warm_ms` and `pool_lib_acquire_warm_p99_ms` (`Pool::acquire`
+//! called → the guest's first report after resume, the test guest's `PASS woke`) and
+//! `pool_lib_burst_p99_ms` (50 concurrent acquires against 50 warm clones): the library's share
+//! of the gated `pool_acquire_warm_ms` & co, which go through the daemon's HTTP API
 //! (`benches/benches/pool_api.rs`).
 
 use std::path::PathBuf;
@@ -14,6 +18,11 @@ use std::time::{Duration, Instant};
 
 use benches::{criterion, release_bin, wait_report, Recorder};
 use pool_manager::{AcquireRequest, Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
+
+/// How often a waiter reads a clone's debug log: one waiter, or each of a burst's 50 (which
+/// would otherwise take the cores from the clones; ≤ 1 ms added to a burst's latencies).
+const SINGLE_POLL: Duration = Duration::from_micros(50);
+const BURST_POLL: Duration = Duration::from_millis(1);
 
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -46,6 +55,74 @@ fn set_tiers(pool: &Pool, warm: usize, shells: usize) {
 
 fn warm_count(pool: &Pool) -> usize {
     pool.pools()[0].warm
+}
+
+/// Acquires one sandbox and waits for its first report; returns the latency and its id.
+fn acquire_timed(pool: &Pool, tier: Tier, every: Duration) -> (Duration, String) {
+    let start = Instant::now();
+    let s = pool
+        .acquire(AcquireRequest {
+            template: "counter".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    wait_report(&s.debug_log, every);
+    let d = start.elapsed();
+    assert_eq!(s.tier, tier);
+    (d, s.id)
+}
+
+/// The warm-tier metrics (see the module docs).
+fn warm_benches(c: &mut criterion::Criterion, pool: &Pool) {
+    set_tiers(pool, 4, 0);
+    let mut p50 = Recorder::median("pool_lib_acquire_warm_ms", "ms");
+    let mut p99 = Recorder::p99("pool_lib_acquire_warm_p99_ms", "ms");
+    c.bench_function("pool_lib_acquire_warm", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // A full pool: the refill of the previous acquire (VMM start + restore) does
+                // not share the two cores with the acquire being measured.
+                wait("a full warm pool", Duration::from_secs(10), || {
+                    warm_count(pool) == 4
+                });
+                let (d, id) = acquire_timed(pool, Tier::Warm, SINGLE_POLL);
+                p50.push_duration(d);
+                p99.push_duration(d);
+                total += d;
+                pool.release(&id).unwrap();
+            }
+            total
+        })
+    });
+    p50.write();
+    p99.write();
+
+    let mut burst = Recorder::p99("pool_lib_burst_p99_ms", "ms");
+    for _ in 0..3 {
+        set_tiers(pool, 50, 0);
+        wait("50 warm clones", Duration::from_secs(60), || {
+            warm_count(pool) == 50
+        });
+        let barrier = std::sync::Barrier::new(50);
+        let got: Vec<(Duration, String)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..50)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        acquire_timed(pool, Tier::Warm, BURST_POLL)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        set_tiers(pool, 0, 0);
+        for (d, id) in got {
+            burst.push_duration(d);
+            pool.release(&id).unwrap();
+        }
+    }
+    burst.write();
 }
 
 /// PSS of a process in MiB (smaps_rollup).
@@ -90,6 +167,10 @@ fn main() {
     )
     .unwrap();
 
+    if pool_manager::warm::SUPPORTED {
+        warm_benches(&mut c, &pool);
+    }
+
     set(&pool, 4);
     let mut shell = Recorder::median("pool_acquire_shell_ms", "ms");
     c.bench_function("pool_acquire_shell", |b| {
@@ -106,7 +187,7 @@ fn main() {
                         ..Default::default()
                     })
                     .unwrap();
-                wait_report(&s.debug_log);
+                wait_report(&s.debug_log, SINGLE_POLL);
                 let d = start.elapsed();
                 assert_eq!(s.tier, Tier::Shell);
                 shell.push_duration(d);
@@ -152,7 +233,7 @@ fn main() {
                         ..Default::default()
                     })
                     .unwrap();
-                wait_report(&s.debug_log);
+                wait_report(&s.debug_log, SINGLE_POLL);
                 s
             })
             .collect();

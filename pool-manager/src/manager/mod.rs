@@ -431,6 +431,7 @@ impl Pool {
         // acquire for the cores.
         self.shared.wake.notify_all();
         let mut st = self.shared.lock();
+        st.last_acquire = Some(Instant::now());
         st.reserved.remove(&id);
         let (mut vm, tier, generation) = match result {
             Ok(v) => v,

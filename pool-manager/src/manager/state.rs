@@ -55,6 +55,9 @@ pub(super) struct State {
     /// Templates being built: the step each is at and when it started.
     pub(super) building: BTreeMap<String, (crate::template::BuildStep, Instant)>,
     pub(super) stopping: bool,
+    /// When the last acquire was served (the refill waits [`super::workers::REFILL_QUIET`]
+    /// after it while the template still has a ready VM).
+    pub(super) last_acquire: Option<Instant>,
 }
 
 /// Work for the reaper thread.

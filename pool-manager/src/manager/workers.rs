@@ -13,6 +13,10 @@ use super::*;
 
 /// A refill thread: starts the VM the most-lacking pool needs (warm before shells on a tie),
 /// one at a time, with an exponential backoff per template after failures.
+/// How long the refill waits after an acquire before making a VM (unless the template has no
+/// ready VM left).
+pub(super) const REFILL_QUIET: Duration = Duration::from_millis(25);
+
 pub(super) fn refill_loop(s: &Shared) {
     // Background work: this thread and the VMMs it starts yield to the request path.
     if let Err(e) = crate::priority::set_this_thread(crate::priority::REFILL_NICE) {
@@ -52,6 +56,24 @@ pub(super) fn refill_loop(s: &Shared) {
                 .0;
             continue;
         };
+        // Right after an acquire the new lease's guest is starting and more acquires of a
+        // burst may be arriving: making a VM now would take the cores from them. Wait a
+        // moment, as long as the template has a ready VM left to serve the next acquire.
+        let quiet = st.last_acquire.map(|t| t + REFILL_QUIET);
+        if let Some(quiet) = quiet.filter(|q| now < *q) {
+            let ready = st
+                .templates
+                .get(&name)
+                .is_some_and(|e| !e.warm.is_empty() || !e.shells.is_empty());
+            if ready {
+                st = s
+                    .wake
+                    .wait_timeout(st, quiet - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+        }
         let e = st.templates.get_mut(&name).expect("just found");
         if warm {
             e.starting_warm += 1;
