@@ -18,11 +18,17 @@ pub fn set_this_thread(nice: i32) -> io::Result<()> {
     set(0, nice)
 }
 
-/// Sets the nice value of every thread of process `pid` (leasing: 0; reaping: [`REAP_NICE`]).
-/// Raising needs `CAP_SYS_NICE` (the pool runs as root).
+/// Sets the nice value of every thread of process `pid` and of its children (a jailed VMM is
+/// the child of its keeper) (leasing: 0; reaping: [`REAP_NICE`]). Raising needs
+/// `CAP_SYS_NICE` (the pool runs as root).
 pub fn set_process(pid: u32, nice: i32) -> io::Result<()> {
+    set_tree(pid, nice, 2)
+}
+
+fn set_tree(pid: u32, nice: i32, depth: u32) -> io::Result<()> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let Some(tid) = task?
+        let task = task?;
+        let Some(tid) = task
             .file_name()
             .to_str()
             .and_then(|t| t.parse::<libc::id_t>().ok())
@@ -33,6 +39,16 @@ pub fn set_process(pid: u32, nice: i32) -> io::Result<()> {
             // A thread that ended meanwhile.
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
             r => r?,
+        }
+        if depth == 0 {
+            continue;
+        }
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            match set_tree(child, nice, depth - 1) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                r => r?,
+            }
         }
     }
     Ok(())

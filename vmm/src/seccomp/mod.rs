@@ -11,12 +11,13 @@
 //! The mode is process-wide and set once by the binary ([`set_mode`]); a library user that never
 //! sets it (tests that run a VM inside the test process) gets [`SeccompMode::Off`].
 
+// Compiled to BPF by build.rs; here only for the tests that check the prebuilt programs.
+#[cfg(test)]
 mod rules;
 
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::BpfProgram;
 
 /// What a syscall outside a thread's allow-list does.
 #[derive(
@@ -126,7 +127,8 @@ fn compile(mode: SeccompMode) -> Result<Compiled, SeccompError> {
     } else {
         None
     };
-    let mismatch = match mode {
+    // Compiled by build.rs from `rules` (indexed like ThreadKind::ALL).
+    let programs: [&[u8]; 3] = match mode {
         SeccompMode::Off => {
             return Ok(Compiled {
                 mode,
@@ -135,34 +137,53 @@ fn compile(mode: SeccompMode) -> Result<Compiled, SeccompError> {
                 violate,
             })
         }
-        SeccompMode::Log => SeccompAction::Log,
-        SeccompMode::Kill => SeccompAction::KillProcess,
+        SeccompMode::Log => [
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-vmm-log.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-vcpu-log.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-uffd-log.bpf")),
+        ],
+        SeccompMode::Kill => [
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-vmm-kill.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-vcpu-kill.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-uffd-kill.bpf")),
+        ],
     };
-    let arch = TargetArch::x86_64;
-    let mut programs = Vec::new();
-    for kind in ThreadKind::ALL {
-        let filter = SeccompFilter::new(
-            rules::allowed(kind)?,
-            mismatch.clone(),
-            SeccompAction::Allow,
-            arch,
-        )
-        .map_err(SeccompError::Build)?;
-        programs.push(BpfProgram::try_from(filter).map_err(SeccompError::Compile)?);
-    }
-    let clone3 = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_clone3, vec![])]),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .map_err(SeccompError::Build)?;
     Ok(Compiled {
         mode,
-        programs,
-        no_clone3: Some(BpfProgram::try_from(clone3).map_err(SeccompError::Compile)?),
+        programs: programs.iter().map(|b| program(b)).collect(),
+        no_clone3: Some(program(include_bytes!(concat!(
+            env!("OUT_DIR"),
+            "/seccomp-no-clone3.bpf"
+        )))),
         violate,
     })
+}
+
+/// A BPF program as build.rs wrote it: `code u16 | jt u8 | jf u8 | k u32`, little endian.
+fn program(bytes: &[u8]) -> BpfProgram {
+    bytes
+        .chunks_exact(8)
+        .map(|i| seccompiler::sock_filter {
+            code: u16::from_le_bytes([i[0], i[1]]),
+            jt: i[2],
+            jf: i[3],
+            k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+        })
+        .collect()
+}
+
+/// The same programs compiled now from `rules` (the build-time ones must match them).
+#[cfg(test)]
+fn compile_now(kind: ThreadKind, mismatch: seccompiler::SeccompAction) -> BpfProgram {
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    let filter = SeccompFilter::new(
+        rules::allowed(kind).unwrap(),
+        mismatch,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .unwrap();
+    BpfProgram::try_from(filter).unwrap()
 }
 
 /// Confines the calling thread as `kind` (nothing when the mode is off). Sets `no_new_privs`.
@@ -211,4 +232,24 @@ fn test_violation(kind: ThreadKind) {
         kind.name(),
         std::io::Error::last_os_error()
     );
+}
+
+#[cfg(test)]
+mod prebuilt_tests {
+    use super::*;
+
+    #[test]
+    fn the_build_time_programs_are_the_rules_compiled() {
+        let kill = compile(SeccompMode::Kill).unwrap();
+        let log = compile(SeccompMode::Log).unwrap();
+        use seccompiler::SeccompAction;
+        for (i, kind) in ThreadKind::ALL.into_iter().enumerate() {
+            assert_eq!(
+                kill.programs[i],
+                compile_now(kind, SeccompAction::KillProcess)
+            );
+            assert_eq!(log.programs[i], compile_now(kind, SeccompAction::Log));
+        }
+        assert!(compile(SeccompMode::Off).unwrap().programs.is_empty());
+    }
 }
