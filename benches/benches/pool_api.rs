@@ -215,12 +215,7 @@ fn main() {
             total
         })
     });
-    // A p99 needs samples: at least 300 acquires, however few criterion took (--quick).
-    while p99.samples().len() < 300 {
-        let d = one();
-        p50.push_duration(d);
-        p99.push_duration(d);
-    }
+    benches::top_up(300, &mut p50, &mut p99, one);
     p50.write();
     p99.write();
 

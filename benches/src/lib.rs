@@ -134,3 +134,18 @@ pub fn wait_report(log: &Path, every: Duration) {
         std::thread::sleep(every);
     }
 }
+
+/// Tops `p50` and `p99` up to `min` samples of `one()` (one iteration, timed): a p99 needs
+/// samples, however few criterion takes (`--quick`).
+pub fn top_up(
+    min: usize,
+    p50: &mut Recorder,
+    p99: &mut Recorder,
+    mut one: impl FnMut() -> Duration,
+) {
+    while p99.samples().len() < min {
+        let d = one();
+        p50.push_duration(d);
+        p99.push_duration(d);
+    }
+}
