@@ -39,6 +39,7 @@ impl From<spawn::SpawnError> for OpError {
     fn from(e: spawn::SpawnError) -> Self {
         let code = match e {
             spawn::SpawnError::Invalid(_) => ErrorCode::BadRequest,
+            spawn::SpawnError::Join(_) => ErrorCode::Io,
             _ => ErrorCode::Spawn,
         };
         Self::new(code, e.to_string())

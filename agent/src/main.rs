@@ -1,4 +1,5 @@
-//! `runv-agent`: serves the agent protocol on `--listen unix:PATH` (host) or `vsock:PORT` (guest).
+//! `runv-agent`: serves the agent protocol on `--listen unix:PATH` or `fd:N` (host) or
+//! `vsock:PORT` (guest).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -19,7 +20,8 @@ use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAd
     about = "runv's guest agent: runs OCI containers on request"
 )]
 struct Args {
-    /// Where to listen: unix:PATH or vsock:PORT.
+    /// Where to listen: unix:PATH, vsock:PORT, or fd:N (a listening unix socket inherited as
+    /// file descriptor N, bound by the caller: it can connect before the agent runs).
     #[arg(long, default_value = "vsock:1024")]
     listen: String,
     /// Scratch directory for overlay roots.
@@ -65,25 +67,70 @@ fn main() -> Result<()> {
         let path = PathBuf::from(path);
         remove_stale_socket(&path)?;
         let l = listen_unix(&path)?;
-        terminate_on_signals(term_fd, path.clone(), cgroups)?;
-        for conn in l.incoming() {
-            match conn {
-                Ok(s) => server.accept(s),
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    // EMFILE and the like: do not spin.
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        terminate_on_signals(term_fd, Some(path.clone()), cgroups)?;
+        serve_unix(&server, &l);
+        Ok(())
+    } else if let Some(fd) = args.listen.strip_prefix("fd:") {
+        let l = inherited_listener(fd)?;
+        // The socket's path belongs to whoever bound it: it removes it.
+        terminate_on_signals(term_fd, None, cgroups)?;
+        serve_unix(&server, &l);
         Ok(())
     } else if let Some(port) = args.listen.strip_prefix("vsock:") {
         let port: u32 = port.parse().context("vsock port")?;
-        terminate_on_signals(term_fd, PathBuf::new(), cgroups)?;
+        terminate_on_signals(term_fd, None, cgroups)?;
         serve_vsock(&server, port)
     } else {
-        bail!("--listen {}: use unix:PATH or vsock:PORT", args.listen)
+        bail!(
+            "--listen {}: use unix:PATH, fd:N or vsock:PORT",
+            args.listen
+        )
     }
+}
+
+fn serve_unix(server: &Arc<Server>, l: &std::os::unix::net::UnixListener) {
+    for conn in l.incoming() {
+        match conn {
+            Ok(s) => server.accept(s),
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                // EMFILE and the like: do not spin.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Takes over the listening unix socket inherited as file descriptor `fd` (socket activation),
+/// after checking that it is one, and keeps it from the containers' processes (close-on-exec).
+fn inherited_listener(fd: &str) -> Result<std::os::unix::net::UnixListener> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
+    let n: std::os::fd::RawFd = fd
+        .parse()
+        .ok()
+        .filter(|n| *n > 2)
+        .with_context(|| format!("--listen fd:{fd}: give a file descriptor number above 2"))?;
+    let not_listening = || {
+        format!(
+            "--listen fd:{n}: file descriptor {n} is not a listening unix socket: the caller \
+             must bind and listen on it and leave it open across exec"
+        )
+    };
+    // SAFETY: only borrowed for the checks below; an fd that is not open makes them fail.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
+    let listening = getsockopt(&borrowed, sockopt::AcceptConn).with_context(not_listening)?;
+    getsockname::<UnixAddr>(n).with_context(not_listening)?;
+    if !listening {
+        bail!(not_listening());
+    }
+    nix::fcntl::fcntl(
+        n,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .with_context(|| format!("--listen fd:{n}: setting close-on-exec"))?;
+    // SAFETY: n is an open listening unix socket (checked above) handed to this process, which
+    // becomes its only owner here.
+    Ok(unsafe { std::os::unix::net::UnixListener::from_raw_fd(n) })
 }
 
 /// Listens on `path`. The socket is bound under a temporary name and renamed into place once
@@ -154,12 +201,14 @@ fn block_termination_signals() -> nix::Result<SignalFd> {
 /// Removes the socket and exits on SIGTERM/SIGINT (as PID 1: powers the guest off).
 fn terminate_on_signals(
     fd: SignalFd,
-    socket: PathBuf,
+    socket: Option<PathBuf>,
     cgroups: agent::cgroup::CgroupRoot,
 ) -> Result<()> {
     agent::threads::spawn("signals", move || {
         let _ = fd.read_signal();
-        let _ = std::fs::remove_file(&socket);
+        if let Some(socket) = &socket {
+            let _ = std::fs::remove_file(socket);
+        }
         cgroups.remove_parent();
         if std::process::id() == 1 {
             // Sync and power off, as init does on shutdown.

@@ -325,7 +325,8 @@ impl Runtime {
             cleanup_scratch();
             return Err(e.into());
         }
-        let pending = match spawn::spawn(&plan, stdio) {
+        let join = |pid: i32| cgroup.add(pid).map_err(|e| e.to_string());
+        let pending = match spawn::spawn(&plan, stdio, &join) {
             Ok(p) => p,
             Err(e) => {
                 cgroup.remove();
@@ -335,13 +336,6 @@ impl Runtime {
         };
         let pid = pending.pid;
         self.reaper.watch(pid);
-        if let Err(e) = cgroup.add(pid) {
-            drop(pending);
-            self.reaper.wait(pid, Some(Duration::from_secs(5)));
-            cgroup.remove();
-            cleanup_scratch();
-            return Err(OpError::new(ErrorCode::Io, e.to_string()));
-        }
         let init = Proc::new(pid, io);
         let c = Arc::new(Container {
             id: id.to_string(),
@@ -428,13 +422,11 @@ impl Runtime {
             ));
         }
         let plan = Plan::for_exec(process, c.init.pid)?;
-        let pending = spawn::spawn(&plan, stdio)?;
+        let join = |pid: i32| c.cgroup.add(pid).map_err(|e| e.to_string());
+        let pending = spawn::spawn(&plan, stdio, &join)?;
         let pid = pending.pid;
         // The helper (`pending.intermediate`) exits right away; the reaper collects it unwatched.
         self.reaper.watch(pid);
-        c.cgroup
-            .add(pid)
-            .map_err(|e| OpError::new(ErrorCode::Io, e.to_string()))?;
         let proc = Proc::new(pid, io);
         if let Err(e) = self.watch_exit(c.clone(), proc.clone(), on_exit) {
             // Never started: its start pipe closes and it exits; the reaper collects it.

@@ -116,3 +116,76 @@ fn a_stale_socket_is_replaced_a_live_one_is_not() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
 }
+
+/// Runs the agent with `--listen fd:3`, fd 3 being `fd` in the child.
+fn agent_on_fd(fd: std::os::fd::RawFd, state: &Path) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runv-agent"));
+    cmd.args(["--listen", "fd:3", "--state-dir"])
+        .arg(state)
+        .args(["--cgroup-group", &group()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2(2)/fcntl(2) in the forked child, async-signal-safe; fd is open in the
+    // parent. dup2 onto itself would keep close-on-exec: then the flag is cleared instead.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn an_inherited_listening_socket_is_served_at_once() {
+    if rootfs("an_inherited_listening_socket_is_served_at_once").is_none() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut child = agent_on_fd(listener.as_raw_fd(), &dir.path().join("state"));
+    drop(listener);
+    // Bound and listening before the agent ran: the first connect succeeds, no retry.
+    let mut c = protocol::client::Client::connect(&path).unwrap();
+    assert!(matches!(
+        c.call(&Request::Ping).unwrap(),
+        Response::Pong { .. }
+    ));
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    // The path belongs to whoever bound it: the agent leaves it.
+    assert!(path.exists());
+}
+
+#[test]
+fn an_inherited_descriptor_that_is_no_listening_socket_is_refused() {
+    if rootfs("an_inherited_descriptor_that_is_no_listening_socket_is_refused").is_none() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("plain")).unwrap();
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    for fd in [file.as_raw_fd(), a.as_raw_fd()] {
+        let out = agent_on_fd(fd, &dir.path().join("state"))
+            .wait_with_output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("is not a listening unix socket"),
+            "{stderr}"
+        );
+    }
+}

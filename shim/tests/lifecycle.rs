@@ -59,11 +59,8 @@ fn create_start_state_output_and_exit_code() {
         .trim()
         .parse()
         .unwrap();
-    let cmdline = std::fs::read(format!("/proc/{monitor}/cmdline")).unwrap();
-    assert!(
-        String::from_utf8_lossy(&cmdline).contains("__monitor"),
-        "pid file {monitor}"
-    );
+    let comm = std::fs::read_to_string(format!("/proc/{monitor}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "runv-monitor", "pid file {monitor}");
 
     let o = env.runv(&["start", &id]);
     assert!(o.status.success(), "start: {}", stderr(&o));

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -14,6 +14,7 @@ use shim::monitor::{self, MonitorArgs};
 use shim::sandbox::Kind;
 use shim::state::{alive, ContainerDir, Status};
 
+use super::fork::{self, MonitorProcess};
 use super::{client, expect_ok, load, write_pid_file};
 use crate::Cli;
 
@@ -37,7 +38,7 @@ pub struct CreateOpts<'a> {
 }
 
 /// `runv create`: checks everything, then leaves a monitor; returns it (our child).
-pub fn create(cli: &Cli, o: &CreateOpts<'_>) -> Result<Child> {
+pub fn create(cli: &Cli, o: &CreateOpts<'_>) -> Result<MonitorProcess> {
     shim::id::validate(o.id)?;
     let kind = Kind::parse(&cli.sandbox)?;
     if o.preserve_fds > 0 {
@@ -73,7 +74,7 @@ fn setup(
     bundle: &Bundle,
     kind: Kind,
     o: &CreateOpts<'_>,
-) -> Result<Child> {
+) -> Result<MonitorProcess> {
     std::fs::write(
         dir.path.join("config.json"),
         serde_json::to_vec(&bundle.spec)?,
@@ -81,6 +82,47 @@ fn setup(
     .context("saving config.json in the state directory")?;
     dir.save(&monitor::initial_record(o.id, bundle, kind))?;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    let mut child = if fork::single_threaded() {
+        let args = MonitorArgs {
+            root: cli.root.clone(),
+            id: o.id.into(),
+            kind,
+            console_socket: o.console_socket.map(std::path::absolute).transpose()?,
+        };
+        let pid = fork::fork_monitor(&args, std::fs::File::from(w))
+            .context("starting the monitor (fork)")?;
+        MonitorProcess::Forked(pid)
+    } else {
+        exec_monitor(cli, kind, o, w)?
+    };
+    let mut answer = String::new();
+    let _ = std::fs::File::from(r).read_to_string(&mut answer);
+    if answer.trim_end() != monitor::READY {
+        let _ = child.wait();
+        let why = answer.trim();
+        bail!(
+            "container {}: {}",
+            o.id,
+            if why.is_empty() {
+                "the monitor exited before the container was created"
+            } else {
+                why
+            }
+        );
+    }
+    if let Some(p) = o.pid_file {
+        write_pid_file(p, child.id() as i32)?;
+    }
+    Ok(child)
+}
+
+/// Starts the monitor as `runv __monitor` with `w` as its readiness pipe (fd 3).
+fn exec_monitor(
+    cli: &Cli,
+    kind: Kind,
+    o: &CreateOpts<'_>,
+    w: std::os::fd::OwnedFd,
+) -> Result<MonitorProcess> {
     let exe = std::env::current_exe().context("locating the runv executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--root")
@@ -112,27 +154,9 @@ fn setup(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("starting the monitor")?;
+    let child = cmd.spawn().context("starting the monitor")?;
     drop(w);
-    let mut answer = String::new();
-    let _ = std::fs::File::from(r).read_to_string(&mut answer);
-    if answer.trim_end() != monitor::READY {
-        let _ = child.wait();
-        let why = answer.trim();
-        bail!(
-            "container {}: {}",
-            o.id,
-            if why.is_empty() {
-                "the monitor exited before the container was created"
-            } else {
-                why
-            }
-        );
-    }
-    if let Some(p) = o.pid_file {
-        write_pid_file(p, child.id() as i32)?;
-    }
-    Ok(child)
+    Ok(MonitorProcess::Exec(child))
 }
 
 /// `runv start`.
@@ -354,6 +378,7 @@ pub fn monitor(cli: &Cli, ready_fd: i32, console_socket: Option<PathBuf>, id: &s
     if ready_fd != READY_FD {
         bail!("__monitor is internal to runv");
     }
+    fork::name_monitor();
     // SAFETY: fd 3 is the readiness pipe `create` passed; nothing else in this process uses it.
     let ready = unsafe { monitor::ready_pipe(ready_fd) };
     // Keep it from the agent and the container processes.

@@ -1,5 +1,6 @@
 //! The commands: argument definitions and dispatch. One module per group of commands.
 
+mod fork;
 mod info;
 mod lifecycle;
 mod manage;

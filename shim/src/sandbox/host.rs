@@ -1,6 +1,7 @@
 //! The `host` backend: one `runv-agent --listen unix:<root>/<id>/agent.sock` host process per
 //! container. Namespaces and cgroups only: no VM isolation.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,8 +12,8 @@ use protocol::client::Client;
 use super::{Sandbox, SandboxError};
 use crate::state::ContainerDir;
 
-/// How long the agent may take to listen.
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The file descriptor the agent inherits its listening socket as (`--listen fd:3`).
+const AGENT_LISTEN_FD: i32 = 3;
 
 /// Finds `runv-agent`: `$RUNV_AGENT`, then next to the running executable, then `$PATH`.
 pub fn find_agent() -> Result<PathBuf, SandboxError> {
@@ -45,20 +46,26 @@ pub fn find_agent() -> Result<PathBuf, SandboxError> {
 pub struct HostSandbox {
     child: Option<Child>,
     socket: PathBuf,
+    /// The agent's stderr.
+    log: PathBuf,
 }
 
 impl HostSandbox {
-    /// Starts the agent for the container in `dir` and waits until it accepts connections.
+    /// Starts the agent for the container in `dir`. Its socket is bound and listening before
+    /// the agent runs (socket activation: the agent inherits it as fd 3), so clients connect at
+    /// once and their requests wait in the backlog until the agent has started: nobody polls.
     pub fn launch(dir: &ContainerDir) -> Result<Self, SandboxError> {
         let bin = find_agent()?;
         let socket = dir.agent_socket();
         let log = dir.path.join("agent.log");
+        let listener = std::os::unix::net::UnixListener::bind(&socket)
+            .map_err(|e| SandboxError::Bind(socket.clone(), e))?;
         let stderr = std::fs::File::create(&log)
             .map(Stdio::from)
             .unwrap_or_else(|_| Stdio::null());
         let mut cmd = Command::new(&bin);
         cmd.arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
+            .arg(format!("fd:{AGENT_LISTEN_FD}"))
             .arg("--state-dir")
             .arg(dir.path.join("agent"))
             .arg("--cgroup-group")
@@ -66,11 +73,20 @@ impl HostSandbox {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2) and
-        // prctl(2), which are async-signal-safe: the agent gets its own session and process
-        // group (a signal to its group never reaches the monitor) and ends with the monitor.
+        let listen_fd = listener.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only calls dup2(2),
+        // fcntl(2), setsid(2) and prctl(2), which are async-signal-safe: the listening socket
+        // becomes fd 3 without close-on-exec, the agent gets its own session and process group
+        // (a signal to its group never reaches the monitor) and ends with the monitor.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                if listen_fd == AGENT_LISTEN_FD {
+                    if libc::fcntl(listen_fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(listen_fd, AGENT_LISTEN_FD) != AGENT_LISTEN_FD {
+                    return Err(std::io::Error::last_os_error());
+                }
                 libc::setsid();
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -78,33 +94,17 @@ impl HostSandbox {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| SandboxError::Spawn(bin.clone(), e))?;
-        let mut sb = Self {
+        let child = cmd.spawn().map_err(|e| {
+            let _ = std::fs::remove_file(&socket);
+            SandboxError::Spawn(bin.clone(), e)
+        })?;
+        // The agent holds the socket now: once it is gone, connecting is refused.
+        drop(listener);
+        Ok(Self {
             child: Some(child),
             socket,
-        };
-        let deadline = Instant::now() + LISTEN_TIMEOUT;
-        // The socket file appears at bind(2), before listen(2): wait until a connect succeeds.
-        while std::os::unix::net::UnixStream::connect(&sb.socket).is_err() {
-            let exited = sb
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-                .map(|s| format!(": it exited ({s})"));
-            if exited.is_some() || Instant::now() >= deadline {
-                sb.shutdown();
-                return Err(SandboxError::NotListening(
-                    sb.socket.clone(),
-                    LISTEN_TIMEOUT,
-                    exited.unwrap_or_default(),
-                    log,
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(sb)
+            log,
+        })
     }
 
     /// The agent's socket.
@@ -120,7 +120,7 @@ pub fn cgroup_group(id: &str) -> String {
 
 impl Sandbox for HostSandbox {
     fn client(&self) -> Result<Client, SandboxError> {
-        Client::connect(&self.socket).map_err(|e| SandboxError::Unreachable(String::new(), e))
+        Client::connect(&self.socket).map_err(|e| SandboxError::AgentGone(self.log.clone(), e))
     }
 
     fn pid(&self) -> i32 {
@@ -130,7 +130,7 @@ impl Sandbox for HostSandbox {
     fn shutdown(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SAFETY: kill(2) on our own child, not yet reaped; SIGTERM ends the agent cleanly
-            // (it removes its socket and cgroup group).
+            // (it removes its cgroup group).
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
@@ -144,6 +144,8 @@ impl Sandbox for HostSandbox {
                     Ok(None) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
+            // The socket is ours (we bound it), and nobody listens on it any more.
+            let _ = std::fs::remove_file(&self.socket);
         }
     }
 }

@@ -8,7 +8,6 @@ pub mod host;
 pub mod vm;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use protocol::client::{Client, ClientError};
 
@@ -29,9 +28,12 @@ pub enum SandboxError {
     /// Starting the agent failed.
     #[error("starting the agent {0}: {1}")]
     Spawn(PathBuf, std::io::Error),
-    /// The agent did not come up.
-    #[error("the agent did not listen on {0} within {1:?}{2} (see {3})")]
-    NotListening(PathBuf, Duration, String, PathBuf),
+    /// The agent's socket could not be made.
+    #[error("binding the agent's socket {0}: {1}")]
+    Bind(PathBuf, std::io::Error),
+    /// The host agent this process started does not answer (it failed to start or died).
+    #[error("the container's agent does not answer: {1} (it failed to start or died: see {0})")]
+    AgentGone(PathBuf, ClientError),
     /// The vm backend failed.
     #[error(transparent)]
     Vm(#[from] vm::VmError),
