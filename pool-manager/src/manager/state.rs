@@ -330,7 +330,9 @@ impl Shared {
             let owner = self.cfg.jail.as_ref().filter(|_| vm.is_jailed());
             let net = match owner {
                 // Owned by the jail's uid/gid: the unprivileged VMM may attach it.
-                Some(j) => SandboxNet::create_owned_tap(vm.name(), self.leases.clone(), j.uid, j.gid)?,
+                Some(j) => {
+                    SandboxNet::create_owned_tap(vm.name(), self.leases.clone(), j.uid, j.gid)?
+                }
                 None => SandboxNet::create_tap(vm.name(), self.leases.clone())?,
             };
             vm.set_net(net);
