@@ -277,18 +277,17 @@ impl Shared {
         let mut opts = RestoreOptions::new(&t.tmpfs, t.meta.spec.mem_mode);
         // A jailed VMM opens its TAP by name in its own network namespace: the TAP is lent
         // there for the restore and taken back afterwards (the open TAP file follows it).
-        let lent = match (vm.is_jailed(), vm.vmm_pid(), vm.net_mut()) {
-            (true, Some(pid), Some(net)) => {
+        let lent = if vm.is_jailed() && vm.net_mut().is_some() {
+            let pid = vm.vmm_pid().ok_or_else(|| ShellError::Io {
+                what: format!("lending TAP of {} to its jailed VMM", vm.name()),
+                source: std::io::Error::other("its jail keeper has no child: the VMM has exited"),
+            })?;
+            if let Some(net) = vm.net_mut() {
                 net.lend(pid)?;
-                Some(pid)
             }
-            (true, None, Some(_)) => {
-                return Err(ShellError::Io {
-                    what: format!("finding the jailed VMM of {}", vm.name()),
-                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                })
-            }
-            _ => None,
+            Some(pid)
+        } else {
+            None
         };
         if let Some(net) = vm.net_mut() {
             opts.net = Some(vmm_api::NetConfig {
