@@ -143,6 +143,9 @@ fn parent() {
         assert!(rest.contains(&format!("PASS {mode}")), "{rest}");
     }
     assert!(!root.exists(), "the keeper left the jail root");
+    // The child named its jail after its own pid, which is the keeper's.
+    let cgroup = vmm_api::jail::Cgroup::of(&format!("test-uffd-{keeper}"));
+    assert!(!cgroup.exists(), "the keeper left the cgroup {cgroup:?}");
     println!(
         "jail_uffd: jailed page server (uid {DEFAULT_JAIL_ID}) served MINOR and MISSING faults"
     );
@@ -158,6 +161,7 @@ fn jailed(arg: &str) {
     );
     let spec = JailSpec {
         root,
+        // The keeper keeps this pid.
         id: format!("test-uffd-{}", std::process::id()),
         uid: DEFAULT_JAIL_ID,
         gid: DEFAULT_JAIL_ID,
