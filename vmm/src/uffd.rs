@@ -70,7 +70,7 @@ pub fn keep_pagemap() -> std::io::Result<()> {
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     /// The kernel refused the userfaultfd or a feature.
-    #[error("userfaultfd {what}: {source} (needs access to /dev/userfaultfd (Linux >= 6.1; a jail gets its own node), or root, and Linux >= 5.13 for shmem MINOR faults)")]
+    #[error("userfaultfd {what}: {source:?} (needs access to /dev/userfaultfd (Linux >= 6.1; a jail gets its own node), or root, and Linux >= 5.13 for shmem MINOR faults)")]
     Setup {
         /// What failed.
         what: &'static str,
@@ -337,7 +337,14 @@ impl PageServer {
             FaultMode::Populate => None,
             FaultMode::Minor | FaultMode::Missing => {
                 let mut builder = UffdBuilder::new();
-                builder.close_on_exec(true).non_blocking(true);
+                // KVM reaches guest RAM from the kernel (get_user_pages): a user-mode-only
+                // userfaultfd (the crate's default) fails those faults instead of reporting
+                // them. The full kind needs /dev/userfaultfd (a jail's own node) or
+                // CAP_SYS_PTRACE; the crate opens the device whenever it exists.
+                builder
+                    .close_on_exec(true)
+                    .non_blocking(true)
+                    .user_mode_only(false);
                 if mode == FaultMode::Minor {
                     builder.require_features(FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM));
                 }

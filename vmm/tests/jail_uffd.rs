@@ -3,8 +3,9 @@
 //! faults with the syscall, so it gets one from its own `/dev/userfaultfd` node
 //! (`USERFAULTFD_IOC_NEW`). This runs the VMM's real page server ([`vmm::uffd::PageServer`])
 //! inside a real jail ([`vmm::jail::enter`]) in MINOR (tmpfs snapshot) and MISSING (disk
-//! snapshot) modes, with the VMM thread's seccomp filter on, serves faults from another thread
-//! and checks the data; from outside, checks that the process doing so runs as the jail uid.
+//! snapshot) modes, with the VMM thread's seccomp filter on, serves faults the kernel takes on
+//! guest RAM (as KVM does; `write(2)` from it into a pipe) and checks the data; from outside,
+//! checks that the process doing so runs as the jail uid.
 //!
 //! `harness = false`: the jail forks, which needs a single-threaded process, so this is a plain
 //! `main` that re-runs itself as the jailed child.
@@ -17,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress};
 use vmm::uffd::{FaultMode, PageServer};
 use vmm_api::jail::{JailSpec, DEFAULT_JAIL_ID};
 
@@ -198,15 +198,37 @@ fn jailed(arg: &str) {
         // A long window: this test publishes no working set into the read-only snapshot.
         let server = PageServer::start(&ram, &snap, mode, Duration::from_secs(600))
             .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
-        let mem = ram.mem.clone();
+        // Read by the kernel, as KVM reads guest RAM: write(2) of each byte into a pipe makes
+        // copy_from_user fault in kernel mode, which only a full (not user-mode-only)
+        // userfaultfd reports to the page server; the bytes come back out of the pipe.
+        let base = ram.regions()[0].0;
         let got: Vec<u8> = std::thread::spawn(move || {
-            offsets()
+            let mut fds = [0i32; 2];
+            // SAFETY: pipe2 writes two fds into the array.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            let out = offsets()
                 .map(|o| {
+                    // SAFETY: base + o lies in guest RAM (one region of SIZE bytes, mapped
+                    // while this thread runs: it is joined before `ram` drops).
+                    let n = unsafe { libc::write(fds[1], (base + o) as *const libc::c_void, 1) };
+                    assert_eq!(
+                        n,
+                        1,
+                        "write from guest RAM at {o:#x}: {}",
+                        std::io::Error::last_os_error()
+                    );
                     let mut b = [0u8; 1];
-                    mem.read_slice(&mut b, GuestAddress(o)).unwrap();
+                    // SAFETY: reads one byte into a local buffer.
+                    assert_eq!(unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) }, 1);
                     b[0]
                 })
-                .collect()
+                .collect();
+            // SAFETY: closing the two fds this thread made.
+            unsafe {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+            }
+            out
         })
         .join()
         .unwrap();
