@@ -176,9 +176,8 @@ fn main() {
         run_dir: dir.clone(),
         jail: None,
     };
-    // copy and cow clones run as the pool runs them: jailed (the template bound read-only),
-    // seccomp on. uffd needs the userfaultfd syscall, which an unprivileged jail cannot make
-    // (vm.unprivileged_userfaultfd=0): its clones run unjailed.
+    // Clones run as the pool runs them: jailed (the template bound read-only), seccomp on; a
+    // uffd clone gets its userfaultfd from the jail's /dev/userfaultfd node.
     pool_manager::template::grant_read(&snap, vmm_api::jail::DEFAULT_JAIL_ID).unwrap();
     let mut jail = pool_manager::ShellJail::pool_default();
     jail.read_only.push(snap.clone());
@@ -186,14 +185,21 @@ fn main() {
         jail: Some(jail),
         ..spec.clone()
     };
+    // The recording uffd clone, as the pool's first clone: the template bound read-write into a
+    // sticky directory, so it can publish the working set.
+    let mut recording_jail = pool_manager::ShellJail::pool_default();
+    recording_jail.read_write.push(snap.clone());
+    let recording_spec = ShellSpec {
+        jail: Some(recording_jail),
+        ..spec.clone()
+    };
     jail_setup(&mut c, &spec, &jailed_spec);
     let jailed = ShellPool::new(jailed_spec, 4, 2);
-    let unjailed = ShellPool::new(spec.clone(), 4, 2);
     let mut id = 0;
     for (name, mode, pool) in [
         ("copy", MemoryMode::Copy, &jailed),
         ("cow", MemoryMode::Cow, &jailed),
-        ("uffd", MemoryMode::Uffd, &unjailed),
+        ("uffd", MemoryMode::Uffd, &jailed),
     ] {
         let mut rec = Recorder::median(&format!("restore_{name}_ms"), "ms");
         let mut p99 = Recorder::p99("restore_uffd_p99_ms", "ms");
@@ -201,9 +207,15 @@ fn main() {
         // only once its recording window has passed while it ran.
         if mode == MemoryMode::Uffd {
             let _ = std::fs::remove_file(snap.join("workingset.bin"));
-            let (_, recorder) = restore_into(pool, &snap, mode, id);
+            let gid = vmm_api::jail::DEFAULT_JAIL_ID;
+            pool_manager::template::grant_record(&snap, gid).unwrap();
+            let recording = ShellPool::new(recording_spec.clone(), 1, 1);
+            let (_, recorder) = restore_into(&recording, &snap, mode, id);
             std::thread::sleep(Duration::from_millis(DEFAULT_RECORD_MS + 200));
             recorder.shutdown().unwrap();
+            drop(recording);
+            // Read-only again for the timed clones (the set becomes root:gid 0640).
+            pool_manager::template::grant_read(&snap, gid).unwrap();
             assert!(
                 snap.join("workingset.bin").exists(),
                 "the recording clone published no working set"
@@ -286,7 +298,6 @@ fn main() {
     reaper.join().unwrap();
     rate.write();
     drop(jailed);
-    drop(unjailed);
 
     // Density (unjailed: private_mib reads the VMM's own pid, which a jail puts behind its
     // keeper): 100 idle cow clones of the 256 MiB template, all alive at once.

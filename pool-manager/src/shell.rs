@@ -80,6 +80,9 @@ pub struct ShellJail {
     pub gid: u32,
     /// Snapshot directories (or other files) bound read-only into each jail at the same path.
     pub read_only: Vec<PathBuf>,
+    /// Directories bound read-write at the same path (besides the shell's own files
+    /// directory): a uffd template's directory while its clones still record a working set.
+    pub read_write: Vec<PathBuf>,
 }
 
 impl ShellJail {
@@ -89,6 +92,7 @@ impl ShellJail {
             uid: vmm_api::jail::DEFAULT_JAIL_ID,
             gid: vmm_api::jail::DEFAULT_JAIL_ID,
             read_only: Vec::new(),
+            read_write: Vec::new(),
         }
     }
 }
@@ -160,7 +164,9 @@ impl ShellProcess {
                 uid: j.uid,
                 gid: j.gid,
                 read_only: j.read_only.clone(),
-                read_write: vec![dir.clone()],
+                read_write: std::iter::once(dir.clone())
+                    .chain(j.read_write.iter().cloned())
+                    .collect(),
                 mem_mib: spec.mem_mib + vmm_api::jail::MEMORY_OVERHEAD_MIB,
                 pids_max: vmm_api::jail::DEFAULT_PIDS_MAX,
             };
@@ -317,6 +323,25 @@ impl ShellProcess {
         self.child.id()
     }
 
+    /// The process that runs the VM: the jail keeper's only child when jailed (in the jail's
+    /// own namespaces; `None` if it is gone), else [`ShellProcess::pid`].
+    pub fn vmm_pid(&self) -> Option<u32> {
+        let keeper = self.pid();
+        if !self.jailed {
+            return Some(keeper);
+        }
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| parent_of(*pid) == Some(keeper))
+    }
+
+    /// Whether it runs jailed.
+    pub fn is_jailed(&self) -> bool {
+        self.jailed
+    }
+
     /// The control socket other clients can connect to.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -335,6 +360,17 @@ impl ShellProcess {
         let _ = self.control.shutdown();
         self.child.wait().map_err(io("waiting for the VMM"))
     }
+}
+
+/// The parent pid of `pid` (from `/proc/<pid>/stat`; the command name may hold spaces).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 impl Drop for ShellProcess {

@@ -516,6 +516,21 @@ pub fn grant_read(dir: &Path, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Like [`grant_read`], and lets a clone in group `gid` publish the template's working set
+/// there: the directory becomes `root:gid 01770` (sticky: the group may add files, never
+/// remove or replace the template's own, which stay `root:gid 0640`).
+pub fn grant_record(dir: &Path, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    grant_read(dir, gid)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1770))
+}
+
+/// Whether clones of `t` still record a working set (a uffd template without one yet).
+pub fn records_working_set(t: &Template) -> bool {
+    t.meta.spec.mem_mode == vmm_api::MemoryMode::Uffd
+        && !t.tmpfs.join(snapshot::workingset::WORKINGSET_FILE).exists()
+}
+
 /// Opens the template in `durable`: reads `template.json`, makes the tmpfs copy under
 /// `tmpfs_root` if it is missing, and checks the copy as a snapshot.
 pub fn open(durable: &Path, tmpfs_root: &Path) -> Result<Template, TemplateError> {

@@ -552,6 +552,8 @@ fn pool_builds_a_uffd_template_whose_first_clone_records_the_working_set() {
     );
     let s = acquire(&pool, "lazy", "u1");
     assert_eq!((s.tier, s.generation), (Tier::Cold, 1));
+    // A uffd clone runs jailed like any other.
+    assert_jailed(s.pid);
     let r = resumed_report(&s.debug_log);
     assert_eq!(field(&r, "pattern"), Some("ok"), "{r}");
     pool.release("u1").unwrap();

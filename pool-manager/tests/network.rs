@@ -135,8 +135,21 @@ fn fifty_networked_sandboxes_answer_for_their_own_address_and_leave_nothing() {
             n.ipv4,
             n.netns
         );
-        // Only for its own address: the template's is not answered.
+        // Only for its own address: the template's is not answered. The VMM answering runs
+        // jailed, in a network namespace of its own (not the sandbox's, where its TAP is).
         if i == 0 {
+            assert_jailed(sb.pid);
+            // Its TAP is owned by the jail's ids (so the unprivileged VMM could attach it).
+            let link = Command::new("ip")
+                .args(["-n", &n.netns, "-details", "link", "show", &n.tap])
+                .output()
+                .unwrap();
+            let link = String::from_utf8_lossy(&link.stdout);
+            let id = pool_manager::vmm_api::jail::DEFAULT_JAIL_ID;
+            assert!(
+                link.contains(&format!("persist on user {id} group {id}")),
+                "{link}"
+            );
             assert!(!ping_from_once(&n.netns, "10.99.0.2"));
         }
         pool.release(&sb.id).unwrap();

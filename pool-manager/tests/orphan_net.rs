@@ -76,13 +76,16 @@ impl Drop for Reaper<'_> {
     }
 }
 
-/// VM names (`vm-<hex>`) with a control socket in the run dir.
+/// VM names (`vm-<hex>`) with a control socket in the run dir (`<run>/<vm>/<vm>.sock` when
+/// jailed, as the daemon does by default; `<run>/<vm>.sock` otherwise).
 fn vms(dirs: &Dirs) -> Vec<String> {
     dirs.run_files()
         .iter()
         .filter_map(|p| {
             let n = p.file_name()?.to_str()?;
+            let jailed = p.join(format!("{n}.sock")).exists();
             n.strip_suffix(".sock")
+                .or(jailed.then_some(n))
                 .filter(|v| v.starts_with("vm-"))
                 .map(str::to_owned)
         })

@@ -254,6 +254,9 @@ fn confine(spec: &JailSpec, netns: &Netns) -> Result<(), JailSetupError> {
     )
     .map_err(sys("making / private"))?;
     build_root(spec)?;
+    // The jail has no /proc: a Populate-mode clone reads its working set from this.
+    crate::uffd::keep_pagemap()
+        .map_err(|e| JailSetupError::Invalid(format!("opening /proc/self/pagemap: {e}")))?;
     pivot(&spec.root)?;
     drop_privileges(spec)
 }

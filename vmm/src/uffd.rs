@@ -28,7 +28,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -53,11 +53,24 @@ pub const MIN_RECORD_MS: u64 = 100;
 
 pub use vmm_api::{FaultMode, UffdStats};
 
+/// This process's `/proc/self/pagemap`, opened by [`keep_pagemap`].
+static PAGEMAP: OnceLock<File> = OnceLock::new();
+
+/// Opens this process's `/proc/self/pagemap` now and keeps it for reading Populate-mode working
+/// sets later: the jail calls this before it hides `/proc` (the open file keeps naming this
+/// process's memory).
+pub fn keep_pagemap() -> std::io::Result<()> {
+    if PAGEMAP.get().is_none() {
+        let _ = PAGEMAP.set(File::open("/proc/self/pagemap")?);
+    }
+    Ok(())
+}
+
 /// Error setting up userfaultfd.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     /// The kernel refused the userfaultfd or a feature.
-    #[error("userfaultfd {what}: {source} (needs root or vm.unprivileged_userfaultfd=1, and Linux >= 5.13 for shmem MINOR faults)")]
+    #[error("userfaultfd {what}: {source:?} (needs access to /dev/userfaultfd (Linux >= 6.1; a jail gets its own node), or root, and Linux >= 5.13 for shmem MINOR faults)")]
     Setup {
         /// What failed.
         what: &'static str,
@@ -244,7 +257,14 @@ impl Pages {
 
     /// RAM offsets of the pages present in this process's page tables (touched since mapped).
     fn present_pages(&self) -> std::io::Result<Vec<u64>> {
-        let pagemap = File::open("/proc/self/pagemap")?;
+        let opened;
+        let pagemap = match PAGEMAP.get() {
+            Some(f) => f,
+            None => {
+                opened = File::open("/proc/self/pagemap")?;
+                &opened
+            }
+        };
         let mut present = Vec::new();
         let mut buf = Vec::new();
         for r in &self.regions {
@@ -317,7 +337,14 @@ impl PageServer {
             FaultMode::Populate => None,
             FaultMode::Minor | FaultMode::Missing => {
                 let mut builder = UffdBuilder::new();
-                builder.close_on_exec(true).non_blocking(true);
+                // KVM reaches guest RAM from the kernel (get_user_pages): a user-mode-only
+                // userfaultfd (the crate's default) fails those faults instead of reporting
+                // them. The full kind needs /dev/userfaultfd (a jail's own node) or
+                // CAP_SYS_PTRACE; the crate opens the device whenever it exists.
+                builder
+                    .close_on_exec(true)
+                    .non_blocking(true)
+                    .user_mode_only(false);
                 if mode == FaultMode::Minor {
                     builder.require_features(FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM));
                 }

@@ -228,23 +228,27 @@ impl Shared {
     }
 
     pub(super) fn spawn_shell(&self, t: &Template) -> Result<ShellProcess, ShellError> {
-        // Not jailable yet, so run unconfined (said in the docs): a uffd template (the
-        // userfaultfd syscall needs CAP_SYS_PTRACE, and /dev/userfaultfd is not used yet) and a
-        // networked one (its TAP lives in the host namespace and the jail's VMM has no
-        // CAP_NET_ADMIN to attach it from a namespace of its own).
-        // Nor one with disk slots: `attach_disk` opens images the jail does not hold.
-        let jailable = t.meta.spec.mem_mode != vmm_api::MemoryMode::Uffd
-            && !t.meta.spec.net
-            && t.meta.spec.slots == 0;
+        // Not jailable yet, so run unconfined (said in the docs): a template with disk slots
+        // (`attach_disk` opens images the jail does not hold).
+        let jailable = t.meta.spec.slots == 0;
         let jail = match self.cfg.jail.as_ref().filter(|_| jailable) {
             Some(j) => {
-                // The jailed VMM reads the template as the pool gid; nothing else is bound.
-                crate::template::grant_read(&t.tmpfs, j.gid).map_err(|source| ShellError::Io {
+                let mut j = j.clone();
+                // The jailed VMM reads the template as the pool gid; a uffd template without a
+                // working set yet is bound read-write so the clone can publish the one it
+                // records (into a sticky directory: it cannot touch the template's files).
+                let record = crate::template::records_working_set(t);
+                let granted = if record {
+                    j.read_write.push(t.tmpfs.clone());
+                    crate::template::grant_record(&t.tmpfs, j.gid)
+                } else {
+                    j.read_only.push(t.tmpfs.clone());
+                    crate::template::grant_read(&t.tmpfs, j.gid)
+                };
+                granted.map_err(|source| ShellError::Io {
                     what: format!("letting jail gid {} read {}", j.gid, t.tmpfs.display()),
                     source,
                 })?;
-                let mut j = j.clone();
-                j.read_only.push(t.tmpfs.clone());
                 Some(j)
             }
             None => None,
@@ -271,6 +275,20 @@ impl Shared {
     ) -> Result<u64, ShellError> {
         let paths = self.vm_paths(vm);
         let mut opts = RestoreOptions::new(&t.tmpfs, t.meta.spec.mem_mode);
+        // A jailed VMM opens its TAP by name in its own network namespace: the TAP is lent
+        // there for the restore and taken back afterwards (the open TAP file follows it).
+        let lent = if vm.is_jailed() && vm.net_mut().is_some() {
+            let pid = vm.vmm_pid().ok_or_else(|| ShellError::Io {
+                what: format!("lending TAP of {} to its jailed VMM", vm.name()),
+                source: std::io::Error::other("its jail keeper has no child: the VMM has exited"),
+            })?;
+            if let Some(net) = vm.net_mut() {
+                net.lend(pid)?;
+            }
+            Some(pid)
+        } else {
+            None
+        };
         if let Some(net) = vm.net_mut() {
             opts.net = Some(vmm_api::NetConfig {
                 tap: net.tap().into(),
@@ -292,14 +310,30 @@ impl Shared {
         if warm {
             crate::warm::set_paused(&mut opts);
         }
-        vm.restore(&opts).map(|r| r.generation)
+        let restored = vm.restore(&opts).map(|r| r.generation);
+        if let (Some(pid), Some(net)) = (lent, vm.net_mut()) {
+            // Back even after a failed restore: the pool tears it down in its own namespace.
+            match (net.take_back(pid), &restored) {
+                (Err(e), Ok(_)) => return Err(e.into()),
+                (Err(e), Err(_)) => tracing::warn!("taking TAP {} back: {e}", net.tap()),
+                (Ok(()), _) => {}
+            }
+        }
+        restored
     }
 
     /// A shell for `t`, with its own TAP when the template has a network device.
     pub(super) fn spawn_vm(&self, t: &Template) -> Result<ShellProcess, ShellError> {
         let mut vm = self.spawn_shell(t)?;
         if t.meta.spec.net {
-            let net = SandboxNet::create_tap(vm.name(), self.leases.clone())?;
+            let owner = self.cfg.jail.as_ref().filter(|_| vm.is_jailed());
+            let net = match owner {
+                // Owned by the jail's uid/gid: the unprivileged VMM may attach it.
+                Some(j) => {
+                    SandboxNet::create_owned_tap(vm.name(), self.leases.clone(), j.uid, j.gid)?
+                }
+                None => SandboxNet::create_tap(vm.name(), self.leases.clone())?,
+            };
             vm.set_net(net);
         }
         Ok(vm)

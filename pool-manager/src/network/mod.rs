@@ -2,8 +2,9 @@
 //! TAP, a `/29` block of a configured range (gateway on the TAP, the guest's address, a veth
 //! link to the host) and, with egress, NAT rules in the host's `ip runv_pool` nftables table.
 //!
-//! The VMM stays in the host's namespace and opens its TAP there (by name, at restore); the TAP
-//! is then moved into the sandbox's namespace — the VMM's open TAP file follows the device.
+//! The VMM opens its TAP by name at restore: an unjailed VMM in the host's namespace, a jailed
+//! one in its own, where the TAP (owned by the jail's uid) is lent for the restore (`lend.rs`).
+//! The TAP is then moved into the sandbox's namespace — the VMM's open TAP file follows it.
 //! Warm clones get all of this when they are pooled; at acquire only `activate` carries the
 //! guest's address (identity page), so a networked warm acquire costs no extra process.
 //! Dropping a [`SandboxNet`] frees everything: the namespace (with its TAP and veth), the TAP if
@@ -11,6 +12,7 @@
 
 mod cmd;
 mod lease;
+mod lend;
 pub mod orphans;
 pub mod pod;
 

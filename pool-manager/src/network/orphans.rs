@@ -86,7 +86,8 @@ fn parse_rules(out: &str) -> Vec<(String, u64, String)> {
     rules
 }
 
-/// Names (`vm-<hex>`) of every live VMM on the host whose pid is not in `except`.
+/// Names (`vm-<hex>`) of every live VMM on the host whose pid is not in `except`; a jailed
+/// VMM proper whose keeper (its parent, same command line) is in `except` is being ended too.
 pub fn live_vms(except: &HashSet<u32>) -> HashSet<String> {
     let mut out = HashSet::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -96,7 +97,7 @@ pub fn live_vms(except: &HashSet<u32>) -> HashSet<String> {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        if except.contains(&pid) {
+        if except.contains(&pid) || parent_of(pid).is_some_and(|pp| except.contains(&pp)) {
             continue;
         }
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -115,6 +116,17 @@ pub fn live_vms(except: &HashSet<u32>) -> HashSet<String> {
         }
     }
     out
+}
+
+/// The parent pid of `pid` (from `/proc/<pid>/stat`; the command name may hold spaces).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// TAPs some process holds open (`iff:` in the fdinfo of its `/dev/net/tun` files).

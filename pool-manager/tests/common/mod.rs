@@ -245,3 +245,59 @@ pub fn live_processes_mentioning(needle: &str) -> Vec<u32> {
         .filter(|p| alive(*p))
         .collect()
 }
+
+/// What the VMM of jail keeper `keeper` (its only child, the VMM proper) runs as: its real,
+/// effective, saved and fs uids, its effective capabilities (from `/proc/<pid>/status`), and
+/// whether it shares this process's network namespace.
+#[derive(Debug, PartialEq, Eq)]
+pub struct JailedVmm {
+    /// Uid line of its status.
+    pub uids: Vec<u32>,
+    /// CapEff, hex.
+    pub cap_eff: String,
+    /// Whether its network namespace is this process's.
+    pub host_netns: bool,
+}
+
+/// [`JailedVmm`] of jail keeper `keeper`; panics when it has no child.
+pub fn jailed_vmm(keeper: u32) -> JailedVmm {
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|p| ppid(*p) == Some(keeper))
+        .unwrap_or_else(|| panic!("jail keeper {keeper} has no VMM child"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+            .trim()
+            .to_string()
+    };
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    JailedVmm {
+        uids: field("Uid:")
+            .split_whitespace()
+            .map(|u| u.parse().unwrap())
+            .collect(),
+        cap_eff: field("CapEff:"),
+        host_netns: ns(&pid.to_string()) == ns("self"),
+    }
+}
+
+/// Asserts that jail keeper `keeper` runs its VMM as the pool's jail uid, without
+/// capabilities, in a network namespace of its own.
+pub fn assert_jailed(keeper: u32) {
+    let vmm = jailed_vmm(keeper);
+    let id = pool_manager::vmm_api::jail::DEFAULT_JAIL_ID;
+    assert_eq!(
+        vmm,
+        JailedVmm {
+            uids: vec![id; 4],
+            cap_eff: "0000000000000000".into(),
+            host_netns: false,
+        }
+    );
+}

@@ -207,6 +207,8 @@ fn vmm() -> Result<Vec<Entry>, SeccompError> {
         SYS_ioctl,
         vec![
             ioctl_type(KVM_TYPE)?,
+            // Every UFFDIO_* and /dev/userfaultfd's USERFAULTFD_IOC_NEW (type 0xAA too): how a
+            // jailed VMM, without CAP_SYS_PTRACE, gets a userfaultfd that sees KVM's faults.
             ioctl_type(UFFDIO)?,
             // std's set_nonblocking/set_cloexec, isatty.
         ]

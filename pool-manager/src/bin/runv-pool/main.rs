@@ -211,6 +211,7 @@ fn run(cli: Cli) -> Result<()> {
                     uid: jail_uid,
                     gid: jail_uid,
                     read_only: Vec::new(),
+                    read_write: Vec::new(),
                 }),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
