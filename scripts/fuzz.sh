@@ -4,7 +4,7 @@
 #   bash scripts/fuzz.sh [SECONDS]     # per target; default 60 (CI: 20)
 #
 # Targets: protocol/fuzz (frame_decoder: the agent protocol decoder) and fuzz/ (control_request,
-# snapshot_state, oci_plan, virtio_blk, virtio_vsock). Each starts from the seeds kept in the
+# snapshot_state, oci_plan, virtio_blk, virtio_vsock, virtio_net). Each starts from the seeds kept in the
 # repo (protocol/fuzz/corpus/<target>, fuzz/seeds/<target>) plus what earlier runs on this machine
 # found (fuzz/corpus/<target>, ignored by git); a crash leaves its input in */artifacts/<target>/.
 # Commit a minimised crash input (or a new interesting one) to the seeds with its fix.
@@ -29,6 +29,7 @@ targets=(
     ". oci_plan fuzz/seeds/oci_plan"
     ". virtio_blk fuzz/seeds/virtio_blk"
     ". virtio_vsock fuzz/seeds/virtio_vsock"
+    ". virtio_net fuzz/seeds/virtio_net"
 )
 
 logs="$PWD/target/fuzz-logs"

@@ -61,3 +61,19 @@ pub fn drive(dev: &mut dyn VirtioDevice, data: &[u8]) {
         let _ = dev.process_backend(&mut queues, &mem);
     }
 }
+
+/// The driver features a fuzzed driver acks: of the device's `offered` bits, in order, those
+/// whose bit in `pick` is set (bit i of `pick` for the i-th offered feature, cycling).
+pub fn features_from(offered: u64, pick: u16) -> u64 {
+    let mut acked = 0;
+    let mut i = 0;
+    for bit in 0..64 {
+        if offered & (1 << bit) != 0 {
+            if pick & (1 << (i % 16)) != 0 {
+                acked |= 1 << bit;
+            }
+            i += 1;
+        }
+    }
+    acked
+}
