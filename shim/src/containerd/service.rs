@@ -229,7 +229,11 @@ impl Service {
                 Code::FAILED_PRECONDITION,
                 format!(
                     "task {id} is {}",
-                    if pause { "already paused" } else { "not paused" }
+                    if pause {
+                        "already paused"
+                    } else {
+                        "not paused"
+                    }
                 ),
             ));
         }

@@ -68,6 +68,9 @@ mod tests {
         );
         assert!(check_pausable(Kind::Vm, true).is_ok());
         let e = check_pausable(Kind::Host, false).unwrap_err().to_string();
-        assert!(e.contains("resume is not supported with --sandbox host"), "{e}");
+        assert!(
+            e.contains("resume is not supported with --sandbox host"),
+            "{e}"
+        );
     }
 }

@@ -320,7 +320,12 @@ impl VmSandbox {
     }
 
     fn free_slot(&self, slot: usize) {
-        if let Some(t) = self.slots.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if let Some(t) = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
             t.free(slot);
         }
     }
@@ -344,7 +349,11 @@ impl VmSandbox {
     /// Attaches EROFS image `image` read-only to a free disk slot of `container`'s own; returns
     /// the root the agent mounts (by the slot's serial, tmpfs upper layer). Every slot in use:
     /// [`SlotError::Full`], naming the template to rebuild.
-    pub fn attach_rootfs_for(&self, container: &str, image: &Path) -> Result<RootfsSource, VmError> {
+    pub fn attach_rootfs_for(
+        &self,
+        container: &str,
+        image: &Path,
+    ) -> Result<RootfsSource, VmError> {
         let slot = self.take_slot(container)?;
         match self.attach_disk(slot, image, true) {
             Ok(reply) => Ok(RootfsSource::Block {
