@@ -760,11 +760,20 @@ impl containerd_shim::Task for Service {
                 ..Default::default()
             });
         }
-        let (pid, cell) = {
+        let (pid, cell, paused) = {
             let tasks = lock(&self.inner.tasks);
             let t = tasks.get(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-            (t.init.pid, t.init.exit.clone())
+            (t.init.pid, t.init.exit.clone(), t.paused)
         };
+        if paused {
+            // A paused VM's agent cannot destroy anything: thaw it first.
+            let kind = lock(&self.inner.sandbox).as_ref().map(|(_, k)| *k);
+            if let Some(kind) = kind {
+                if let Err(e) = manage::pause(kind, &self.inner.sandbox_dir, false) {
+                    log::warn!("runv: resuming paused task {} to delete it: {e}", req.id);
+                }
+            }
+        }
         // Kills whatever is left (execs, a never-started init) and frees the container in the
         // agent; a container that already went away there is fine.
         if let Err(e) = self.call(
