@@ -87,7 +87,7 @@ fn prepare(
         r.monitor_pid = std::process::id() as i32;
         r.agent_pid = sb.pid();
     })?;
-    let rootfs = sb.rootfs(&record.rootfs)?;
+    let rootfs = sb.rootfs(&args.id, &record.rootfs)?;
     let mut client = sb.client()?;
     let r = client
         .call(&Request::Create {

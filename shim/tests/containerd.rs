@@ -625,3 +625,125 @@ fn ctr_run_on_the_vm_backend_reaches_the_clone_and_reports_the_refusal() {
     drop(c);
     let _ = std::fs::remove_dir_all(&shm);
 }
+
+/// The Task API of task `id`'s shim (runc's or runv's), at the address its shim wrote into the
+/// bundle: ctr 1.6 has no `task update`, so Update and Stats are sent as containerd sends them.
+fn task_client(c: &Containerd, id: &str) -> containerd_shim::protos::TaskClient {
+    let bundle = c
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(NS)
+        .join(id);
+    let addr = std::fs::read_to_string(bundle.join("address"))
+        .unwrap_or_else(|e| panic!("{}/address: {e}", bundle.display()));
+    let client = containerd_shim::protos::ttrpc::Client::connect(addr.trim())
+        .unwrap_or_else(|e| panic!("connecting to the shim at {addr}: {e}"));
+    containerd_shim::protos::TaskClient::new(client)
+}
+
+/// The memory limit the task's cgroup v1 stats report.
+fn memory_limit(t: &containerd_shim::protos::TaskClient, id: &str) -> u64 {
+    use containerd_shim::protos::protobuf::Message;
+    let s = t
+        .stats(
+            containerd_shim::protos::ttrpc::context::with_timeout(10_000_000_000),
+            &containerd_shim::protos::api::StatsRequest {
+                id: id.into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let m = containerd_shim::protos::cgroups::metrics::Metrics::parse_from_bytes(&s.stats.value)
+        .unwrap_or_else(|e| panic!("stats of {id} ({}): {e}", s.stats.type_url));
+    m.memory.usage.limit
+}
+
+/// Pause/Resume and Update side by side with runc. runc freezes the task; the host backend has
+/// no freezer, so runv refuses pause and resume with that reason and the task keeps running (a
+/// VM pauses whole: `tests/vm_pod.rs`). Update (OCI `linux.resources` as containerd's typeurl
+/// JSON) sets the memory limit of both, as their cgroup stats report back.
+#[test]
+fn pause_resume_and_update_side_by_side_with_runc() {
+    let c = Containerd::start();
+    for (rt, tag) in [(RUNC, "runc"), (RUNV, "runv")] {
+        let id = format!("runv-e2e-{tag}-pu-{}", std::process::id());
+        let out = c.ctr(&["run", "-d", "--runtime", rt, IMAGE, &id, "sleep", "300"]);
+        assert!(out.status.success(), "{tag}: run -d: {}", text(&out.stderr));
+        let status = || {
+            text(&c.ctr(&["task", "ls"]).stdout)
+                .lines()
+                .find(|l| l.starts_with(&id))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+                .unwrap_or_default()
+        };
+        assert_eq!(status(), "RUNNING", "{tag}");
+
+        let pause = c.ctr(&["task", "pause", &id]);
+        if rt == RUNC {
+            assert!(
+                pause.status.success(),
+                "runc: pause: {}",
+                text(&pause.stderr)
+            );
+            assert_eq!(status(), "PAUSED", "runc");
+            let out = c.ctr(&["task", "resume", &id]);
+            assert!(out.status.success(), "runc: resume: {}", text(&out.stderr));
+        } else {
+            assert!(
+                !pause.status.success(),
+                "runv: pause on the host backend succeeded"
+            );
+            let e = text(&pause.stderr);
+            assert!(
+                e.contains("pause is not supported with --sandbox host"),
+                "runv: pause: {e}"
+            );
+            let out = c.ctr(&["task", "resume", &id]);
+            assert!(!out.status.success());
+            assert!(
+                text(&out.stderr).contains("resume is not supported with --sandbox host"),
+                "runv: resume: {}",
+                text(&out.stderr)
+            );
+        }
+        assert_eq!(status(), "RUNNING", "{tag}");
+        let out = c.ctr(&["task", "exec", "--exec-id", "pu", &id, "echo", "alive"]);
+        assert_eq!(text(&out.stdout), "alive\n", "{tag}: {}", text(&out.stderr));
+
+        // Update: 64 MiB, then read back through Stats.
+        let t = task_client(&c, &id);
+        let mut any = containerd_shim::protos::protobuf::well_known_types::any::Any::new();
+        any.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
+        any.value = br#"{"memory":{"limit":67108864},"pids":{"limit":32}}"#.to_vec();
+        t.update(
+            containerd_shim::protos::ttrpc::context::with_timeout(10_000_000_000),
+            &containerd_shim::protos::api::UpdateTaskRequest {
+                id: id.clone(),
+                resources: Some(any).into(),
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{tag}: update: {e}"));
+        assert_eq!(
+            memory_limit(&t, &id),
+            67108864,
+            "{tag}: memory limit after update"
+        );
+        drop(t);
+
+        let out = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+        assert!(out.status.success(), "{tag}: kill: {}", text(&out.stderr));
+        wait_until("the task to stop", Duration::from_secs(10), || {
+            status() == "STOPPED"
+        });
+        assert!(c.ctr(&["task", "delete", &id]).status.success(), "{tag}");
+        assert!(
+            c.ctr(&["container", "delete", &id]).status.success(),
+            "{tag}"
+        );
+    }
+    wait_until("runv shims to exit", Duration::from_secs(10), || {
+        leftovers(&c).shims.is_empty()
+    });
+}

@@ -20,8 +20,9 @@
  * identity page's generation; the VMM may deliver the event after the clone's first
  * connection).
  *
- * When a virtio-blk device is announced, slot 0 (the first) is also watched: on each config
- * generation change the agent reports "PASS agent_disk capacity=C serial=S magic=HEX" (serial
+ * When a virtio-blk device is announced, slot 0 (the first) is also watched (every 64 polling
+ * rounds, and before an unknown request is refused): on each config generation change the agent
+ * reports "PASS agent_disk capacity=C serial=S magic=HEX" (serial
  * by GET_ID; magic the little-endian u32 at byte 1024, sector 2, where EROFS and ext4 keep
  * their superblock magic; 0 when the disk is shorter). Hashing a whole sector would cost ~2.5 ms
  * of emulated instructions on our hosts, in front of the next request.
@@ -197,6 +198,9 @@ static void ag_request(const u8 *id, const u8 *p, u32 n) {
         ag_respond(id, ag_ok);
         return;
     }
+    /* A disk attached before this request (a container's root before `create`) is reported
+     * before the refusal, however soon the host detaches it again. */
+    if (ag_blk) ag_blk_check();
     ag_respond(id, "{\"result\":\"error\",\"code\":\"bad_request\",\"message\":\"the runv test guest "
                    "agent answers ping, reseed, set_clock, set_hostname and set_network only: it "
                    "cannot run containers\"}");

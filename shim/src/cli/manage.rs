@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use protocol::{Request, Resources, Response};
-use shim::sandbox::{vm, Kind};
+use shim::sandbox::{manage, Kind};
 use shim::state::Status;
 
 use super::{client, expect_ok, load};
@@ -15,10 +15,9 @@ use crate::Cli;
 /// VMM's control API; the host backend has no freezer and refuses.
 pub fn pause(cli: &Cli, id: &str, pause: bool) -> Result<()> {
     let (dir, r) = load(cli, id)?;
-    let verb = if pause { "pause" } else { "resume" };
-    if r.sandbox != Kind::Vm.name() {
-        bail!("container {id}: {verb} is not supported with --sandbox {}: the agent protocol has no cgroup freezer; only the vm sandbox can {verb} (its VM's vCPUs)", r.sandbox);
-    }
+    let verb = manage::verb(pause);
+    let kind = Kind::parse(&r.sandbox).with_context(|| format!("container {id}"))?;
+    manage::check_pausable(kind, pause).with_context(|| format!("container {id}"))?;
     if r.status() != Status::Running {
         bail!(
             "container {id} is {}: only a running container can be {verb}d",
@@ -35,7 +34,7 @@ pub fn pause(cli: &Cli, id: &str, pause: bool) -> Result<()> {
             }
         );
     }
-    vm::pause_record(&dir, pause).with_context(|| format!("container {id}: {verb}"))?;
+    manage::pause(kind, &dir, pause).with_context(|| format!("container {id}: {verb}"))?;
     dir.update(|r| r.paused = pause)?;
     Ok(())
 }
@@ -49,17 +48,7 @@ fn read_resources(path: &Path) -> Result<Resources> {
     };
     let r: oci_spec::runtime::LinuxResources = serde_json::from_str(&text)
         .with_context(|| format!("{}: not an OCI linux.resources object", path.display()))?;
-    let cpu = r.cpu().as_ref();
-    Ok(Resources {
-        memory: r
-            .memory()
-            .as_ref()
-            .and_then(|m| m.limit())
-            .filter(|&l| l > 0),
-        pids: r.pids().as_ref().map(|p| p.limit()).filter(|&l| l > 0),
-        cpu_quota: cpu.and_then(|c| c.quota()).filter(|&q| q > 0),
-        cpu_period: cpu.and_then(|c| c.period()),
-    })
+    Ok(manage::resources(&r))
 }
 
 /// `runv update --resources F ID`: memory, pids and cpu limits through the agent.

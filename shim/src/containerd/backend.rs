@@ -113,9 +113,11 @@ pub fn options_config_path(type_url: &str, value: &[u8]) -> Option<PathBuf> {
 enum Cmd {
     Client(mpsc::Sender<Result<Client, SandboxError>>),
     Rootfs(
+        String,
         std::path::PathBuf,
         mpsc::Sender<Result<protocol::RootfsSource, SandboxError>>,
     ),
+    ReleaseRootfs(String, mpsc::Sender<Result<(), SandboxError>>),
     Shutdown(mpsc::Sender<()>),
 }
 
@@ -153,8 +155,11 @@ impl Owner {
                         Cmd::Client(reply) => {
                             let _ = reply.send(sb.client());
                         }
-                        Cmd::Rootfs(path, reply) => {
-                            let _ = reply.send(sb.rootfs(&path));
+                        Cmd::Rootfs(id, path, reply) => {
+                            let _ = reply.send(sb.rootfs(&id, &path));
+                        }
+                        Cmd::ReleaseRootfs(id, reply) => {
+                            let _ = reply.send(sb.release_rootfs(&id));
                         }
                         Cmd::Shutdown(done) => {
                             sb.shutdown();
@@ -182,12 +187,27 @@ impl Owner {
             .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?
     }
 
-    /// How the root file system at `path` (a host directory) reaches the agent (the directory
-    /// itself for host processes, an EROFS image in a disk slot for a VM).
-    pub fn rootfs(&self, path: &std::path::Path) -> Result<protocol::RootfsSource, SandboxError> {
+    /// How container `id`'s root file system at `path` (a host directory) reaches the agent
+    /// (the directory itself for host processes, an EROFS image in a disk slot of its own for a
+    /// VM).
+    pub fn rootfs(
+        &self,
+        id: &str,
+        path: &std::path::Path,
+    ) -> Result<protocol::RootfsSource, SandboxError> {
         let (tx, rx) = mpsc::channel();
         self.tx
-            .send(Cmd::Rootfs(path.to_path_buf(), tx))
+            .send(Cmd::Rootfs(id.into(), path.to_path_buf(), tx))
+            .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?;
+        rx.recv()
+            .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?
+    }
+
+    /// Gives back what [`Owner::rootfs`] took for container `id` (a VM's disk slot).
+    pub fn release_rootfs(&self, id: &str) -> Result<(), SandboxError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Cmd::ReleaseRootfs(id.into(), tx))
             .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?;
         rx.recv()
             .map_err(|_| SandboxError::Spawn("sandbox owner thread".into(), gone()))?

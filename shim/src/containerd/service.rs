@@ -22,7 +22,7 @@ use super::process::{timestamp, Exit, ExitCell, Phase, Proc};
 use super::rootfs;
 use super::stdio::{self, Paths, StdinCloser};
 use crate::relay::{relay_from, HostIo};
-use crate::sandbox::Kind;
+use crate::sandbox::{manage, Kind};
 use crate::state::ContainerDir;
 
 /// How long Delete waits for a destroyed container's process to be reported gone.
@@ -32,6 +32,8 @@ const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
 struct Task {
     bundle: PathBuf,
     mounted: bool,
+    /// Paused (Pause answered, no Resume yet).
+    paused: bool,
     init: Proc,
     execs: HashMap<String, Proc>,
 }
@@ -166,8 +168,8 @@ impl Service {
         Ok(choice.kind)
     }
 
-    /// How `path` (the bundle's rootfs) reaches the agent.
-    fn rootfs_source(&self, path: &Path) -> TtrpcResult<RootfsSource> {
+    /// How container `id`'s `path` (the bundle's rootfs) reaches the agent.
+    fn rootfs_source(&self, id: &str, path: &Path) -> TtrpcResult<RootfsSource> {
         let g = lock(&self.inner.sandbox);
         let (owner, _) = g.as_ref().ok_or_else(|| {
             err(
@@ -175,12 +177,89 @@ impl Service {
                 "this runv shim has no sandbox yet: create a task first",
             )
         })?;
-        owner.rootfs(path).map_err(|e| {
+        owner.rootfs(id, path).map_err(|e| {
             err(
                 Code::FAILED_PRECONDITION,
                 format!("the container's root file system {}: {e}", path.display()),
             )
         })
+    }
+
+    /// Gives back container `id`'s share of the sandbox (a VM's disk slot); failures are
+    /// logged (the slot is free for the next container either way).
+    fn release_rootfs(&self, id: &str) {
+        if let Some((owner, _)) = lock(&self.inner.sandbox).as_ref() {
+            if let Err(e) = owner.release_rootfs(id) {
+                log::warn!("runv: releasing the root file system of {id}: {e}");
+            }
+        }
+    }
+
+    /// Pauses or resumes task `id`'s sandbox (the library's [`manage::pause`], as `runv pause`
+    /// does) and publishes TaskPaused / TaskResumed.
+    fn pause_task(&self, id: &str, pause: bool) -> TtrpcResult<()> {
+        let verb = manage::verb(pause);
+        let kind = lock(&self.inner.sandbox).as_ref().map(|(_, k)| *k);
+        let mut tasks = lock(&self.inner.tasks);
+        let others = tasks.len().saturating_sub(1);
+        let t = tasks.get_mut(id).ok_or_else(|| not_found(id, ""))?;
+        let kind = kind.ok_or_else(|| {
+            err(
+                Code::FAILED_PRECONDITION,
+                "this runv shim has no sandbox yet: create a task first",
+            )
+        })?;
+        manage::check_pausable(kind, pause)
+            .map_err(|e| err(Code::UNIMPLEMENTED, format!("task {id}: {e}")))?;
+        if others > 0 {
+            // A VM is paused whole: pausing one container would freeze its pod mates too.
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("task {id} shares its sandbox VM with {others} other container(s) of its pod; runv can {verb} only a sandbox holding one container"),
+            ));
+        }
+        if t.init.phase() != Phase::Running {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("task {id} is not running: only a running task can be {verb}d"),
+            ));
+        }
+        if t.paused == pause {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "task {id} is {}",
+                    if pause {
+                        "already paused"
+                    } else {
+                        "not paused"
+                    }
+                ),
+            ));
+        }
+        manage::pause(kind, &self.inner.sandbox_dir, pause)
+            .map_err(|e| err(Code::INTERNAL, format!("task {id}: {verb}: {e}")))?;
+        t.paused = pause;
+        drop(tasks);
+        let container_id = id.to_string();
+        if pause {
+            self.publish(
+                containerd_shim::protos::topics::TASK_PAUSED_EVENT_TOPIC,
+                Box::new(ev::TaskPaused {
+                    container_id,
+                    ..Default::default()
+                }),
+            );
+        } else {
+            self.publish(
+                containerd_shim::protos::topics::TASK_RESUMED_EVENT_TOPIC,
+                Box::new(ev::TaskResumed {
+                    container_id,
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(())
     }
 
     fn client(&self) -> TtrpcResult<Client> {
@@ -233,7 +312,7 @@ impl Service {
         super::spec::adapt(&mut spec);
         let kind = self.ensure_sandbox(req.options.as_ref(), &spec)?;
         kind.guest_spec(&mut spec);
-        let rootfs = self.rootfs_source(&rootfs::target(bundle))?;
+        let rootfs = self.rootfs_source(&req.id, &rootfs::target(bundle))?;
         let paths = Paths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -266,6 +345,7 @@ impl Service {
         Ok(Task {
             bundle: bundle.into(),
             mounted: false,
+            paused: false,
             init,
             execs: HashMap::new(),
         })
@@ -402,6 +482,7 @@ impl containerd_shim::Task for Service {
         let mut task = match self.create_task(&req, &bundle) {
             Ok(t) => t,
             Err(e) => {
+                self.release_rootfs(&req.id);
                 if mounted {
                     let _ = rootfs::unmount(&bundle);
                 }
@@ -564,11 +645,15 @@ impl containerd_shim::Task for Service {
                 .ok_or_else(|| not_found(&req.id, &req.exec_id))?
         };
         let exit = p.exit.get();
+        let status = match status_of(p.phase()) {
+            api::Status::RUNNING if t.paused => api::Status::PAUSED,
+            s => s,
+        };
         Ok(api::StateResponse {
             id: req.id.clone(),
             bundle: t.bundle.display().to_string(),
             pid: p.pid,
-            status: EnumOrUnknown::new(status_of(p.phase())),
+            status: EnumOrUnknown::new(status),
             stdin: p.stdio.stdin.clone(),
             stdout: p.stdio.stdout.clone(),
             stderr: p.stdio.stderr.clone(),
@@ -675,11 +760,20 @@ impl containerd_shim::Task for Service {
                 ..Default::default()
             });
         }
-        let (pid, cell) = {
+        let (pid, cell, paused) = {
             let tasks = lock(&self.inner.tasks);
             let t = tasks.get(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-            (t.init.pid, t.init.exit.clone())
+            (t.init.pid, t.init.exit.clone(), t.paused)
         };
+        if paused {
+            // A paused VM's agent cannot destroy anything: thaw it first.
+            let kind = lock(&self.inner.sandbox).as_ref().map(|(_, k)| *k);
+            if let Some(kind) = kind {
+                if let Err(e) = manage::pause(kind, &self.inner.sandbox_dir, false) {
+                    log::warn!("runv: resuming paused task {} to delete it: {e}", req.id);
+                }
+            }
+        }
         // Kills whatever is left (execs, a never-started init) and frees the container in the
         // agent; a container that already went away there is fine.
         if let Err(e) = self.call(
@@ -709,6 +803,7 @@ impl containerd_shim::Task for Service {
                 let _ = h.join();
             }
         }
+        self.release_rootfs(&req.id);
         if task.mounted {
             rootfs::unmount(&task.bundle).map_err(|e| err(Code::INTERNAL, e.to_string()))?;
         }
@@ -747,12 +842,14 @@ impl containerd_shim::Task for Service {
         }
     }
 
-    fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        Err(err(Code::UNIMPLEMENTED, "runv cannot pause containers yet: the agent protocol has no freeze request (neither sandbox backend supports pause)"))
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.pause_task(&req.id, true)?;
+        Ok(api::Empty::new())
     }
 
-    fn resume(&self, _ctx: &TtrpcContext, _req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        Err(err(Code::UNIMPLEMENTED, "runv cannot resume containers: pause is not supported (the agent protocol has no freeze request)"))
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.pause_task(&req.id, false)?;
+        Ok(api::Empty::new())
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
@@ -843,7 +940,39 @@ impl containerd_shim::Task for Service {
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        Err(err(Code::UNIMPLEMENTED, format!("runv cannot update the resources of running task {}: the agent protocol has no update request yet (recreate the container with the new limits)", req.id)))
+        if !lock(&self.inner.tasks).contains_key(&req.id) {
+            return Err(not_found(&req.id, ""));
+        }
+        let Some(any) = req.resources.as_ref() else {
+            // Annotations only: nothing runv applies.
+            return Ok(api::Empty::new());
+        };
+        // containerd marshals the OCI type as JSON (typeurl).
+        let r: oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(&any.value).map_err(|e| {
+                err(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "task {}: the resources ({}) are not OCI linux.resources JSON: {e}",
+                        req.id, any.type_url
+                    ),
+                )
+            })?;
+        let resources = manage::resources(&r);
+        if resources == protocol::Resources::default() {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("task {}: no memory limit, pids limit or cpu quota to apply (runv updates only those)", req.id),
+            ));
+        }
+        self.call(
+            "updating the resources",
+            &Request::Update {
+                id: req.id.clone(),
+                resources,
+            },
+        )?;
+        Ok(api::Empty::new())
     }
 
     fn stats(

@@ -5,6 +5,7 @@
 //! handling and stdio relaying are shared.
 
 pub mod host;
+pub mod manage;
 pub mod vm;
 
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ pub enum SandboxError {
     /// The vm backend failed.
     #[error(transparent)]
     Vm(#[from] vm::VmError),
+    /// Pause/resume on a backend without a freezer.
+    #[error("{0} is not supported with --sandbox {1}: the agent protocol has no cgroup freezer; only the vm sandbox can {0} (its VM's vCPUs)")]
+    NoFreezer(&'static str, &'static str),
     /// The agent of an existing container is unreachable.
     #[error("container {0}: cannot reach its agent: {1} (has it stopped? `runv delete {0}`)")]
     Unreachable(String, ClientError),
@@ -105,12 +109,23 @@ pub trait Sandbox {
     fn client(&self) -> Result<Client, SandboxError>;
     /// The host pid standing for the sandbox (agent or VMM process).
     fn pid(&self) -> i32;
-    /// How the container's root file system `rootfs` (a host directory) reaches the agent: the
-    /// directory itself on the host, an EROFS image in a disk slot in a VM.
-    fn rootfs(&mut self, rootfs: &std::path::Path) -> Result<protocol::RootfsSource, SandboxError> {
+    /// How `container`'s root file system `rootfs` (a host directory) reaches the agent: the
+    /// directory itself on the host, an EROFS image in a disk slot of its own in a VM.
+    fn rootfs(
+        &mut self,
+        container: &str,
+        rootfs: &std::path::Path,
+    ) -> Result<protocol::RootfsSource, SandboxError> {
+        let _ = container;
         Ok(protocol::RootfsSource::Bind {
             path: rootfs.display().to_string(),
         })
+    }
+    /// Gives back what [`Sandbox::rootfs`] took for `container` (a VM's disk slot), once the
+    /// container is destroyed.
+    fn release_rootfs(&mut self, container: &str) -> Result<(), SandboxError> {
+        let _ = container;
+        Ok(())
     }
     /// Ends the sandbox and waits for it (idempotent).
     fn shutdown(&mut self);

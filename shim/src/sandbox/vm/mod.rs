@@ -5,14 +5,16 @@
 //! vsock socket (`CONNECT <port>`), waits for its `ping` (a template whose guest runs no agent
 //! fails here, naming the template) and runs the clone hooks (`reseed`, `set_clock`,
 //! `set_hostname`, and `set_network` when it has a network: a CRI pod's namespace named by the
-//! spec, joined to the clone's TAP, or the pool's network; see [`net`]). [`VmSandbox::attach_rootfs`] puts an EROFS image in disk slot 0
-//! (`attach_disk`) and returns the `RootfsSource::Block` the agent mounts. Releasing (or
+//! spec, joined to the clone's TAP, or the pool's network; see [`net`]). [`VmSandbox::attach_rootfs_for`] puts a container's EROFS image in a
+//! disk slot of its own (the lowest free one of the template's `slots`, see [`slots`]; a CRI pod's
+//! containers share the VM) with `attach_disk`, [`VmSandbox::detach_rootfs`] frees it, and returns the `RootfsSource::Block` the agent mounts. Releasing (or
 //! dropping) the sandbox hands the clone back. This is a library API: `runv` (through the
 //! [`super::Sandbox`] trait) and the containerd shim use the same calls.
 
 pub mod agent;
 pub mod config;
 pub mod net;
+pub mod slots;
 pub mod source;
 
 use std::path::{Path, PathBuf};
@@ -28,12 +30,13 @@ use serde::{Deserialize, Serialize};
 pub use agent::Hooks;
 pub use config::VmConfig;
 pub use net::NetPlan;
+pub use slots::{SlotError, SlotTable};
 pub use source::Source;
 
 use super::{Sandbox, SandboxError};
 use crate::state::ContainerDir;
 
-/// Disk slot the root file system goes to.
+/// Disk slot the first container's root file system goes to.
 pub const ROOTFS_SLOT: usize = 0;
 /// Where the monitor records its sandbox in the container directory.
 const RECORD_FILE: &str = "sandbox.json";
@@ -95,6 +98,9 @@ pub enum VmError {
     /// Building the root file system image failed.
     #[error("building the rootfs image: {0}")]
     Image(#[from] crate::image::ImageError),
+    /// No disk slot for a container's root file system.
+    #[error(transparent)]
+    Slots(#[from] SlotError),
     /// The record of a container's sandbox is unreadable.
     #[error("{0}: {1} (`runv delete --force` removes the container)")]
     Record(PathBuf, String),
@@ -122,6 +128,8 @@ pub struct VmSandbox {
     info: SandboxInfo,
     pod: Option<net::PodJoin>,
     first: Mutex<Option<Client>>,
+    /// Which container's root is in which disk slot (read from the template on first use).
+    slots: Mutex<Option<SlotTable>>,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -188,6 +196,7 @@ impl VmSandbox {
             info,
             pod: None,
             first: Mutex::new(None),
+            slots: Mutex::new(None),
         })
     }
 
@@ -288,15 +297,86 @@ impl VmSandbox {
             .map_err(|e| VmError::Control(self.info.id.clone(), format!("detach_disk {slot}: {e}")))
     }
 
-    /// Attaches EROFS image `image` read-only to [`ROOTFS_SLOT`]; returns the root the agent
-    /// mounts (by serial, tmpfs upper layer).
+    /// The pod this VM serves (the container it was leased for).
+    fn pod_name(&self) -> &str {
+        self.info
+            .labels
+            .get("runv.container")
+            .map_or(self.info.id.as_str(), String::as_str)
+    }
+
+    /// Takes the lowest free disk slot for `container` (the template's slot count is asked of
+    /// the source on first use).
+    fn take_slot(&self, container: &str) -> Result<usize, VmError> {
+        let mut g = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            let source = self.source.as_ref().ok_or_else(|| {
+                VmError::Control(self.info.id.clone(), "the sandbox was released".into())
+            })?;
+            *g = Some(SlotTable::new(source.template_slots(&self.cfg.template)?));
+        }
+        let table = g.as_mut().expect("the slot table was just set");
+        Ok(table.take(container, self.pod_name(), &self.cfg.template)?)
+    }
+
+    fn free_slot(&self, slot: usize) {
+        if let Some(t) = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            t.free(slot);
+        }
+    }
+
+    /// The disk slot holding `container`'s root, if any.
+    pub fn rootfs_slot(&self, container: &str) -> Option<usize> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|t| t.slot_of(container))
+    }
+
+    /// Attaches EROFS image `image` read-only as the first container's root (the pod's own
+    /// name owns the slot, [`ROOTFS_SLOT`] on a fresh clone); see [`Self::attach_rootfs_for`].
     pub fn attach_rootfs(&self, image: &Path) -> Result<RootfsSource, VmError> {
-        let reply = self.attach_disk(ROOTFS_SLOT, image, true)?;
-        Ok(RootfsSource::Block {
-            serial: reply.serial,
-            fstype: "erofs".into(),
-            writable: Writable::Tmpfs,
-        })
+        let pod = self.pod_name().to_string();
+        self.attach_rootfs_for(&pod, image)
+    }
+
+    /// Attaches EROFS image `image` read-only to a free disk slot of `container`'s own; returns
+    /// the root the agent mounts (by the slot's serial, tmpfs upper layer). Every slot in use:
+    /// [`SlotError::Full`], naming the template to rebuild.
+    pub fn attach_rootfs_for(
+        &self,
+        container: &str,
+        image: &Path,
+    ) -> Result<RootfsSource, VmError> {
+        let slot = self.take_slot(container)?;
+        match self.attach_disk(slot, image, true) {
+            Ok(reply) => Ok(RootfsSource::Block {
+                serial: reply.serial,
+                fstype: "erofs".into(),
+                writable: Writable::Tmpfs,
+            }),
+            Err(e) => {
+                self.free_slot(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Detaches `container`'s root (`detach_disk`) and frees its slot (also when the detach
+    /// fails: the next `attach_disk` swaps the slot's disk anyway). No slot: nothing to do.
+    pub fn detach_rootfs(&self, container: &str) -> Result<(), VmError> {
+        let Some(slot) = self.rootfs_slot(container) else {
+            return Ok(());
+        };
+        let detached = self.detach_disk(slot).map(|_| ());
+        self.free_slot(slot);
+        detached
     }
 
     /// Parks the clone's vCPUs.
@@ -351,10 +431,14 @@ impl Sandbox for VmSandbox {
         i32::try_from(self.info.pid).unwrap_or(0)
     }
 
-    fn rootfs(&mut self, rootfs: &Path) -> Result<RootfsSource, SandboxError> {
+    fn rootfs(&mut self, container: &str, rootfs: &Path) -> Result<RootfsSource, SandboxError> {
         let cache = crate::image::ImageCache::new(&self.cfg.image_cache).map_err(VmError::from)?;
         let image = cache.erofs_for(rootfs, None).map_err(VmError::from)?;
-        Ok(self.attach_rootfs(&image.path)?)
+        Ok(self.attach_rootfs_for(container, &image.path)?)
+    }
+
+    fn release_rootfs(&mut self, container: &str) -> Result<(), SandboxError> {
+        Ok(self.detach_rootfs(container)?)
     }
 
     fn shutdown(&mut self) {

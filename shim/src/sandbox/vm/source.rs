@@ -100,6 +100,35 @@ impl Source {
         })
     }
 
+    /// How many disk slots `template` declares (its `slots`).
+    pub fn template_slots(&self, template: &str) -> Result<usize, VmError> {
+        let slots = match self {
+            Self::Daemon(sock) => {
+                let (code, body) = http(sock, "GET", &format!("/v1/templates/{template}"), None)?;
+                if code != 200 {
+                    return Err(VmError::Pool(format!(
+                        "template {template}: HTTP {code}: {body}"
+                    )));
+                }
+                let v: serde_json::Value = serde_json::from_str(&body)
+                    .map_err(|e| VmError::Pool(format!("template {template}: bad reply: {e}")))?;
+                v["spec"]["slots"].as_u64()
+            }
+            Self::Embedded(p) => p
+                .template(template)
+                .ok()
+                .and_then(|t| t.spec)
+                .map(|s| u64::from(s.slots)),
+        };
+        slots
+            .map(|n| usize::try_from(n).unwrap_or(0))
+            .ok_or_else(|| {
+                VmError::Pool(format!(
+                    "template {template}: its metadata (disk slots) is unreadable; rebuild it"
+                ))
+            })
+    }
+
     /// Leases a clone of `template`, labelled with the container id; `network` as in
     /// [`AcquireRequest::network`] (`None`: the pool's setting, `Some(false)`: none).
     pub fn acquire(
