@@ -31,6 +31,32 @@ fn report(log: &Path, prefix: &str) -> String {
     line
 }
 
+/// Live processes with `arg` as one of their command-line arguments.
+fn processes_with_arg(arg: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|&b| b == 0).any(|a| a == arg.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The real uid of `pid`.
+fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// FNV-1a 32, as the test guest computes it.
 fn fnv1a(data: &[u8]) -> u32 {
     data.iter().fold(0x811c_9dc5u32, |h, b| {
@@ -53,7 +79,39 @@ fn jailed_slot_template_clone_attaches_a_disk_the_guest_reads() {
         warmup_ms: 200,
         ..counter_spec()
     };
+    // The build VM runs jailed too: seen from a thread watching /proc while it boots.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut uids = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for pid in processes_with_arg("build-disks") {
+                    if let Some(uid) = uid_of(pid) {
+                        uids.insert(uid);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            uids
+        })
+    };
     pool.build_template("disks", &spec).unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let uids = watcher.join().unwrap();
+    // The keeper (root) and the VMM proper (the jail uid).
+    let jail_uid = vmm_api::jail::DEFAULT_JAIL_ID;
+    assert!(uids.contains(&jail_uid), "build VMM uids seen: {uids:?}");
+    // Published owned by root again; nothing of the build jail is left.
+    use std::os::unix::fs::MetadataExt;
+    let durable = dirs.state().join("templates/disks");
+    for f in ["", "state.bin", "memory.bin", "slot0.placeholder"] {
+        let m = std::fs::metadata(durable.join(f)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{f}");
+    }
+    assert!(!dirs.run().join("build-disks").exists());
+    assert!(!dirs.run().join("build-disks.root").exists());
+    assert!(!vmm_api::jail::Cgroup::of("build-disks").exists());
     pool.set_pool(
         "disks",
         PoolTargets {

@@ -162,6 +162,7 @@ impl Pool {
             &cfg.state_dir.join("templates"),
             &cfg.tmpfs_dir,
             &cfg.run_dir,
+            cfg.jail.as_ref(),
             &progress,
         );
         let verified = built.map_err(PoolError::from).and_then(|t| {
