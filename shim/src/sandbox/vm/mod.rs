@@ -263,7 +263,8 @@ impl VmSandbox {
         Ok(c)
     }
 
-    /// Swaps disk slot `slot` to `path` (`attach_disk`).
+    /// Swaps disk slot `slot` to `path` (`attach_disk`): opened here and passed to the VMM as a
+    /// descriptor, so a jailed clone gets it too.
     pub fn attach_disk(
         &self,
         slot: usize,
