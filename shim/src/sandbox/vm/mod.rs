@@ -271,15 +271,19 @@ impl VmSandbox {
         path: &Path,
         read_only: bool,
     ) -> Result<DiskReply, VmError> {
-        self.control()?.attach_disk(slot, path, read_only).map_err(|e| {
-            VmError::Control(
-                self.info.id.clone(),
-                format!(
-                    "attach_disk slot {slot} {}: {e} (templates for runv need disk slots: build them with \"slots\": 1 or more)",
-                    path.display()
-                ),
-            )
-        })
+        self.control()?
+            .attach_disk(slot, path, read_only)
+            .map_err(|e| {
+                // A file that cannot be opened here says so itself; a refusal may be a missing slot.
+                let hint = match e {
+                vmm_api::ClientError::Open { .. } => "",
+                _ => " (templates for runv need disk slots: build them with \"slots\": 1 or more)",
+            };
+                VmError::Control(
+                    self.info.id.clone(),
+                    format!("attach_disk slot {slot} {}: {e}{hint}", path.display()),
+                )
+            })
     }
 
     /// Puts slot `slot`'s placeholder back (`detach_disk`).
