@@ -83,7 +83,7 @@ pub fn recv_with_fds(
         while !h.is_null() {
             if (*h).cmsg_level == libc::SOL_SOCKET && (*h).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(h).cast::<RawFd>();
-                let len = (*h).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let len = ((*h).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                 for i in 0..len / std::mem::size_of::<RawFd>() {
                     let fd = std::ptr::read_unaligned(data.add(i));
                     fds.push(OwnedFd::from_raw_fd(fd));

@@ -13,6 +13,8 @@ pub(crate) const MAX_OUTPUT: usize = 256 * 1024;
 /// Most bytes read from one connection per readiness event, so one client cannot starve the
 /// device loop (epoll is level-triggered: the rest is read on the next turn).
 const READ_BUDGET: usize = 64 * 1024;
+/// Most reads from one connection per readiness event.
+const MAX_READS: usize = 64;
 /// Most received file descriptors a connection holds before a request claims them; more are
 /// closed at once (a well-behaved client sends one per `attach_disk`).
 const MAX_PENDING_FDS: usize = 8;
@@ -62,7 +64,10 @@ impl ControlConn {
         let mut chunk = [0u8; 16 * 1024];
         let mut budget = READ_BUDGET;
         let mut fds = Vec::new();
-        while budget > 0 && self.input.len() <= MAX_LINE {
+        // A read ends at each message that carries descriptors: bound the calls too.
+        let mut reads = 0;
+        while budget > 0 && self.input.len() <= MAX_LINE && reads < MAX_READS {
+            reads += 1;
             let read = vmm_api::recv_with_fds(self.stream.as_raw_fd(), &mut chunk, &mut fds);
             if matches!(read, Ok((_, true))) {
                 tracing::warn!(
