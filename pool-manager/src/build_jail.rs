@@ -1,8 +1,8 @@
 //! The jail of a template's build VM (the `runv-vmm` that boots the kernel and is snapshotted).
 //!
-//! Laid out like a pooled shell's ([`crate::shell`]): jail `build-<name>` (cgroup
-//! `runv/build-<name>`, root `<run_dir>/build-<name>.root`), its sockets in
-//! `<run_dir>/build-<name>/` (owned by the jail uid, bound read-write). The kernel, initrd and
+//! Laid out like a pooled shell's ([`crate::shell`]): jail `build-<12 random hex>` (unique on
+//! the host, as its cgroup `runv/build-<hex>` must be), root `<run_dir>/build-<hex>.root`, its
+//! sockets in `<run_dir>/build-<hex>/` (owned by the jail uid, bound read-write). The kernel, initrd and
 //! slot placeholders are bound by `runv-vmm --jail` itself (it binds `--kernel`, `--initrd` and
 //! `--block` files). The build directory the snapshot goes to is bound read-write and owned by
 //! the jail uid while the VM runs, and given back to root (files and directory) before the
@@ -36,8 +36,12 @@ impl BuildJail {
         building: &Path,
         mem_mib: u64,
     ) -> Result<Self, TemplateError> {
-        let id = format!("build-{name}");
-        remove_leftovers(run_dir, &id);
+        // Unique on the host (cgroups are): two pools may build templates of one name at once.
+        let id = {
+            use std::hash::BuildHasher;
+            let r = std::collections::hash_map::RandomState::new().hash_one(name);
+            format!("build-{:012x}", r >> 16)
+        };
         let mut this = Self {
             run_dir: run_dir.to_path_buf(),
             id: id.clone(),

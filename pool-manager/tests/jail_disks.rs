@@ -31,16 +31,25 @@ fn report(log: &Path, prefix: &str) -> String {
     line
 }
 
-/// Live processes with `arg` as one of their command-line arguments.
-fn processes_with_arg(arg: &str) -> Vec<u32> {
+/// Live processes with an argument ending in `suffix`, with their `--jail-id`.
+fn processes_with_arg(suffix: &str) -> Vec<(u32, Option<String>)> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.split(|&b| b == 0).any(|a| a == arg.as_bytes()))
-                .unwrap_or(false)
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.iter().any(|a| a.ends_with(suffix)).then(|| {
+                let id = args
+                    .iter()
+                    .position(|a| a == "--jail-id")
+                    .and_then(|i| args.get(i + 1).cloned());
+                (pid, id)
+            })
         })
         .collect()
 }
@@ -84,21 +93,22 @@ fn jailed_slot_template_clone_attaches_a_disk_the_guest_reads() {
     let watcher = {
         let done = done.clone();
         std::thread::spawn(move || {
-            let mut uids = std::collections::BTreeSet::new();
+            let (mut uids, mut ids) = (std::collections::BTreeSet::new(), Vec::new());
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                for pid in processes_with_arg("build-disks") {
+                for (pid, id) in processes_with_arg("/build-disks.sock") {
                     if let Some(uid) = uid_of(pid) {
                         uids.insert(uid);
                     }
+                    ids.extend(id.filter(|i| !ids.contains(i)));
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            uids
+            (uids, ids)
         })
     };
     pool.build_template("disks", &spec).unwrap();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let uids = watcher.join().unwrap();
+    let (uids, ids) = watcher.join().unwrap();
     // The keeper (root) and the VMM proper (the jail uid).
     let jail_uid = vmm_api::jail::DEFAULT_JAIL_ID;
     assert!(uids.contains(&jail_uid), "build VMM uids seen: {uids:?}");
@@ -109,9 +119,19 @@ fn jailed_slot_template_clone_attaches_a_disk_the_guest_reads() {
         let m = std::fs::metadata(durable.join(f)).unwrap();
         assert_eq!((m.uid(), m.gid()), (0, 0), "{f}");
     }
-    assert!(!dirs.run().join("build-disks").exists());
-    assert!(!dirs.run().join("build-disks.root").exists());
-    assert!(!vmm_api::jail::Cgroup::of("build-disks").exists());
+    let left: Vec<_> = std::fs::read_dir(dirs.run())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("build-"))
+        .collect();
+    assert!(left.is_empty(), "build jail leftovers: {left:?}");
+    assert_eq!(ids.len(), 1, "one build jail: {ids:?}");
+    assert!(ids[0].starts_with("build-"), "{ids:?}");
+    assert!(
+        !vmm_api::jail::Cgroup::of(&ids[0]).exists(),
+        "cgroup of {ids:?} left"
+    );
     pool.set_pool(
         "disks",
         PoolTargets {

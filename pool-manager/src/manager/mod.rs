@@ -651,8 +651,8 @@ impl Pool {
     /// Ends what a previous pool left in the run dir and this one does not own (a daemon that
     /// was killed leaves its pooled VMs behind): every VMM whose command line controls a
     /// `<run_dir>/vm-*.sock` and that is neither this process's child nor an adopted sandbox gets
-    /// SIGTERM, `vm-*` files that no live VMM claims (and `build-*` jail directories no build of
-    /// this pool uses) are removed, and so are the sandbox networks
+    /// SIGTERM, `vm-*` files that no live VMM claims (and `build-*` jail directories, unless
+    /// this pool is building) are removed, and so are the sandbox networks
     /// (namespaces `runv-vm-*`, TAPs, veths, nftables rules) of VMs that no live VMM on the host
     /// runs ([`crate::network::orphans`]). Call it after [`Pool::adopt`]ing the recorded
     /// sandboxes; returns how many VMMs were ended.
@@ -701,11 +701,10 @@ impl Pool {
         if let Ok(dir) = std::fs::read_dir(run) {
             for f in dir.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                // A template build's jail directory or root (`build-<name>[.root]`) that no
-                // build of this pool is using.
-                if let Some(t) = name.strip_prefix("build-") {
-                    let t = t.strip_suffix(".root").unwrap_or(t);
-                    if !self.shared.lock().building.contains_key(t) {
+                // A template build's jail directory or root (`build-<hex>[.root]`), unless
+                // this pool is building.
+                if name.starts_with("build-") {
+                    if self.shared.lock().building.is_empty() {
                         stale.push(f.path());
                     }
                     continue;
