@@ -6,6 +6,7 @@
 //! never on the request path: a clone costs the `restore` command only. [`ShellPool`] is the
 //! minimal template-less pool used by the VMM's tests.
 
+mod build_jail;
 pub mod manager;
 pub mod metrics;
 pub mod names;

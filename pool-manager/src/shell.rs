@@ -353,6 +353,11 @@ impl ShellProcess {
         self.socket.parent().unwrap_or(Path::new("/"))
     }
 
+    /// Whether it runs jailed (its files in its own directory, [`ShellProcess::files_dir`]).
+    pub fn is_jailed(&self) -> bool {
+        self.jailed
+    }
+
     /// Asks the VMM to shut down and waits for it.
     pub fn shutdown(mut self) -> Result<std::process::ExitStatus, ShellError> {
         // A VMM that already exited (e.g. after a failed restore) cannot answer; waiting is

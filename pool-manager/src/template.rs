@@ -204,6 +204,9 @@ pub struct Template {
 
 /// Boots `spec` with `vmm`, waits for readiness, snapshots into `<templates>/<name>` (published
 /// by a rename) and copies it to `<tmpfs_root>/<name>`. `run_dir` holds the build VM's sockets.
+/// With `jail` the build VM runs jailed (see [`crate::build_jail`]), except for a template with
+/// a network device (its TAP needs the host's namespace and `CAP_NET_ADMIN`).
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     vmm: &Path,
     name: &str,
@@ -211,6 +214,7 @@ pub fn build(
     templates: &Path,
     tmpfs_root: &Path,
     run_dir: &Path,
+    jail: Option<&crate::ShellJail>,
     progress: &dyn Fn(BuildStep),
 ) -> Result<Template, TemplateError> {
     names::validate("template", name).map_err(|e| TemplateError::Spec(e.to_string()))?;
@@ -219,7 +223,7 @@ pub fn build(
     let building = templates.join(format!(".{name}.building"));
     let _ = std::fs::remove_dir_all(&building);
     std::fs::create_dir_all(&building).map_err(io("creating", &building))?;
-    let result = boot_and_snapshot(vmm, name, spec, &building, run_dir, progress);
+    let result = boot_and_snapshot(vmm, name, spec, &building, run_dir, jail, progress);
     let result = result.and_then(|()| {
         progress(BuildStep::Publishing);
         let meta = TemplateMeta {
@@ -303,13 +307,30 @@ fn boot_and_snapshot(
     spec: &TemplateSpec,
     snap: &Path,
     run_dir: &Path,
+    jail: Option<&crate::ShellJail>,
     progress: &dyn Fn(BuildStep),
 ) -> Result<(), TemplateError> {
     progress(BuildStep::Booting);
     let log = snap.join("build.log");
-    let control = run_dir.join(format!("build-{name}.sock"));
-    let vsock = run_dir.join(format!("build-{name}.vsock"));
+    let jail = match jail.filter(|_| !spec.net) {
+        Some(j) => Some(crate::build_jail::BuildJail::prepare(
+            j,
+            run_dir,
+            name,
+            snap,
+            spec.mem_mib,
+        )?),
+        None => None,
+    };
+    let sockets = jail
+        .as_ref()
+        .map_or_else(|| run_dir.to_path_buf(), |j| j.files_dir());
+    let control = sockets.join(format!("build-{name}.sock"));
+    let vsock = sockets.join(format!("build-{name}.vsock"));
     let mut cmd = Command::new(vmm);
+    if let Some(j) = &jail {
+        cmd.args(j.args());
+    }
     cmd.arg("--kernel")
         .arg(&spec.kernel)
         .args(["--cmdline", &spec.cmdline])
@@ -331,6 +352,9 @@ fn boot_and_snapshot(
     for slot in 0..usize::from(spec.slots) {
         let p = slot_placeholder(snap, slot);
         std::fs::write(&p, [0u8; 512]).map_err(io("writing", &p))?;
+        if let Some(j) = &jail {
+            j.own(&p)?;
+        }
         cmd.arg("--block").arg(format!(
             "path={},id={}",
             p.display(),
@@ -379,7 +403,10 @@ fn boot_and_snapshot(
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(&vsock);
     let _ = std::fs::remove_file(&control);
+    let given_back = jail.as_ref().map(|j| j.give_back(snap)).transpose();
+    drop(jail);
     outcome?;
+    given_back?;
     match status {
         Ok(s) if s.success() => Ok(()),
         Ok(s) => Err(TemplateError::Guest(format!(

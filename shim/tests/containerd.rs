@@ -568,10 +568,19 @@ fn ctr_run_on_the_vm_backend_reaches_the_clone_and_reports_the_refusal() {
         let mut seen = String::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            for f in std::fs::read_dir(&run).into_iter().flatten().flatten() {
-                let n = f.file_name().to_string_lossy().into_owned();
+            // A jailed clone's log is `<run>/vm-X/vm-X.log` (an unjailed one's `<run>/vm-X.log`).
+            let dirs = std::fs::read_dir(&run).into_iter().flatten().flatten();
+            let files = dirs.flat_map(|d| {
+                let inner = std::fs::read_dir(d.path()).into_iter().flatten().flatten();
+                inner.map(|f| f.path()).chain([d.path()])
+            });
+            for f in files {
+                let n = f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 if n.starts_with("vm-") && n.ends_with(".log") {
-                    let t = std::fs::read_to_string(f.path()).unwrap_or_default();
+                    let t = std::fs::read_to_string(&f).unwrap_or_default();
                     if t.len() > seen.len() {
                         seen = t;
                     }

@@ -301,7 +301,13 @@ fn build_root(spec: &JailSpec) -> Result<(), JailSetupError> {
         if src.is_dir() {
             std::fs::create_dir_all(&dst)
         } else {
-            std::fs::File::create(&dst).map(drop)
+            // Never truncate: under a directory bound earlier, `dst` is the real file.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&dst)
+                .map(drop)
         }
         .map_err(|e| JailSetupError::Invalid(format!("mount point {}: {e}", dst.display())))?;
         mount(

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,19 @@ fn next_pass(reports: &Receiver<String>, name: &str) -> String {
             return r;
         }
     }
+}
+
+/// `attach_disk` of a descriptor that is not there.
+const NO_FD: &[u8] = b"{\"cmd\":\"attach_disk\",\"slot\":0,\"path\":\"/no/fd.img\",\"fd\":true}\n";
+
+/// `path` opened `O_PATH` (a descriptor that names the file but reads nothing).
+fn open_path(path: &Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .unwrap()
 }
 
 /// The error kind and message of a refused call.
@@ -123,9 +137,54 @@ fn kvm_disks_attach_detach_and_refusals_on_a_booted_vm() {
     let (kind, msg) = refused(c.attach_disk(2, &img, false));
     assert_eq!(kind, ErrorKind::BadRequest);
     assert!(msg.contains("not a disk slot"), "{msg}");
-    let (kind, msg) = refused(c.attach_disk(0, &d.join("absent.img"), false));
+    // The client opens the image and passes its descriptor: a file it cannot open is its
+    // own error, the VMM is not asked.
+    match c.attach_disk(0, &d.join("absent.img"), false) {
+        Err(e @ ClientError::Open { .. }) => assert!(e.to_string().contains("absent.img"), "{e}"),
+        other => panic!("expected an open error, got {other:?}"),
+    }
+    // Asked to open a path itself, the VMM refuses the same file.
+    let (kind, msg) = refused(c.attach_disk_path(0, &d.join("absent.img"), false));
     assert_eq!(kind, ErrorKind::Failed);
     assert!(msg.contains("absent.img"), "{msg}");
+    // `fd: true` with no descriptor on the line: a clear refusal, nothing attached.
+    let v = c.call_raw(NO_FD).unwrap();
+    assert_eq!(v["kind"], "bad_request", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("no file descriptor came with the request"),
+        "{v}"
+    );
+    // A descriptor that does not allow what the attach needs.
+    let ro_file = std::fs::File::open(&img).unwrap();
+    let (kind, msg) = refused(c.attach_disk_fd(0, ro_file.as_fd(), &img, false));
+    assert_eq!(kind, ErrorKind::Failed);
+    assert!(msg.contains("read-only") && msg.contains("O_RDWR"), "{msg}");
+    let path_fd = open_path(&img);
+    let (_, msg) = refused(c.attach_disk_fd(0, path_fd.as_fd(), &img, true));
+    assert!(msg.contains("O_PATH"), "{msg}");
+    // A socket is no disk either.
+    let (sa, _sb) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (_, msg) = refused(c.attach_disk_fd(0, sa.as_fd(), Path::new("a-socket"), true));
+    assert!(
+        msg.contains("a-socket") && msg.contains("regular file"),
+        "{msg}"
+    );
+    // Descriptors sent with requests that take none are closed, not kept or used later (the
+    // VMM runs in this process: its copies show in /proc/self/fd).
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = open_fds();
+    for _ in 0..20 {
+        let s: vmm_api::StatusReply = c
+            .call_with_fd(&vmm_api::Request::Status {}, Some(ro_file.as_fd()))
+            .unwrap();
+        assert_eq!(s.state, vmm_api::VmState::Running);
+    }
+    assert_eq!(open_fds(), before, "stray descriptors are closed");
+    let v = c.call_raw(NO_FD).unwrap();
+    assert_eq!(v["kind"], "bad_request", "{v}");
     // A FIFO without a writer: refused at once, not waited on.
     let fifo = d.join("fifo");
     let ok = std::process::Command::new("mkfifo")
@@ -134,17 +193,29 @@ fn kvm_disks_attach_detach_and_refusals_on_a_booted_vm() {
         .unwrap();
     assert!(ok.success());
     for ro in [false, true] {
-        let t0 = Instant::now();
-        let (kind, msg) = refused(c.attach_disk(1, &fifo, ro));
-        assert_eq!(kind, ErrorKind::Failed);
-        assert!(msg.contains("a FIFO"), "{msg}");
-        assert!(t0.elapsed() < Duration::from_secs(2));
+        for by_path in [false, true] {
+            let t0 = Instant::now();
+            let (kind, msg) = refused(if by_path {
+                c.attach_disk_path(1, &fifo, ro)
+            } else {
+                c.attach_disk(1, &fifo, ro)
+            });
+            assert_eq!(kind, ErrorKind::Failed);
+            assert!(msg.contains("a FIFO"), "{msg}");
+            assert!(t0.elapsed() < Duration::from_secs(2));
+        }
     }
     let (_, msg) = refused(c.attach_disk(0, d, true));
     assert!(msg.contains("a directory"), "{msg}");
+    let (_, msg) = refused(c.attach_disk_path(0, d, true));
+    assert!(msg.contains("a directory"), "{msg}");
     let link = d.join("link.img");
     std::os::unix::fs::symlink(&img, &link).unwrap();
-    let (_, msg) = refused(c.attach_disk(0, &link, false));
+    match c.attach_disk(0, &link, false) {
+        Err(e @ ClientError::Open { .. }) => assert!(e.to_string().contains("link.img"), "{e}"),
+        other => panic!("expected an open error, got {other:?}"),
+    }
+    let (_, msg) = refused(c.attach_disk_path(0, &link, false));
     assert!(msg.contains("link.img"), "{msg}");
     c.pause().unwrap();
     let (kind, msg) = refused(c.attach_disk(0, &img, false));

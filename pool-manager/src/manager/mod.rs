@@ -162,6 +162,7 @@ impl Pool {
             &cfg.state_dir.join("templates"),
             &cfg.tmpfs_dir,
             &cfg.run_dir,
+            cfg.jail.as_ref(),
             &progress,
         );
         let verified = built.map_err(PoolError::from).and_then(|t| {
@@ -650,7 +651,8 @@ impl Pool {
     /// Ends what a previous pool left in the run dir and this one does not own (a daemon that
     /// was killed leaves its pooled VMs behind): every VMM whose command line controls a
     /// `<run_dir>/vm-*.sock` and that is neither this process's child nor an adopted sandbox gets
-    /// SIGTERM, `vm-*` files that no live VMM claims are removed, and so are the sandbox networks
+    /// SIGTERM, `vm-*` files that no live VMM claims (and `build-*` jail directories, unless
+    /// this pool is building) are removed, and so are the sandbox networks
     /// (namespaces `runv-vm-*`, TAPs, veths, nftables rules) of VMs that no live VMM on the host
     /// runs ([`crate::network::orphans`]). Call it after [`Pool::adopt`]ing the recorded
     /// sandboxes; returns how many VMMs were ended.
@@ -699,6 +701,14 @@ impl Pool {
         if let Ok(dir) = std::fs::read_dir(run) {
             for f in dir.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
+                // A template build's jail directory or root (`build-<hex>[.root]`), unless
+                // this pool is building.
+                if name.starts_with("build-") {
+                    if self.shared.lock().building.is_empty() {
+                        stale.push(f.path());
+                    }
+                    continue;
+                }
                 let Some(vm) = name.strip_prefix("vm-").and_then(|n| n.split('.').next()) else {
                     continue;
                 };

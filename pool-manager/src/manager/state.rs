@@ -2,7 +2,7 @@
 //! the worker threads share.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -208,6 +208,21 @@ impl State {
     }
 }
 
+/// Copies `from` to a new file `to` (mode 0600) owned by `uid:gid`.
+fn copy_owned(from: &Path, to: &Path, uid: u32, gid: u32) -> Result<(), ShellError> {
+    let fail = |what: &str| {
+        let what = format!("{what} {} (a disk slot's placeholder)", to.display());
+        move |source| ShellError::Io { what, source }
+    };
+    std::fs::copy(from, to).map_err(fail(&format!("copying {} to", from.display())))?;
+    std::os::unix::fs::chown(to, Some(uid), Some(gid)).map_err(fail("chown to the jail uid of"))?;
+    std::fs::set_permissions(
+        to,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .map_err(fail("chmod 0600 of"))
+}
+
 pub(super) fn not_found_template(name: &str) -> PoolError {
     PoolError::NotFound(format!(
         "no template {name:?}: build it first (POST /v1/templates) or list them (GET /v1/templates)"
@@ -228,10 +243,10 @@ impl Shared {
     }
 
     pub(super) fn spawn_shell(&self, t: &Template) -> Result<ShellProcess, ShellError> {
-        // Not jailable yet, so run unconfined (said in the docs): a template with disk slots
-        // (`attach_disk` opens images the jail does not hold).
-        let jailable = t.meta.spec.slots == 0;
-        let jail = match self.cfg.jail.as_ref().filter(|_| jailable) {
+        // Every VMM runs jailed where the pool has a jail: a uffd clone opens the jail's own
+        // /dev/userfaultfd, a networked one gets its TAP lent into its namespace for the
+        // restore, and disks reach a slot as descriptors (`ControlClient::attach_disk`).
+        let jail = match self.cfg.jail.as_ref() {
             Some(j) => {
                 let mut j = j.clone();
                 // The jailed VMM reads the template as the pool gid; a uffd template without a
@@ -300,13 +315,9 @@ impl Shared {
         opts.serial = SerialOutput::None;
         opts.debug_log = Some(paths.log.to_string_lossy().into_owned());
         opts.vsock_uds = Some(paths.vsock);
-        // The snapshot names the build directory's placeholders: point at the published ones.
-        opts.block = (0..usize::from(t.meta.spec.slots))
-            .map(|slot| vmm_api::BlockOverride {
-                index: slot,
-                path: crate::template::slot_placeholder(&t.durable, slot),
-            })
-            .collect();
+        // The snapshot names the build directory's placeholders: point at the published ones,
+        // or, jailed, at the VM's own copies (see `slot_placeholders`).
+        opts.block = self.slot_placeholders(vm, t)?;
         if warm {
             crate::warm::set_paused(&mut opts);
         }
@@ -320,6 +331,33 @@ impl Shared {
             }
         }
         restored
+    }
+
+    /// The placeholders a clone of `t` restores in its disk slots. Unjailed: the template's.
+    /// Jailed: copies in the VM's own directory (bound read-write into its jail, removed with
+    /// it), owned by the jail uid: the VMM opens a slot's placeholder read-write and must not
+    /// write through it into a file every clone shares. Attached disks come as descriptors
+    /// (`ControlClient::attach_disk`), so nothing else of the host's needs binding in.
+    fn slot_placeholders(
+        &self,
+        vm: &ShellProcess,
+        t: &Template,
+    ) -> Result<Vec<vmm_api::BlockOverride>, ShellError> {
+        let jail = self.cfg.jail.as_ref().filter(|_| vm.is_jailed());
+        (0..usize::from(t.meta.spec.slots))
+            .map(|slot| {
+                let published = crate::template::slot_placeholder(&t.durable, slot);
+                let path = match jail {
+                    None => published,
+                    Some(j) => {
+                        let own = vm.files_dir().join(format!("slot{slot}.placeholder"));
+                        copy_owned(&published, &own, j.uid, j.gid)?;
+                        own
+                    }
+                };
+                Ok(vmm_api::BlockOverride { index: slot, path })
+            })
+            .collect()
     }
 
     /// A shell for `t`, with its own TAP when the template has a network device.

@@ -1,6 +1,8 @@
 //! A blocking control client: one connection, one request at a time.
 
 use std::io::{BufRead, BufReader, ErrorKind as IoKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -52,6 +54,16 @@ pub enum ClientError {
     /// The request cannot be put on the wire.
     #[error("{0}")]
     Encode(String),
+    /// A disk to send to the VMM could not be opened here.
+    #[error("opening disk {path}{} to pass it to the VMM: {source} (pass an existing regular file or block device, not a symbolic link)", if *read_only { " read-only" } else { "" })]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Opened read-only.
+        read_only: bool,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The reply is not what the protocol says.
     #[error("bad reply to {request}: {detail}")]
     BadReply {
@@ -133,9 +145,18 @@ impl ControlClient {
 
     /// Sends `req` and decodes its reply as `T`; an error reply is [`ClientError::Refused`].
     pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> Result<T, ClientError> {
+        self.call_with_fd(req, None)
+    }
+
+    /// [`ControlClient::call`] with `fd` sent along with the request line (`SCM_RIGHTS`).
+    pub fn call_with_fd<T: DeserializeOwned>(
+        &mut self,
+        req: &Request,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<T, ClientError> {
         let name = req.name();
         let line = encode_request(req).map_err(ClientError::Encode)?;
-        let reply = self.exchange(name, &line)?;
+        let reply = self.exchange(name, &line, fd)?;
         match decode_reply::<T>(&reply) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(error)) => Err(ClientError::Refused {
@@ -152,14 +173,19 @@ impl ControlClient {
     /// Sends raw bytes (which should end in a newline) and returns the reply line as JSON: for
     /// tests that probe how the VMM handles malformed input.
     pub fn call_raw(&mut self, bytes: &[u8]) -> Result<serde_json::Value, ClientError> {
-        let reply = self.exchange("a raw request", bytes)?;
+        let reply = self.exchange("a raw request", bytes, None)?;
         serde_json::from_slice(&reply).map_err(|e| ClientError::BadReply {
             request: "a raw request",
             detail: e.to_string(),
         })
     }
 
-    fn exchange(&mut self, name: &'static str, line: &[u8]) -> Result<Vec<u8>, ClientError> {
+    fn exchange(
+        &mut self,
+        name: &'static str,
+        line: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Vec<u8>, ClientError> {
         let timeout = self.timeout;
         let fail = |op: &'static str, e: std::io::Error| match e.kind() {
             IoKind::WouldBlock | IoKind::TimedOut => ClientError::Timeout {
@@ -169,8 +195,17 @@ impl ControlClient {
             IoKind::BrokenPipe | IoKind::ConnectionReset => ClientError::Closed { request: name },
             _ => ClientError::Io { op, source: e },
         };
+        let sent = match fd {
+            Some(fd) => loop {
+                match crate::fdpass::send_with_fd(self.writer.as_raw_fd(), line, fd) {
+                    Err(e) if e.kind() == IoKind::Interrupted => {}
+                    r => break r.map_err(|e| fail("writing to", e))?,
+                }
+            },
+            None => 0,
+        };
         self.writer
-            .write_all(line)
+            .write_all(&line[sent..])
             .map_err(|e| fail("writing to", e))?;
         let mut reply = Vec::new();
         let n = (&mut self.reader)
@@ -234,8 +269,52 @@ impl ControlClient {
         })
     }
 
-    /// `attach_disk`: swap disk slot `slot` to `path`.
+    /// `attach_disk`: swap disk slot `slot` to the image at `path`, which is opened here
+    /// (`O_NOFOLLOW`, read-write unless `read_only`) and passed to the VMM as a file
+    /// descriptor, so a jailed VMM that cannot see `path` gets it too.
     pub fn attach_disk(
+        &mut self,
+        slot: usize,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<DiskReply, ClientError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|source| ClientError::Open {
+                path: path.to_path_buf(),
+                read_only,
+                source,
+            })?;
+        self.attach_disk_fd(slot, file.as_fd(), path, read_only)
+    }
+
+    /// `attach_disk` of an image already open as `fd` (read-write unless `read_only`): the
+    /// VMM uses its own copy of the descriptor (the caller may close `fd` afterwards);
+    /// `label` names the disk in the VMM's errors.
+    pub fn attach_disk_fd(
+        &mut self,
+        slot: usize,
+        fd: BorrowedFd<'_>,
+        label: &Path,
+        read_only: bool,
+    ) -> Result<DiskReply, ClientError> {
+        self.call_with_fd(
+            &Request::AttachDisk {
+                slot,
+                path: label.to_path_buf(),
+                read_only,
+                fd: true,
+            },
+            Some(fd),
+        )
+    }
+
+    /// `attach_disk` that has the VMM open `path` itself: only for a VMM that can see it (not
+    /// jailed, or the file bound into its jail).
+    pub fn attach_disk_path(
         &mut self,
         slot: usize,
         path: &Path,
@@ -245,6 +324,7 @@ impl ControlClient {
             slot,
             path: path.to_path_buf(),
             read_only,
+            fd: false,
         })
     }
 

@@ -8,6 +8,7 @@
 //! with unknown fields are refused. See `docs/ARCHITECTURE.md` ("Control socket").
 
 mod client;
+mod fdpass;
 pub mod jail;
 mod net;
 mod types;
@@ -15,6 +16,7 @@ mod wire;
 
 pub use client::DEFAULT_TIMEOUT;
 pub use client::{ClientError, ControlClient};
+pub use fdpass::{recv_with_fds, MAX_FDS_PER_MESSAGE};
 pub use net::{BadMac, BadNet, MacAddr, NetConfig, MAX_TAP_NAME};
 pub use types::*;
 pub use wire::{decode_reply, encode_error, encode_ok, encode_request, parse_request, MAX_LINE};

@@ -49,6 +49,12 @@ pub enum Request {
         /// Refuse the guest's writes to it.
         #[serde(default)]
         read_only: bool,
+        /// The disk comes as a file descriptor sent with this request line (`SCM_RIGHTS`):
+        /// the VMM uses it and never opens `path`, which only labels the disk in errors. A
+        /// jailed VMM cannot see the host's images, so this is how it gets them
+        /// ([`crate::ControlClient::attach_disk`] sends one). Without it the VMM opens `path`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fd: bool,
     },
     /// Put slot `slot`'s placeholder (the template's or snapshot's backing file) back:
     /// [`DiskReply`]. Detaching a slot that holds its placeholder changes nothing.
@@ -67,6 +73,11 @@ pub fn slot_id(slot: usize) -> String {
 pub const SLOT_ID_PREFIX: &str = "runv-slot";
 
 impl Request {
+    /// Whether a file descriptor comes with this request line (`attach_disk` with `fd: true`).
+    pub fn carries_fd(&self) -> bool {
+        matches!(self, Request::AttachDisk { fd: true, .. })
+    }
+
     /// The request's name on the wire (`cmd`).
     pub fn name(&self) -> &'static str {
         match self {

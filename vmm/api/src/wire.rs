@@ -145,6 +145,13 @@ mod tests {
                 slot: 1,
                 path: PathBuf::from("/img \"x\"\n"),
                 read_only: true,
+                fd: false,
+            },
+            Request::AttachDisk {
+                slot: 0,
+                path: PathBuf::from("/img"),
+                read_only: false,
+                fd: true,
             },
             Request::DetachDisk { slot: 0 },
         ] {
@@ -169,6 +176,7 @@ mod tests {
             br#"{"cmd":"attach_disk","slot":-1,"path":"/d"}"#,
             br#"{"cmd":"attach_disk","path":"/d"}"#,
             br#"{"cmd":"detach_disk","slot":0,"path":"/d"}"#,
+            br#"{"cmd":"attach_disk","slot":0,"path":"/d","fd":1}"#,
             b"\xff",
         ] {
             let e = parse_request(bad).unwrap_err();

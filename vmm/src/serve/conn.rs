@@ -1,8 +1,9 @@
 //! One control connection: bounded input framed into lines, bounded output written without
 //! blocking. The same rules hold for an idle shell and a running VM.
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_api::{ApiError, ErrorKind as ApiErrorKind, MAX_LINE};
@@ -12,12 +13,20 @@ pub(crate) const MAX_OUTPUT: usize = 256 * 1024;
 /// Most bytes read from one connection per readiness event, so one client cannot starve the
 /// device loop (epoll is level-triggered: the rest is read on the next turn).
 const READ_BUDGET: usize = 64 * 1024;
+/// Most reads from one connection per readiness event.
+const MAX_READS: usize = 64;
+/// Most received file descriptors a connection holds before a request claims them; more are
+/// closed at once (a well-behaved client sends one per `attach_disk`).
+const MAX_PENDING_FDS: usize = 8;
 
 /// A control connection.
 pub(crate) struct ControlConn {
     stream: UnixStream,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// Descriptors received with the input (`SCM_RIGHTS`), oldest first, until a request line
+    /// that carries one claims it; closed once every line they came with was served.
+    fds: VecDeque<OwnedFd>,
     /// Set when the peer closed its side: buffered lines are still served.
     eof: bool,
     /// Set once the connection is to be closed: no more input is read or served; pending output
@@ -35,6 +44,7 @@ impl ControlConn {
             stream,
             input: Vec::new(),
             output: Vec::new(),
+            fds: VecDeque::new(),
             eof: false,
             closing: false,
             dead: false,
@@ -53,8 +63,24 @@ impl ControlConn {
         }
         let mut chunk = [0u8; 16 * 1024];
         let mut budget = READ_BUDGET;
-        while budget > 0 && self.input.len() <= MAX_LINE {
-            match self.stream.read(&mut chunk) {
+        let mut fds = Vec::new();
+        // A read ends at each message that carries descriptors: bound the calls too.
+        let mut reads = 0;
+        while budget > 0 && self.input.len() <= MAX_LINE && reads < MAX_READS {
+            reads += 1;
+            let read = vmm_api::recv_with_fds(self.stream.as_raw_fd(), &mut chunk, &mut fds);
+            if matches!(read, Ok((_, true))) {
+                tracing::warn!(
+                    "a control client sent more than {} descriptors at once: the rest were closed",
+                    vmm_api::MAX_FDS_PER_MESSAGE
+                );
+            }
+            for fd in fds.drain(..) {
+                if self.fds.len() < MAX_PENDING_FDS {
+                    self.fds.push_back(fd);
+                }
+            }
+            match read.map(|(n, _)| n) {
                 Ok(0) => {
                     self.eof = true;
                     return;
@@ -91,8 +117,26 @@ impl ControlConn {
         }
     }
 
+    /// The oldest received descriptor not yet claimed (for a request line that carries one).
+    pub(crate) fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fds.pop_front()
+    }
+
+    /// Closes received descriptors no request claimed once no input is left that they could
+    /// have come with (a descriptor arrives with the bytes of the line it was sent with).
+    pub(crate) fn drop_unclaimed_fds(&mut self) {
+        if self.input.is_empty() && !self.fds.is_empty() {
+            tracing::warn!(
+                "closing {} descriptor(s) a control client sent with requests that take none",
+                self.fds.len()
+            );
+            self.fds.clear();
+        }
+    }
+
     fn too_long(&mut self) -> ApiError {
         self.input.clear();
+        self.fds.clear();
         self.closing = true;
         ApiError::new(
             ApiErrorKind::TooLong,
@@ -104,6 +148,7 @@ impl ControlConn {
     pub(crate) fn close_after_output(&mut self) {
         self.closing = true;
         self.input.clear();
+        self.fds.clear();
     }
 
     /// Queues a reply line and writes as much as the socket takes now.

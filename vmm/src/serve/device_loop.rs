@@ -1,7 +1,7 @@
 //! The running VM's device loop: exit events, termination signals, virtio queue notifications,
 //! device back-ends and the control plane, all on one thread.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -60,7 +60,7 @@ impl DeviceLoop<'_> {
         plane
             .register(&epoll)
             .map_err(io_err("registering the control socket with epoll"))?;
-        let mut handle = |req| Dispatch::Reply(self.handle(req));
+        let mut handle = |req, fd| Dispatch::Reply(self.handle(req, fd));
         plane.serve_buffered(&epoll, &mut handle);
         let mut events = vec![EpollEvent::default(); 16];
         while exit.reason().is_none() {
@@ -129,9 +129,9 @@ impl DeviceLoop<'_> {
         })
     }
 
-    /// Attaches `path` to disk slot `slot` (`attach` = Some) or puts its placeholder back. Runs on
+    /// Attaches a disk to slot `slot` (`attach` = Some) or puts its placeholder back. Runs on
     /// the device-loop thread, which serves the queues: the swap happens between two requests.
-    fn swap_disk(&self, slot: usize, attach: Option<(&std::path::Path, bool)>) -> Vec<u8> {
+    fn swap_disk(&self, slot: usize, attach: Option<Attach>) -> Vec<u8> {
         let refuse = |kind, msg: String| encode_error(&ApiError::new(kind, msg));
         if self.ctl.is_paused() {
             return refuse(
@@ -158,7 +158,7 @@ impl DeviceLoop<'_> {
             );
         }
         // Opened before taking the transport's lock: a slow open never holds up the vCPUs.
-        let backing = match attach.map(|(p, ro)| Backing::open(p, ro)).transpose() {
+        let backing = match attach.map(Attach::backing).transpose() {
             Ok(b) => b,
             Err(e) => return refuse(ErrorKind::Failed, e.to_string()),
         };
@@ -197,7 +197,7 @@ impl DeviceLoop<'_> {
         })
     }
 
-    fn handle(&self, req: Request) -> Vec<u8> {
+    fn handle(&self, req: Request, fd: Option<OwnedFd>) -> Vec<u8> {
         let vmm = self.vmm;
         let (ctl, threads) = (self.ctl, self.threads);
         let state = || {
@@ -245,7 +245,30 @@ impl DeviceLoop<'_> {
                 slot,
                 path,
                 read_only,
-            } => self.swap_disk(slot, Some((&path, read_only))),
+                fd: carries_fd,
+            } => {
+                let source = match (carries_fd, fd) {
+                    (false, _) => Source::Path,
+                    (true, Some(fd)) => Source::Fd(fd),
+                    (true, None) => {
+                        return encode_error(&ApiError::new(
+                            ErrorKind::BadRequest,
+                            format!(
+                                "attach_disk {} with fd: true, but no file descriptor came with the request: send it with SCM_RIGHTS on the request line (ControlClient::attach_disk does), or omit fd to have the VMM open the path",
+                                path.display()
+                            ),
+                        ))
+                    }
+                };
+                self.swap_disk(
+                    slot,
+                    Some(Attach {
+                        path,
+                        read_only,
+                        source,
+                    }),
+                )
+            }
             Request::DetachDisk { slot } => self.swap_disk(slot, None),
             Request::Snapshot { dir } => {
                 if let Some(slot) = self.attached_slot() {
@@ -265,6 +288,30 @@ impl DeviceLoop<'_> {
                     Err(e) => encode_error(&ApiError::new(ErrorKind::Failed, e.to_string())),
                 }
             }
+        }
+    }
+}
+
+/// Where an attached disk comes from.
+enum Source {
+    /// The VMM opens the request's path (it must see it).
+    Path,
+    /// A descriptor the client sent with the request; the path only labels it.
+    Fd(OwnedFd),
+}
+
+/// An `attach_disk` request's disk.
+struct Attach {
+    path: std::path::PathBuf,
+    read_only: bool,
+    source: Source,
+}
+
+impl Attach {
+    fn backing(self) -> Result<Backing, crate::devices::virtio::block::AttachError> {
+        match self.source {
+            Source::Path => Backing::open(&self.path, self.read_only),
+            Source::Fd(fd) => Backing::from_fd(fd, &self.path, self.read_only),
         }
     }
 }

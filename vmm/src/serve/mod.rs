@@ -8,7 +8,7 @@ pub mod shell_loop;
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Instant;
 
@@ -135,7 +135,7 @@ impl ControlPlane {
         &mut self,
         epoll: &Epoll,
         token: u64,
-        handle: &mut dyn FnMut(Request) -> Dispatch,
+        handle: &mut dyn FnMut(Request, Option<OwnedFd>) -> Dispatch,
     ) -> Option<Deferred> {
         if token == TOKEN_LISTENER {
             self.accept_all(epoll);
@@ -153,7 +153,7 @@ impl ControlPlane {
     pub(crate) fn serve_buffered(
         &mut self,
         epoll: &Epoll,
-        handle: &mut dyn FnMut(Request) -> Dispatch,
+        handle: &mut dyn FnMut(Request, Option<OwnedFd>) -> Dispatch,
     ) -> Option<Deferred> {
         let pending: Vec<u64> = self
             .conns
@@ -298,11 +298,12 @@ fn interest(c: &ControlConn) -> EventSet {
     set
 }
 
-/// Serves every complete line of `c` until one is deferred.
+/// Serves every complete line of `c` until one is deferred, handing each line that carries a
+/// file descriptor the one it came with.
 fn serve_lines(
     token: u64,
     c: &mut ControlConn,
-    handle: &mut dyn FnMut(Request) -> Dispatch,
+    handle: &mut dyn FnMut(Request, Option<OwnedFd>) -> Dispatch,
 ) -> Option<Deferred> {
     while let Some(line) = c.next_line() {
         let request = match line.and_then(|l| parse_request(&l)) {
@@ -315,11 +316,18 @@ fn serve_lines(
                 continue;
             }
         };
-        match handle(request) {
+        // A descriptor sent with this line is the oldest one not claimed yet.
+        let fd = if request.carries_fd() {
+            c.take_fd()
+        } else {
+            None
+        };
+        match handle(request, fd) {
             Dispatch::Reply(line) => c.send(&line),
             Dispatch::Defer(request) => return Some(Deferred { token, request }),
         }
     }
+    c.drop_unclaimed_fds();
     None
 }
 

@@ -51,7 +51,8 @@ pub fn wait_for_restore(
     };
     let shutdown = std::cell::Cell::new(false);
     let has_listener = plane.has_listener();
-    let mut handle = |req: Request| {
+    // A descriptor sent with a request is closed: a shell takes none.
+    let mut handle = |req: Request, _fd| {
         match req {
         Request::Status {} => Dispatch::Reply(encode_ok(&status)),
         Request::Shutdown {} => {

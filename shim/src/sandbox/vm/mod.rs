@@ -272,22 +272,27 @@ impl VmSandbox {
         Ok(c)
     }
 
-    /// Swaps disk slot `slot` to `path` (`attach_disk`).
+    /// Swaps disk slot `slot` to `path` (`attach_disk`): opened here and passed to the VMM as a
+    /// descriptor, so a jailed clone gets it too.
     pub fn attach_disk(
         &self,
         slot: usize,
         path: &Path,
         read_only: bool,
     ) -> Result<DiskReply, VmError> {
-        self.control()?.attach_disk(slot, path, read_only).map_err(|e| {
-            VmError::Control(
-                self.info.id.clone(),
-                format!(
-                    "attach_disk slot {slot} {}: {e} (templates for runv need disk slots: build them with \"slots\": 1 or more)",
-                    path.display()
-                ),
-            )
-        })
+        self.control()?
+            .attach_disk(slot, path, read_only)
+            .map_err(|e| {
+                // A file that cannot be opened here says so itself; a refusal may be a missing slot.
+                let hint = match e {
+                vmm_api::ClientError::Open { .. } => "",
+                _ => " (templates for runv need disk slots: build them with \"slots\": 1 or more)",
+            };
+                VmError::Control(
+                    self.info.id.clone(),
+                    format!("attach_disk slot {slot} {}: {e}{hint}", path.display()),
+                )
+            })
     }
 
     /// Puts slot `slot`'s placeholder back (`detach_disk`).

@@ -46,7 +46,7 @@ impl Source {
             run_dir: cfg.run_dir.clone(),
             tmpfs_dir: cfg.tmpfs_dir.clone(),
             refill_workers: 1,
-            // The pool's default: runv's templates have disk slots, which it does not jail yet.
+            // The pool's default: every VMM jailed (disks reach a jailed clone as descriptors).
             jail: Some(pool_manager::ShellJail::pool_default()),
         })
         .map_err(|e| {

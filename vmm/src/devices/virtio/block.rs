@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -64,6 +65,18 @@ pub enum AttachError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A passed descriptor's access mode does not allow what the disk needs.
+    #[error("disk {path}: the file descriptor passed for it is {mode}, but {need}: open it {fix}")]
+    Mode {
+        /// The disk's label.
+        path: String,
+        /// How it was opened.
+        mode: &'static str,
+        /// What the attach needs.
+        need: &'static str,
+        /// How to open it instead.
+        fix: &'static str,
+    },
     /// Neither a regular file nor a block device.
     #[error("disk {path} is {kind}: pass a regular file or a block device")]
     NotADisk {
@@ -90,12 +103,57 @@ impl Backing {
             read_only,
             source,
         };
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
             .open(path)
             .map_err(err)?;
+        Self::from_file(file, path, read_only)
+    }
+
+    /// Takes a disk passed as an open descriptor (`attach_disk` with `fd: true`); `label` names
+    /// it in errors. Checked like [`Backing::open`]'s file, and its access mode must allow
+    /// reading, and writing unless `read_only` (an `O_PATH` descriptor allows neither).
+    pub fn from_fd(fd: OwnedFd, label: &Path, read_only: bool) -> Result<Self, AttachError> {
+        let mode = |mode, need, fix| AttachError::Mode {
+            path: label.display().to_string(),
+            mode,
+            need,
+            fix,
+        };
+        let flags =
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(|e| {
+                AttachError::Open {
+                    path: label.display().to_string(),
+                    read_only,
+                    source: e.into(),
+                }
+            })?;
+        if flags & libc::O_PATH != 0 {
+            return Err(mode("O_PATH", "the disk is read", "O_RDONLY or O_RDWR"));
+        }
+        match (flags & libc::O_ACCMODE, read_only) {
+            (libc::O_RDWR, _) | (libc::O_RDONLY, true) => {}
+            (libc::O_RDONLY, false) => {
+                return Err(mode(
+                    "read-only",
+                    "the disk is attached writable",
+                    "O_RDWR, or attach it with read_only",
+                ))
+            }
+            _ => return Err(mode("write-only", "the disk is read", "O_RDONLY or O_RDWR")),
+        }
+        Self::from_file(File::from(fd), label, read_only)
+    }
+
+    /// Checks `file` is a regular file or a block device and sizes it.
+    fn from_file(mut file: File, path: &Path, read_only: bool) -> Result<Self, AttachError> {
+        let err = |source| AttachError::Open {
+            path: path.display().to_string(),
+            read_only,
+            source,
+        };
         let meta = file.metadata().map_err(err)?;
         let ft = meta.file_type();
         let bytes = if ft.is_file() {
