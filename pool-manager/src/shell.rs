@@ -337,11 +337,6 @@ impl ShellProcess {
             .find(|pid| parent_of(*pid) == Some(keeper))
     }
 
-    /// Whether it runs jailed.
-    pub fn is_jailed(&self) -> bool {
-        self.jailed
-    }
-
     /// The control socket other clients can connect to.
     pub fn socket(&self) -> &Path {
         &self.socket
