@@ -300,7 +300,9 @@ impl Net {
             if q.disable_notification(mem).is_err() {
                 return used;
             }
+            let mut popped = false;
             while let Some(chain) = q.pop_descriptor_chain(mem) {
+                popped = true;
                 let head = chain.head_index();
                 match self.gather(chain, mem) {
                     Some(()) => match self.tap.write_frame(&self.tx_buf) {
@@ -318,7 +320,10 @@ impl Net {
                 used = true;
             }
             match q.enable_notification(mem) {
-                Ok(true) => continue,
+                // More is available but nothing could be popped (a driver index beyond the
+                // queue size): stop, or a guest would spin the device loop forever (found by
+                // fuzz/virtio_net, as the same bug was in the block device).
+                Ok(true) if popped => continue,
                 _ => return used,
             }
         }
@@ -594,6 +599,21 @@ mod tests {
             assert_eq!((net.stats.tx_frames, net.stats.tx_dropped), (1, 0));
             // Every chain went back to the driver.
             assert_eq!(q.used_idx(&mem), cases.len() as u16 + 4);
+        });
+    }
+
+    #[test]
+    fn a_driver_index_beyond_the_queue_does_not_spin_transmit() {
+        in_netns("a_driver_index_beyond_the_queue_does_not_spin_transmit", |_| {
+            let mut net = Net::new("rvu0", [2, 0, 0, 0, 0, 1]).unwrap();
+            net.activate(0);
+            let mem = memory();
+            let q = TestQueue::new(&mem, 0x1000);
+            // The driver claims 1000 chains in a queue of far fewer: nothing can be popped.
+            mem.write_obj(1000u16, GA(0x1000 + 0x1000 + 2)).unwrap();
+            let mut queue = q.queue;
+            assert!(!net.transmit(&mut queue, &mem));
+            assert_eq!(net.stats.tx_frames + net.stats.tx_malformed, 0);
         });
     }
 
