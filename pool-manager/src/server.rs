@@ -103,7 +103,7 @@ struct BuildBody {
     vcpus: Option<u8>,
     #[serde(default)]
     ready: ReadyCheck,
-    #[serde(default)]
+    #[serde(default = "default_slots")]
     slots: u8,
     #[serde(default)]
     net: bool,
@@ -369,4 +369,9 @@ pub async fn serve(cfg: PoolConfig) -> anyhow::Result<()> {
         record.display()
     );
     Ok(())
+}
+
+/// A build request without `slots` gets runv's default.
+fn default_slots() -> u8 {
+    crate::template::DEFAULT_BUILD_SLOTS
 }

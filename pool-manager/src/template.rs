@@ -88,6 +88,11 @@ fn is_zero(n: &u8) -> bool {
     *n == 0
 }
 
+/// Disk slots a template gets when a build request (CLI or HTTP API) names none: room for a
+/// pod's pause container and three more containers, each root in a slot of its own. (A
+/// `template.json` without the field means 0: templates built before slots existed.)
+pub const DEFAULT_BUILD_SLOTS: u8 = 4;
+
 /// The placeholder file of disk slot `slot` in a template directory.
 pub fn slot_placeholder(dir: &Path, slot: usize) -> PathBuf {
     dir.join(format!("slot{slot}.placeholder"))

@@ -156,6 +156,12 @@ fn build_counter(d: &Daemon, name: &str) {
         "64",
     ]);
     assert_eq!(t["status"], "ready", "{t}");
+    // No --slots: runv's default, room for four container roots.
+    assert_eq!(
+        t["spec"]["slots"],
+        pool_manager::template::DEFAULT_BUILD_SLOTS,
+        "{t}"
+    );
 }
 
 fn pool_shells(d: &Daemon) -> u64 {

@@ -88,8 +88,9 @@ enum TemplateCmd {
         /// Give it a network device (its sandboxes can then have networks).
         #[arg(long)]
         net: bool,
-        /// Disk slots (virtio-blk `runv-slot0`...; `runv`'s vm backend needs at least 1).
-        #[arg(long, default_value_t = 0)]
+        /// Disk slots (virtio-blk `runv-slot0`...): one per container root `runv` hands in
+        /// (a pod's containers each take one); 0..=8.
+        #[arg(long, default_value_t = pool_manager::template::DEFAULT_BUILD_SLOTS)]
         slots: u8,
         /// How clones map its memory: cow (shared page cache) or uffd (working set prefetched).
         #[arg(long, default_value = "cow")]

@@ -604,17 +604,20 @@ mod tests {
 
     #[test]
     fn a_driver_index_beyond_the_queue_does_not_spin_transmit() {
-        in_netns("a_driver_index_beyond_the_queue_does_not_spin_transmit", |_| {
-            let mut net = Net::new("rvu0", [2, 0, 0, 0, 0, 1]).unwrap();
-            net.activate(0);
-            let mem = memory();
-            let q = TestQueue::new(&mem, 0x1000);
-            // The driver claims 1000 chains in a queue of far fewer: nothing can be popped.
-            mem.write_obj(1000u16, GA(0x1000 + 0x1000 + 2)).unwrap();
-            let mut queue = q.queue;
-            assert!(!net.transmit(&mut queue, &mem));
-            assert_eq!(net.stats.tx_frames + net.stats.tx_malformed, 0);
-        });
+        in_netns(
+            "a_driver_index_beyond_the_queue_does_not_spin_transmit",
+            |_| {
+                let mut net = Net::new("rvu0", [2, 0, 0, 0, 0, 1]).unwrap();
+                net.activate(0);
+                let mem = memory();
+                let q = TestQueue::new(&mem, 0x1000);
+                // The driver claims 1000 chains in a queue of far fewer: nothing can be popped.
+                mem.write_obj(1000u16, GA(0x1000 + 0x1000 + 2)).unwrap();
+                let mut queue = q.queue;
+                assert!(!net.transmit(&mut queue, &mem));
+                assert_eq!(net.stats.tx_frames + net.stats.tx_malformed, 0);
+            },
+        );
     }
 
     #[test]
