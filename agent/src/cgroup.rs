@@ -51,7 +51,8 @@ impl Limits {
 pub enum Cgroup {
     /// A directory in the unified hierarchy.
     V2(PathBuf),
-    /// One directory per v1 controller: memory, pids, cpu (and devices with device rules).
+    /// One directory per v1 controller: memory, pids, cpu, freezer (and devices with device
+    /// rules).
     V1 {
         /// memory controller directory.
         memory: PathBuf,
@@ -59,6 +60,8 @@ pub enum Cgroup {
         pids: PathBuf,
         /// cpu controller directory.
         cpu: PathBuf,
+        /// freezer controller directory (`pause`/`resume`).
+        freezer: PathBuf,
         /// devices controller directory, when the spec has device rules.
         devices: Option<PathBuf>,
     },
@@ -80,6 +83,9 @@ pub enum CgroupError {
     /// The spec asks for something this host's cgroups cannot enforce.
     #[error("{0}")]
     Unsupported(String),
+    /// The kernel did not finish freezing or thawing in time.
+    #[error("cgroup {0}: still {1} after 5 s (a process stuck in the kernel?); try again")]
+    FreezeTimeout(PathBuf, String),
 }
 
 fn write(path: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
@@ -132,7 +138,7 @@ impl CgroupRoot {
         let dirs = if self.v2 {
             vec![self.root.join(&self.group)]
         } else {
-            ["memory", "pids", "cpu", "devices"]
+            ["memory", "pids", "cpu", "freezer", "devices"]
                 .iter()
                 .map(|c| self.root.join(c).join(&self.group))
                 .collect()
@@ -174,6 +180,7 @@ impl CgroupRoot {
                 memory: at("memory"),
                 pids: at("pids"),
                 cpu: at("cpu"),
+                freezer: at("freezer"),
                 devices: (!limits.devices.is_empty()).then(|| at("devices")),
             };
             for d in cg.dirs() {
@@ -206,10 +213,15 @@ impl Cgroup {
                 memory,
                 pids,
                 cpu,
+                freezer,
                 devices,
             } => {
-                let mut v: Vec<(&'static str, &Path)> =
-                    vec![("memory", memory), ("pids", pids), ("cpu", cpu)];
+                let mut v: Vec<(&'static str, &Path)> = vec![
+                    ("memory", memory),
+                    ("pids", pids),
+                    ("cpu", cpu),
+                    ("freezer", freezer),
+                ];
                 v.extend(devices.as_deref().map(|d| ("devices", d)));
                 Some(v)
             }
@@ -223,9 +235,10 @@ impl Cgroup {
                 memory,
                 pids,
                 cpu,
+                freezer,
                 devices,
             } => {
-                let mut v: Vec<&Path> = vec![memory, pids, cpu];
+                let mut v: Vec<&Path> = vec![memory, pids, cpu, freezer];
                 v.extend(devices.as_deref());
                 v
             }
@@ -260,6 +273,7 @@ impl Cgroup {
                 pids,
                 cpu,
                 devices,
+                ..
             } => {
                 if let Some(d) = devices {
                     // In order, as runc: the spec's rules, then the default allowed devices.
@@ -339,7 +353,43 @@ impl Cgroup {
         }
     }
 
+    /// Freezes (`true`) or thaws every process in the cgroup, and waits until the kernel says
+    /// it is done (v1 `freezer.state` leaves `FREEZING`; v2 `cgroup.events` shows `frozen`);
+    /// a freeze that does not complete within 5 s is undone and reported.
+    pub fn freeze(&self, on: bool) -> Result<(), CgroupError> {
+        let (dir, file, want) = match self {
+            Cgroup::V2(d) => (d, "cgroup.freeze", if on { "1" } else { "0" }),
+            Cgroup::V1 { freezer, .. } => (
+                freezer,
+                "freezer.state",
+                if on { "FROZEN" } else { "THAWED" },
+            ),
+        };
+        write(dir, file, want)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let done = match self {
+                Cgroup::V2(d) => read_key(d, "cgroup.events", "frozen") == u64::from(on),
+                Cgroup::V1 { freezer, .. } => {
+                    std::fs::read_to_string(freezer.join(file)).is_ok_and(|s| s.trim() == want)
+                }
+            };
+            if done {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                if on {
+                    let _ = self.freeze(false);
+                }
+                let what = if on { "freezing" } else { "thawing" };
+                return Err(CgroupError::FreezeTimeout(dir.join(file), what.into()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// SIGKILLs every process in the cgroup until it is empty (bounded), then removes it.
+    /// Frozen processes are thawed first: they could not die.
     pub fn kill_all_and_remove(&self) {
         for _ in 0..200 {
             let pids = self.pids();
@@ -350,6 +400,8 @@ impl Cgroup {
                 // SAFETY: kill(2) with a pid read from our own cgroup; ESRCH is harmless.
                 unsafe { libc::kill(p, libc::SIGKILL) };
             }
+            // After the signals, so nothing frozen runs on before it is killed.
+            let _ = self.freeze(false);
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         self.remove();

@@ -155,6 +155,8 @@ pub struct Container {
     pub init: Arc<Proc>,
     pending: Mutex<Option<Pending>>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
+    /// Frozen by `pause`.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl Container {
@@ -163,6 +165,8 @@ impl Container {
             ContainerStatus::Stopped
         } else if self.pending.lock_or_recover().is_some() {
             ContainerStatus::Created
+        } else if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            ContainerStatus::Paused
         } else {
             ContainerStatus::Running
         }
@@ -346,6 +350,7 @@ impl Runtime {
             init: init.clone(),
             pending: Mutex::new(Some(pending)),
             execs: Mutex::new(HashMap::new()),
+            paused: std::sync::atomic::AtomicBool::new(false),
         });
         if let Err(e) = self.watch_exit(c.clone(), init, on_exit) {
             // Nobody would ever collect this process: take it down before refusing.
@@ -470,6 +475,16 @@ impl Runtime {
                 ));
             }
         }
+        // A frozen process cannot act on SIGKILL: thaw a paused container so it dies (as runc).
+        if signal == libc::SIGKILL && c.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            c.cgroup.freeze(false).map_err(|e| {
+                OpError::new(
+                    ErrorCode::Io,
+                    format!("thawing container {id} to let SIGKILL act: {e}"),
+                )
+            })?;
+            c.paused.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -521,6 +536,34 @@ impl Runtime {
         })
     }
 
+    /// Freezes (`pause`) or thaws (`resume`) every process of container `id`: a running
+    /// container pauses, a paused one resumes; anything else is refused.
+    pub fn set_paused(&self, id: &str, pause: bool) -> Result<(), OpError> {
+        use std::sync::atomic::Ordering;
+        let c = self.get(id)?;
+        let (from, verb) = if pause {
+            (ContainerStatus::Running, "pause")
+        } else {
+            (ContainerStatus::Paused, "resume")
+        };
+        let status = c.status();
+        if status != from {
+            return Err(OpError::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "container {id} is {}, not {}: cannot {verb} it",
+                    status_name(status),
+                    status_name(from)
+                ),
+            ));
+        }
+        c.cgroup
+            .freeze(pause)
+            .map_err(|e| OpError::new(ErrorCode::Io, format!("{verb} of container {id}: {e}")))?;
+        c.paused.store(pause, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Kills every process of container `id`, waits for them, and removes it.
     pub fn destroy(&self, id: &str) -> Result<(), OpError> {
         let c = self
@@ -556,6 +599,15 @@ impl Runtime {
             ));
         }
         Ok(())
+    }
+}
+
+fn status_name(s: ContainerStatus) -> &'static str {
+    match s {
+        ContainerStatus::Created => "created",
+        ContainerStatus::Running => "running",
+        ContainerStatus::Paused => "paused",
+        ContainerStatus::Stopped => "stopped",
     }
 }
 

@@ -334,6 +334,14 @@ impl Conn {
                 rt.update(&id, &resources)?;
                 Response::Ok
             }
+            Request::Pause { id } => {
+                rt.set_paused(&id, true)?;
+                Response::Ok
+            }
+            Request::Resume { id } => {
+                rt.set_paused(&id, false)?;
+                Response::Ok
+            }
             Request::Destroy { id } => {
                 rt.destroy(&id)?;
                 Response::Ok

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use protocol::client::Client;
 use protocol::{Request, Response, StdioConfig};
 
 #[test]
@@ -609,4 +610,76 @@ fn capabilities_rlimits_and_no_new_privs_applied() {
     assert_eq!(lines[1], format!("CapEff:\t{want:016x}"), "{out}");
     assert_eq!(lines[2], format!("CapBnd:\t{want:016x}"), "{out}");
     assert_eq!(lines[3], "NoNewPrivs:\t1", "{out}");
+}
+
+/// CPU ticks (utime + stime) `pid` has used.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn status_of(c: &mut Client, id: &str) -> (protocol::ContainerStatus, i32) {
+    match c.call(&Request::State { id: id.into() }).unwrap() {
+        Response::State(s) => (s.status, s.pid),
+        r => panic!("state {id}: {r:?}"),
+    }
+}
+
+#[test]
+fn pause_freezes_every_process_and_resume_thaws_them() {
+    use protocol::ContainerStatus;
+    let Some((root, _agent, mut c)) = setup("pause_freezes_every_process_and_resume_thaws_them")
+    else {
+        return;
+    };
+    // A process that burns CPU as long as it may run.
+    launch(
+        &mut c,
+        "busy",
+        spec(&["sh", "-c", "while :; do :; done"]),
+        &root,
+        StdioConfig::default(),
+    );
+    let (status, pid) = status_of(&mut c, "busy");
+    assert_eq!(status, ContainerStatus::Running);
+    let pause = || Request::Pause { id: "busy".into() };
+    let resume = || Request::Resume { id: "busy".into() };
+    // Resuming a running container is refused.
+    let r = c.call(&resume()).unwrap();
+    assert!(
+        matches!(&r, Response::Error(e) if e.message.contains("is running, not paused")),
+        "{r:?}"
+    );
+    assert_eq!(c.call(&pause()).unwrap(), Response::Ok);
+    assert_eq!(status_of(&mut c, "busy").0, ContainerStatus::Paused);
+    let frozen = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(cpu_ticks(pid), frozen, "a paused process ran");
+    // No second pause.
+    let r = c.call(&pause()).unwrap();
+    assert!(
+        matches!(&r, Response::Error(e) if e.message.contains("is paused, not running")),
+        "{r:?}"
+    );
+    assert_eq!(c.call(&resume()).unwrap(), Response::Ok);
+    assert_eq!(status_of(&mut c, "busy").0, ContainerStatus::Running);
+    let thawed = cpu_ticks(pid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cpu_ticks(pid) == thawed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resumed process never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A paused container is destroyed without waiting for a thaw.
+    assert_eq!(c.call(&pause()).unwrap(), Response::Ok);
+    assert_eq!(
+        c.call(&Request::Destroy { id: "busy".into() }).unwrap(),
+        Response::Ok
+    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }

@@ -138,6 +138,17 @@ pub enum Request {
         /// Resources to set.
         resources: Resources,
     },
+    /// Freeze every process of a running container (its cgroup's freezer: `runv pause`).
+    /// Additive: an agent that predates it refuses it as `bad_request`.
+    Pause {
+        /// Container id.
+        id: String,
+    },
+    /// Thaw a paused container (`runv resume`).
+    Resume {
+        /// Container id.
+        id: String,
+    },
 }
 
 /// Cgroup limits of [`Request::Update`] (the subset of OCI `linux.resources` runv applies).
@@ -353,6 +364,8 @@ pub enum ContainerStatus {
     Created,
     /// Running.
     Running,
+    /// Running, its processes frozen ([`Request::Pause`]).
+    Paused,
     /// Its process exited.
     Stopped,
 }
@@ -619,6 +632,8 @@ mod tests {
                     cpu_period: None,
                 },
             },
+            Request::Pause { id: "c".into() },
+            Request::Resume { id: "c".into() },
             Request::SetHostname {
                 hostname: "h".into(),
             },

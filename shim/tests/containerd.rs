@@ -668,9 +668,8 @@ fn memory_limit(t: &containerd_shim::protos::TaskClient, id: &str) -> u64 {
     m.memory.usage.limit
 }
 
-/// Pause/Resume and Update side by side with runc. runc freezes the task; the host backend has
-/// no freezer, so runv refuses pause and resume with that reason and the task keeps running (a
-/// VM pauses whole: `tests/vm_pod.rs`). Update (OCI `linux.resources` as containerd's typeurl
+/// Pause/Resume and Update side by side with runc. Both freeze the task and thaw it (runv's host
+/// backend through the agent's cgroup freezer; a VM pauses whole: `tests/vm_pod.rs`). Update (OCI `linux.resources` as containerd's typeurl
 /// JSON) sets the memory limit of both, as their cgroup stats report back.
 #[test]
 fn pause_resume_and_update_side_by_side_with_runc() {
@@ -688,34 +687,16 @@ fn pause_resume_and_update_side_by_side_with_runc() {
         };
         assert_eq!(status(), "RUNNING", "{tag}");
 
+        // Both freeze the task (runv's host backend through its agent's cgroup freezer).
         let pause = c.ctr(&["task", "pause", &id]);
-        if rt == RUNC {
-            assert!(
-                pause.status.success(),
-                "runc: pause: {}",
-                text(&pause.stderr)
-            );
-            assert_eq!(status(), "PAUSED", "runc");
-            let out = c.ctr(&["task", "resume", &id]);
-            assert!(out.status.success(), "runc: resume: {}", text(&out.stderr));
-        } else {
-            assert!(
-                !pause.status.success(),
-                "runv: pause on the host backend succeeded"
-            );
-            let e = text(&pause.stderr);
-            assert!(
-                e.contains("pause is not supported with --sandbox host"),
-                "runv: pause: {e}"
-            );
-            let out = c.ctr(&["task", "resume", &id]);
-            assert!(!out.status.success());
-            assert!(
-                text(&out.stderr).contains("resume is not supported with --sandbox host"),
-                "runv: resume: {}",
-                text(&out.stderr)
-            );
-        }
+        assert!(
+            pause.status.success(),
+            "{tag}: pause: {}",
+            text(&pause.stderr)
+        );
+        assert_eq!(status(), "PAUSED", "{tag}");
+        let out = c.ctr(&["task", "resume", &id]);
+        assert!(out.status.success(), "{tag}: resume: {}", text(&out.stderr));
         assert_eq!(status(), "RUNNING", "{tag}");
         let out = c.ctr(&["task", "exec", "--exec-id", "pu", &id, "echo", "alive"]);
         assert_eq!(text(&out.stdout), "alive\n", "{tag}: {}", text(&out.stderr));

@@ -322,7 +322,7 @@ fn list_features_spec_and_json_log() {
 
     let o = env.runv(&["pause", &id]);
     assert!(
-        !o.status.success() && stderr(&o).contains("not supported"),
+        !o.status.success() && stderr(&o).contains("only a running container can be paused"),
         "{}",
         stderr(&o)
     );

@@ -13,8 +13,8 @@ fn stderr(o: &std::process::Output) -> String {
 }
 
 #[test]
-fn pause_refused_update_limits_and_events_with_the_host_sandbox() {
-    let Some(env) = Env::new("pause_refused_update_limits_and_events_with_the_host_sandbox") else {
+fn pause_resume_update_limits_and_events_with_the_host_sandbox() {
+    let Some(env) = Env::new("pause_resume_update_limits_and_events_with_the_host_sandbox") else {
         return;
     };
     let id = env.id("mg");
@@ -23,17 +23,25 @@ fn pause_refused_update_limits_and_events_with_the_host_sandbox() {
     assert!(st.success());
     env.wait_status(&id, "running");
 
-    // The host sandbox has no freezer: a clear refusal, and the container keeps running.
-    for verb in ["pause", "resume"] {
-        let o = env.runv(&[verb, &id]);
-        assert_eq!(o.status.code(), Some(1));
-        assert!(
-            stderr(&o).contains("not supported with --sandbox host"),
-            "{}",
-            stderr(&o)
-        );
-    }
+    // The host sandbox freezes the container's processes (the agent's cgroup freezer), as runc.
+    let pid = env.state(&id)["pid"].as_i64().unwrap();
+    let o = env.runv(&["pause", &id]);
+    assert!(o.status.success(), "pause: {}", stderr(&o));
+    assert_eq!(env.state(&id)["status"], "paused");
+    let o = env.runv(&["pause", &id]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("already paused"),
+        "{}",
+        stderr(&o)
+    );
+    // The container's processes sit in the freezer (`ps` still lists them).
+    let o = env.runv(&["ps", "--format", "json", &id]);
+    let pids: Vec<i64> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!pids.is_empty(), "{}", stderr(&o));
+    let o = env.runv(&["resume", &id]);
+    assert!(o.status.success(), "resume: {}", stderr(&o));
     assert_eq!(env.state(&id)["status"], "running");
+    assert_eq!(env.state(&id)["pid"].as_i64(), Some(pid));
 
     // update: the memory limit reaches the container's cgroup (stats report it back).
     let res = env.dir.path().join("res.json");
@@ -72,6 +80,8 @@ fn pause_refused_update_limits_and_events_with_the_host_sandbox() {
         let v: serde_json::Value = serde_json::from_str(&l).unwrap();
         assert_eq!(v["type"], "stats", "{l}");
     }
+    // A paused container is killed too (the agent thaws what it signalled).
+    assert!(env.runv(&["pause", &id]).status.success());
     assert!(env.runv(&["kill", &id, "KILL"]).status.success());
     // It ends by itself (stdout closes) once the container has stopped.
     for l in lines {

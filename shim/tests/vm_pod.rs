@@ -195,7 +195,7 @@ fn pod_containers_get_own_disk_slots_freed_on_delete_and_the_pod_pauses() {
         c.status().unwrap().state
     };
     let mut before = sb.agent_ready().unwrap();
-    manage::pause(Kind::Vm, &dir, true).unwrap();
+    manage::pause_vm(&dir, true).unwrap();
     assert_eq!(state(), VmState::Paused);
     assert!(
         !matches!(
@@ -205,14 +205,11 @@ fn pod_containers_get_own_disk_slots_freed_on_delete_and_the_pod_pauses() {
         "a paused VM's agent answered"
     );
     drop(before);
-    manage::pause(Kind::Vm, &dir, false).unwrap();
+    manage::pause_vm(&dir, false).unwrap();
     assert_eq!(state(), VmState::Running);
     assert!(ping(&sb, Duration::from_secs(5)), "no answer after resume");
-    // The host backend has no freezer: refused before anything is touched.
-    let e = manage::pause(Kind::Host, &dir, true)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("not supported with --sandbox host"), "{e}");
+    // A VM pauses whole; the host backend freezes one container through its agent.
+    assert_eq!(manage::freezer(Kind::Vm), manage::Freezer::Vm);
 
     // The release leaves no VMM, socket or log.
     let info = sb.info().clone();

@@ -769,6 +769,7 @@ mod tests {
                     memory: "/sys/fs/cgroup/memory/g/c".into(),
                     pids: "/sys/fs/cgroup/pids/g/c".into(),
                     cpu: "/sys/fs/cgroup/cpu/g/c".into(),
+                    freezer: "/sys/fs/cgroup/freezer/g/c".into(),
                     devices: None,
                 },
                 vec![
@@ -776,6 +777,7 @@ mod tests {
                     "sys/fs/cgroup/memory",
                     "sys/fs/cgroup/pids",
                     "sys/fs/cgroup/cpu",
+                    "sys/fs/cgroup/freezer",
                     "sys/fs/cgroup",
                 ],
             ),

@@ -106,7 +106,7 @@ impl Agent {
 
 /// The agent's parent cgroup directories that exist.
 pub fn group_dirs(group: &str) -> Vec<PathBuf> {
-    ["", "memory", "pids", "cpu"]
+    ["", "memory", "pids", "cpu", "freezer"]
         .iter()
         .map(|c| Path::new("/sys/fs/cgroup").join(c).join(group))
         .filter(|p| p.exists())

@@ -12,12 +12,12 @@ use super::{client, expect_ok, load};
 use crate::Cli;
 
 /// `runv pause` / `runv resume`: the vm backend parks or unparks the clone's vCPUs through the
-/// VMM's control API; the host backend has no freezer and refuses.
+/// VMM's control API; the host backend freezes or thaws the container's processes through the
+/// agent (its cgroup freezer, as runc).
 pub fn pause(cli: &Cli, id: &str, pause: bool) -> Result<()> {
     let (dir, r) = load(cli, id)?;
     let verb = manage::verb(pause);
     let kind = Kind::parse(&r.sandbox).with_context(|| format!("container {id}"))?;
-    manage::check_pausable(kind, pause).with_context(|| format!("container {id}"))?;
     if r.status() != Status::Running {
         bail!(
             "container {id} is {}: only a running container can be {verb}d",
@@ -34,7 +34,18 @@ pub fn pause(cli: &Cli, id: &str, pause: bool) -> Result<()> {
             }
         );
     }
-    manage::pause(kind, &dir, pause).with_context(|| format!("container {id}: {verb}"))?;
+    match manage::freezer(kind) {
+        manage::Freezer::Vm => {
+            manage::pause_vm(&dir, pause).with_context(|| format!("container {id}: {verb}"))?
+        }
+        manage::Freezer::Agent => {
+            let mut c = client(&dir, &r)?;
+            let answer = c
+                .call(&manage::agent_request(id, pause))
+                .with_context(|| format!("container {id}: {verb}"))?;
+            expect_ok(answer, &format!("container {id}: {verb}"))?;
+        }
+    }
     dir.update(|r| r.paused = pause)?;
     Ok(())
 }

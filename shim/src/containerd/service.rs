@@ -200,6 +200,11 @@ impl Service {
     fn pause_task(&self, id: &str, pause: bool) -> TtrpcResult<()> {
         let verb = manage::verb(pause);
         let kind = lock(&self.inner.sandbox).as_ref().map(|(_, k)| *k);
+        // The agent's client before the tasks' lock: `client` takes the sandbox's.
+        let agent = match kind.map(manage::freezer) {
+            Some(manage::Freezer::Agent) => Some(self.client()?),
+            _ => None,
+        };
         let mut tasks = lock(&self.inner.tasks);
         let others = tasks.len().saturating_sub(1);
         let t = tasks.get_mut(id).ok_or_else(|| not_found(id, ""))?;
@@ -209,9 +214,8 @@ impl Service {
                 "this runv shim has no sandbox yet: create a task first",
             )
         })?;
-        manage::check_pausable(kind, pause)
-            .map_err(|e| err(Code::UNIMPLEMENTED, format!("task {id}: {e}")))?;
-        if others > 0 {
+        let freezer = manage::freezer(kind);
+        if freezer == manage::Freezer::Vm && others > 0 {
             // A VM is paused whole: pausing one container would freeze its pod mates too.
             return Err(err(
                 Code::FAILED_PRECONDITION,
@@ -237,8 +241,25 @@ impl Service {
                 ),
             ));
         }
-        manage::pause(kind, &self.inner.sandbox_dir, pause)
-            .map_err(|e| err(Code::INTERNAL, format!("task {id}: {verb}: {e}")))?;
+        match freezer {
+            manage::Freezer::Vm => manage::pause_vm(&self.inner.sandbox_dir, pause)
+                .map_err(|e| err(Code::INTERNAL, format!("task {id}: {verb}: {e}")))?,
+            manage::Freezer::Agent => {
+                let mut c = agent.ok_or_else(|| err(Code::INTERNAL, "no agent client"))?;
+                match c.call(&manage::agent_request(id, pause)) {
+                    Ok(Response::Error(e)) => {
+                        return Err(agent_error(verb, Response::Error(e)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(err(
+                            Code::UNAVAILABLE,
+                            format!("{verb}: agent connection: {e}"),
+                        ))
+                    }
+                }
+            }
+        }
         t.paused = pause;
         drop(tasks);
         let container_id = id.to_string();
@@ -766,10 +787,11 @@ impl containerd_shim::Task for Service {
             (t.init.pid, t.init.exit.clone(), t.paused)
         };
         if paused {
-            // A paused VM's agent cannot destroy anything: thaw it first.
+            // A paused VM's agent cannot destroy anything: thaw it first (the agent itself
+            // destroys a frozen container without help).
             let kind = lock(&self.inner.sandbox).as_ref().map(|(_, k)| *k);
-            if let Some(kind) = kind {
-                if let Err(e) = manage::pause(kind, &self.inner.sandbox_dir, false) {
+            if kind.map(manage::freezer) == Some(manage::Freezer::Vm) {
+                if let Err(e) = manage::pause_vm(&self.inner.sandbox_dir, false) {
                     log::warn!("runv: resuming paused task {} to delete it: {e}", req.id);
                 }
             }

@@ -1,8 +1,9 @@
 //! Managing a running sandbox, shared by `runv pause`/`resume`/`update` and the containerd
 //! shim's Pause/Resume/Update: freezing (the vm backend parks the VM's vCPUs; the host backend
-//! has no freezer) and the subset of OCI `linux.resources` the agent applies.
+//! freezes the container's processes through the agent's cgroup freezer) and the subset of OCI
+//! `linux.resources` the agent applies.
 
-use protocol::Resources;
+use protocol::{Request, Resources};
 
 use super::{vm, Kind, SandboxError};
 use crate::state::ContainerDir;
@@ -16,19 +17,36 @@ pub fn verb(pause: bool) -> &'static str {
     }
 }
 
-/// Whether a `kind` sandbox can be paused and resumed; the refusal says why not.
-pub fn check_pausable(kind: Kind, pause: bool) -> Result<(), SandboxError> {
+/// What `pause` freezes on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freezer {
+    /// The whole VM (its vCPUs, through the VMM's control API): every container in it.
+    Vm,
+    /// One container's processes (its cgroup's freezer, through the agent): [`agent_request`].
+    Agent,
+}
+
+/// How a `kind` sandbox pauses.
+pub fn freezer(kind: Kind) -> Freezer {
     match kind {
-        Kind::Vm => Ok(()),
-        Kind::Host => Err(SandboxError::NoFreezer(verb(pause), kind.name())),
+        Kind::Vm => Freezer::Vm,
+        Kind::Host => Freezer::Agent,
     }
 }
 
-/// Pauses (`pause`) or resumes the `kind` sandbox recorded in `dir`: a VM's vCPUs through its
-/// VMM's control API.
-pub fn pause(kind: Kind, dir: &ContainerDir, pause: bool) -> Result<(), SandboxError> {
-    check_pausable(kind, pause)?;
+/// Pauses (`pause`) or resumes the VM of the vm sandbox recorded in `dir`.
+pub fn pause_vm(dir: &ContainerDir, pause: bool) -> Result<(), SandboxError> {
     Ok(vm::pause_record(dir, pause)?)
+}
+
+/// The agent request that freezes (`pause`) or thaws container `id`.
+pub fn agent_request(id: &str, pause: bool) -> Request {
+    let id = id.to_string();
+    if pause {
+        Request::Pause { id }
+    } else {
+        Request::Resume { id }
+    }
 }
 
 /// The limits of an OCI `linux.resources` runv applies (memory, pids, cpu quota and period);
@@ -52,7 +70,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn resources_subset_and_host_refuses_pause() {
+    fn resources_subset_and_freezers() {
         let r: oci_spec::runtime::LinuxResources = serde_json::from_str(
             r#"{"memory":{"limit":67108864},"pids":{"limit":0},"cpu":{"quota":5000,"period":10000}}"#,
         )
@@ -66,11 +84,12 @@ mod tests {
                 cpu_period: Some(10000),
             }
         );
-        assert!(check_pausable(Kind::Vm, true).is_ok());
-        let e = check_pausable(Kind::Host, false).unwrap_err().to_string();
-        assert!(
-            e.contains("resume is not supported with --sandbox host"),
-            "{e}"
+        assert_eq!(freezer(Kind::Vm), Freezer::Vm);
+        assert_eq!(freezer(Kind::Host), Freezer::Agent);
+        assert_eq!(agent_request("c", true), Request::Pause { id: "c".into() });
+        assert_eq!(
+            agent_request("c", false),
+            Request::Resume { id: "c".into() }
         );
     }
 }

@@ -38,9 +38,6 @@ pub enum SandboxError {
     /// The vm backend failed.
     #[error(transparent)]
     Vm(#[from] vm::VmError),
-    /// Pause/resume on a backend without a freezer.
-    #[error("{0} is not supported with --sandbox {1}: the agent protocol has no cgroup freezer; only the vm sandbox can {0} (its VM's vCPUs)")]
-    NoFreezer(&'static str, &'static str),
     /// The agent of an existing container is unreachable.
     #[error("container {0}: cannot reach its agent: {1} (has it stopped? `runv delete {0}`)")]
     Unreachable(String, ClientError),
