@@ -26,6 +26,15 @@ struct Seen {
     links: String,
 }
 
+impl Seen {
+    /// The build TAP's name (`rvtb<hex>`), from `links`.
+    fn tap(&self) -> String {
+        let (_, rest) = self.links.split_once(": rvtb").expect("a build TAP");
+        let end = rest.find([':', '@']).unwrap_or(rest.len());
+        format!("rvtb{}", &rest[..end])
+    }
+}
+
 fn args_of(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .unwrap_or_default()
@@ -120,15 +129,25 @@ fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() 
     pool.build_template("jnet", &spec).unwrap();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = watcher.join().unwrap();
-    eprintln!("build VMM sightings: {}, jail {:?}", seen.vmm.len(), seen.jail_id);
+    eprintln!(
+        "build VMM sightings: {}, jail {:?}",
+        seen.vmm.len(),
+        seen.jail_id
+    );
 
     let id = pool_manager::vmm_api::jail::DEFAULT_JAIL_ID;
     assert!(!seen.vmm.is_empty(), "no unprivileged build VMM seen");
-    let want = (format!("{id} {id} {id} {id}"), "0000000000000000".to_string());
+    let want = (
+        format!("{id} {id} {id} {id}"),
+        "0000000000000000".to_string(),
+    );
     assert!(seen.vmm.iter().all(|v| *v == want), "{:?}", seen.vmm);
     let jail_id = seen.jail_id.clone().expect("the build VMM's jail id");
     assert!(jail_id.starts_with("build-"), "{jail_id}");
-    assert!(seen.in_build_netns, "the build VMM is not in runv-{jail_id}");
+    assert!(
+        seen.in_build_netns,
+        "the build VMM is not in runv-{jail_id}"
+    );
     // Its TAP, the only link there besides lo, is owned by the jail uid/gid.
     assert!(seen.links.contains(": rvtb"), "{}", seen.links);
     assert!(
@@ -139,15 +158,13 @@ fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() 
     );
 
     // Nothing of the build is left: namespace, TAP (here or anywhere), jail files, cgroup.
+    let tap = seen.tap();
     let ns = format!("/run/netns/runv-{jail_id}");
     assert!(!std::path::Path::new(&ns).exists(), "{ns} left");
-    let taps: Vec<_> = std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("rvtb"))
-        .collect();
-    assert!(taps.is_empty(), "build TAPs left: {taps:?}");
+    assert!(
+        !std::path::Path::new("/sys/class/net").join(&tap).exists(),
+        "build TAP {tap} left in the host's namespace"
+    );
     let left: Vec<_> = std::fs::read_dir(dirs.run())
         .unwrap()
         .flatten()
@@ -185,7 +202,10 @@ fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() 
             ..Default::default()
         })
         .unwrap();
-    let n = sb.network.clone().expect("a networked pool gives a network");
+    let n = sb
+        .network
+        .clone()
+        .expect("a networked pool gives a network");
     let answered = (0..3).any(|_| {
         Command::new("ip")
             .args(["netns", "exec", &n.netns])
@@ -199,4 +219,69 @@ fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() 
     drop(pool);
     assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
     assert!(processes_mentioning(run.to_str().unwrap()).is_empty());
+}
+
+#[test]
+fn a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns() {
+    let test = "a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns";
+    if !kvm_available(test) {
+        return;
+    }
+    if let Some(why) = network::unavailable(true) {
+        eprintln!("SKIPPED: {test}: {why}");
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    let spec = TemplateSpec {
+        cmdline: "rt.net=10.99.0.2".into(),
+        mem_mib: 16,
+        net: true,
+        warmup_ms: 2000,
+        ..counter_spec()
+    };
+    // Kills the jailed build VMM proper as soon as it is seen in its build namespace.
+    let watcher = std::thread::spawn(|| {
+        let mut seen = Seen::default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while seen.jail_id.is_none() && std::time::Instant::now() < deadline {
+            look("jkill", &mut seen);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let id = seen.jail_id.clone().expect("the jailed build VMM");
+        for pid in std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            let args = args_of(pid);
+            let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:").map(str::to_string))
+                .unwrap_or_default();
+            if args.iter().any(|a| a == &id) && !uid.trim().starts_with('0') {
+                // SAFETY: SIGKILL to the test's own build VMM (its jail id is unique).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        (id, seen.in_build_netns, seen.tap())
+    });
+    let err = pool.build_template("jkill", &spec).unwrap_err();
+    let (jail_id, in_netns, tap) = watcher.join().unwrap();
+    assert!(in_netns, "the build VMM was not in runv-{jail_id}");
+    eprintln!("build failed as expected: {err}");
+    let ns = format!("/run/netns/runv-{jail_id}");
+    assert!(!std::path::Path::new(&ns).exists(), "{ns} left");
+    assert!(
+        !std::path::Path::new("/sys/class/net").join(&tap).exists(),
+        "build TAP {tap} left in the host's namespace"
+    );
+    assert!(
+        !pool_manager::vmm_api::jail::Cgroup::of(&jail_id).exists(),
+        "cgroup of {jail_id} left"
+    );
+    assert!(!dirs.state().join("templates/jkill").exists());
+    drop(pool);
+    assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
 }

@@ -29,7 +29,17 @@ impl BuildNet {
         };
         let (uid, gid) = (uid.to_string(), gid.to_string());
         cmd::ip(&[
-            "-n", &this.netns, "tuntap", "add", "dev", tap, "mode", "tap", "user", &uid, "group",
+            "-n",
+            &this.netns,
+            "tuntap",
+            "add",
+            "dev",
+            tap,
+            "mode",
+            "tap",
+            "user",
+            &uid,
+            "group",
             &gid,
         ])?;
         Ok(this)
