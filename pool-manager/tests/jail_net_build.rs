@@ -13,6 +13,14 @@ use common::*;
 use pool_manager::network::{self, PoolNetwork};
 use pool_manager::{AcquireRequest, Pool, PoolTargets, TemplateSpec};
 
+/// Held by each test: the orphan sweep of one must not see another's build namespace in the
+/// moment between its creation and its VMM's start.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// What the watcher saw of the jailed build VMM proper.
 #[derive(Debug, Default)]
 struct Seen {
@@ -96,6 +104,7 @@ fn look(template: &str, seen: &mut Seen) {
 
 #[test]
 fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() {
+    let _serial = serial();
     let test = "a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing";
     if !kvm_available(test) {
         return;
@@ -223,6 +232,7 @@ fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() 
 
 #[test]
 fn a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns() {
+    let _serial = serial();
     let test = "a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns";
     if !kvm_available(test) {
         return;
@@ -284,4 +294,48 @@ fn a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns() {
     assert!(!dirs.state().join("templates/jkill").exists());
     drop(pool);
     assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
+}
+
+#[test]
+fn clean_orphans_removes_a_build_netns_no_live_vmm_claims_and_keeps_a_claimed_one() {
+    let _serial = serial();
+    let test = "clean_orphans_removes_a_build_netns_no_live_vmm_claims_and_keeps_a_claimed_one";
+    if let Some(why) = network::unavailable(true) {
+        eprintln!("SKIPPED: {test}: {why}");
+        return;
+    }
+    let hex = format!("{:012x}", std::process::id() as u64 * 7919);
+    let (orphan, claimed) = (
+        format!("build-a{}", &hex[1..]),
+        format!("build-c{}", &hex[1..]),
+    );
+    for id in [&orphan, &claimed] {
+        let ok = Command::new("ip")
+            .args(["netns", "add", &format!("runv-{id}")])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add runv-{id}");
+    }
+    // A live process whose command line carries `--jail-id <claimed>`, as a build VMM's does.
+    let mut holder = Command::new("sh")
+        .args(["-c", "sleep 30", "sh", "--jail-id", &claimed])
+        .spawn()
+        .unwrap();
+    let dirs = Dirs::new();
+    let pool = Pool::open(dirs.config()).unwrap();
+    pool.clean_orphans();
+    let exists = |id: &str| std::path::Path::new(&format!("/run/netns/runv-{id}")).exists();
+    let (orphan_left, claimed_kept) = (exists(&orphan), exists(&claimed));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &format!("runv-{claimed}")])
+        .output();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &format!("runv-{orphan}")])
+        .output();
+    drop(pool);
+    assert!(!orphan_left, "runv-{orphan} was not removed");
+    assert!(claimed_kept, "runv-{claimed} was removed while claimed");
 }
