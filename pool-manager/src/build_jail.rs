@@ -79,6 +79,16 @@ impl BuildJail {
         &self.args
     }
 
+    /// The jail's id (`build-<hex>`, unique on the host).
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The jail uid and gid.
+    pub(crate) fn owner(&self) -> (u32, u32) {
+        (self.uid, self.gid)
+    }
+
     /// Where its control and vsock sockets go (bound read-write).
     pub(crate) fn files_dir(&self) -> PathBuf {
         self.run_dir.join(&self.id)

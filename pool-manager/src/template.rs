@@ -209,8 +209,8 @@ pub struct Template {
 
 /// Boots `spec` with `vmm`, waits for readiness, snapshots into `<templates>/<name>` (published
 /// by a rename) and copies it to `<tmpfs_root>/<name>`. `run_dir` holds the build VM's sockets.
-/// With `jail` the build VM runs jailed (see [`crate::build_jail`]), except for a template with
-/// a network device (its TAP needs the host's namespace and `CAP_NET_ADMIN`).
+/// With `jail` the build VM runs jailed (see [`crate::build_jail`]); a networked one joins a
+/// network namespace made for the build that holds its TAP ([`crate::network::BuildNet`]).
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     vmm: &Path,
@@ -317,7 +317,7 @@ fn boot_and_snapshot(
 ) -> Result<(), TemplateError> {
     progress(BuildStep::Booting);
     let log = snap.join("build.log");
-    let jail = match jail.filter(|_| !spec.net) {
+    let jail = match jail {
         Some(j) => Some(crate::build_jail::BuildJail::prepare(
             j,
             run_dir,
@@ -368,14 +368,7 @@ fn boot_and_snapshot(
     }
     // The build VM's TAP: removed with it (clones get their own).
     let tap = if spec.net {
-        use std::hash::BuildHasher;
-        let leases = Default::default();
-        // A random suffix (RandomState is seeded randomly): two builds never share a TAP.
-        let r = std::collections::hash_map::RandomState::new().hash_one(name);
-        let tap = crate::network::SandboxNet::create_tap(&format!("vm-b{:011x}", r >> 20), leases)
-            .map_err(|e| TemplateError::Guest(format!("creating the build VM's TAP: {e}")))?;
-        cmd.args(["--net", &format!("tap={}", tap.tap())]);
-        Some(tap)
+        Some(build_tap(name, jail.as_ref(), &mut cmd)?)
     } else {
         None
     };
@@ -419,6 +412,49 @@ fn boot_and_snapshot(
         ))),
         Err(e) => Err(TemplateError::Guest(format!("waiting for the VMM: {e}"))),
     }
+}
+
+/// The network of a build VM: a TAP in the host's namespace for an unjailed VMM; for a jailed
+/// one a namespace of its own holding the TAP, owned by the jail uid, which the VMM joins.
+/// Adds the VMM's arguments for it to `cmd`.
+fn build_tap(
+    name: &str,
+    jail: Option<&crate::build_jail::BuildJail>,
+    cmd: &mut Command,
+) -> Result<BuildTap, TemplateError> {
+    use std::hash::BuildHasher;
+    // A random suffix (RandomState is seeded randomly): two builds never share a TAP.
+    let r = std::collections::hash_map::RandomState::new().hash_one(name);
+    let vm = format!("vm-b{:011x}", r >> 20);
+    let failed = |e: crate::network::NetError| {
+        TemplateError::Guest(format!("creating the build VM's TAP: {e}"))
+    };
+    let tap = match jail {
+        Some(j) => {
+            let (uid, gid) = j.owner();
+            let tap = format!("{}{}", crate::network::TAP_PREFIX, &vm[3..]);
+            let net = crate::network::BuildNet::create(j.id(), &tap, uid, gid).map_err(failed)?;
+            cmd.arg("--jail-netns").arg(net.netns_path());
+            BuildTap::Jailed(net)
+        }
+        None => BuildTap::Host(
+            crate::network::SandboxNet::create_tap(&vm, Default::default()).map_err(failed)?,
+        ),
+    };
+    let name = match &tap {
+        BuildTap::Jailed(n) => n.tap(),
+        BuildTap::Host(t) => t.tap(),
+    };
+    cmd.args(["--net", &format!("tap={name}")]);
+    Ok(tap)
+}
+
+/// A build VM's TAP (see [`build_tap`]); removed on drop.
+enum BuildTap {
+    /// In the host's namespace.
+    Host(crate::network::SandboxNet),
+    /// In a namespace of its own, with it.
+    Jailed(crate::network::BuildNet),
 }
 
 /// Waits until the debug log holds the ready reports, the guest fails, or the VMM exits.

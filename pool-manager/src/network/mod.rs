@@ -10,12 +10,14 @@
 //! Dropping a [`SandboxNet`] frees everything: the namespace (with its TAP and veth), the TAP if
 //! it never left the host, the nftables rules and the address lease.
 
+mod build;
 mod cmd;
 mod lease;
 mod lend;
 pub mod orphans;
 pub mod pod;
 
+pub use build::BuildNet;
 pub use cmd::{nft_rules, NetError};
 pub use lease::{parse_subnet, Block, Leases, PoolNetwork};
 

@@ -1,4 +1,5 @@
-//! What a killed pool leaves of its sandbox networks: namespaces `runv-vm-*`, TAPs `rvt*` and
+//! What a killed pool leaves of its sandbox networks: namespaces `runv-vm-*` (and a jailed
+//! template build's `runv-build-*`, claimed by the live VMM of that `--jail-id`), TAPs `rvt*` and
 //! veth ends `rvh*` in the host's namespace, and rules in the `ip runv_pool` nftables table
 //! commented with a VM's name. Namespaces, links and rules are host-wide, and several pools (a
 //! daemon, runv's embedded ones) may share a host, so only what no live VMM anywhere claims is
@@ -14,7 +15,7 @@ use super::{cmd, NETNS_PREFIX, NFT_TABLE, TAP_PREFIX, VETH_PREFIX};
 /// that exists by then.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Leftovers {
-    /// Namespaces `runv-vm-*`.
+    /// Namespaces `runv-vm-*` and `runv-build-*` (a jailed template build's).
     pub netns: Vec<String>,
     /// TAPs and veth host ends in this namespace (`rvt<hex>`, `rvh<hex>`).
     pub links: Vec<String>,
@@ -35,7 +36,10 @@ pub fn find() -> Leftovers {
     };
     let netns = names("/run/netns")
         .into_iter()
-        .filter(|n| n.starts_with(&format!("{NETNS_PREFIX}vm-")))
+        .filter(|n| {
+            n.starts_with(&format!("{NETNS_PREFIX}vm-"))
+                || n.starts_with(&format!("{NETNS_PREFIX}build-"))
+        })
         .collect();
     let links = names("/sys/class/net")
         .into_iter()
@@ -86,7 +90,8 @@ fn parse_rules(out: &str) -> Vec<(String, u64, String)> {
     rules
 }
 
-/// Names (`vm-<hex>`) of every live VMM on the host whose pid is not in `except`; a jailed
+/// Names (`vm-<hex>`, and `build-<hex>` for a jailed template build VM: its `--jail-id`) of
+/// every live VMM on the host whose pid is not in `except`; a jailed
 /// VMM proper whose keeper (its parent, same command line) is in `except` is being ended too.
 pub fn live_vms(except: &HashSet<u32>) -> HashSet<String> {
     let mut out = HashSet::new();
@@ -112,6 +117,11 @@ pub fn live_vms(except: &HashSet<u32>) -> HashSet<String> {
                 .unwrap_or_default();
             if let Some(vm) = name.strip_suffix(".sock").filter(|n| n.starts_with("vm-")) {
                 out.insert(vm.to_string());
+            }
+        }
+        for w in args.windows(2).filter(|w| w[0] == b"--jail-id") {
+            if w[1].starts_with(b"build-") {
+                out.insert(String::from_utf8_lossy(w[1]).into_owned());
             }
         }
     }
