@@ -363,7 +363,7 @@ impl ShellProcess {
 }
 
 /// The parent pid of `pid` (from `/proc/<pid>/stat`; the command name may hold spaces).
-fn parent_of(pid: u32) -> Option<u32> {
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?
         .1

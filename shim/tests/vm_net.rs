@@ -6,6 +6,8 @@
 //! without a namespace gets the pool's address, and a template without a network device is
 //! refused clearly.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -15,23 +17,6 @@ use pool_manager::network::{self, PoolNetwork};
 use pool_manager::{Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
 use shim::sandbox::vm::{Hooks, NetPlan, Source, VmConfig, VmError, VmSandbox};
 use test_guests::netns::Netns;
-
-fn vmm_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("RUNV_VMM") {
-        return PathBuf::from(p);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-q", "-p", "vmm", "--bin", "runv-vmm"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "cargo build -p vmm --bin runv-vmm failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("debug/runv-vmm")
-}
 
 fn usable(test: &str) -> bool {
     if std::fs::OpenOptions::new()
@@ -110,7 +95,7 @@ impl Fixture {
         let shm = PathBuf::from(format!("/dev/shm/runv-shim-net-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&shm);
         let pool = Pool::open(PoolConfig {
-            vmm: vmm_bin(),
+            vmm: common::vmm(),
             state_dir: tmp.path().join("state"),
             run_dir: tmp.path().join("run"),
             tmpfs_dir: shm.clone(),

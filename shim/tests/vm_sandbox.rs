@@ -14,29 +14,6 @@ use pool_manager::{Pool, PoolConfig, ReadyCheck, TemplateSpec};
 use protocol::{ErrorCode, Request, Response, RootfsSource};
 use shim::sandbox::vm::{Hooks, Source, VmConfig, VmError, VmSandbox};
 
-/// `runv-vmm`: `$RUNV_VMM`, else built into the workspace target dir on first use (shim must
-/// not depend on the vmm crate).
-fn vmm_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("RUNV_VMM") {
-            return PathBuf::from(p);
-        }
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let st = std::process::Command::new(cargo)
-            .args(["build", "-q", "-p", "vmm", "--bin", "runv-vmm"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "cargo build -p vmm --bin runv-vmm failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        target.join("debug/runv-vmm")
-    })
-    .clone()
-}
-
 fn kvm(test: &str) -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -62,7 +39,7 @@ impl Fixture {
         let shm = PathBuf::from(format!("/dev/shm/runv-shim-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&shm);
         let pool = Pool::open(PoolConfig {
-            vmm: vmm_bin(),
+            vmm: common::vmm(),
             state_dir: tmp.path().join("state"),
             run_dir: tmp.path().join("run"),
             tmpfs_dir: shm.clone(),
@@ -357,7 +334,7 @@ fn vm_sandbox_runs_a_container_with_a_linux_kernel() {
             fx.tmp.path().join("state").display(),
             fx.tmp.path().join("run").display(),
             fx.shm.display(),
-            vmm_bin().display(),
+            common::vmm().display(),
             fx.tmp.path().join("images").display(),
             fx.tmp.path().join("no-daemon.sock").display(),
         ),
@@ -418,7 +395,7 @@ fn runv_create_with_the_vm_sandbox_reaches_the_clone_and_cleans_up() {
             fx.tmp.path().join("state").display(),
             fx.tmp.path().join("run").display(),
             fx.shm.display(),
-            vmm_bin().display(),
+            common::vmm().display(),
             fx.tmp.path().join("images").display(),
             fx.tmp.path().join("no-daemon.sock").display(),
         ),
@@ -517,7 +494,7 @@ fn vm_sandbox_uses_the_runv_pool_daemon_when_it_answers() {
         st.success(),
         "cargo build -p pool-manager --bin runv-pool failed"
     );
-    let bin = vmm_bin().with_file_name("runv-pool");
+    let bin = common::vmm().with_file_name("runv-pool");
     let mut fx = Fixture::new("daemon");
     fx.template("agent", "rt.agent", 1);
     fx.close();
@@ -531,7 +508,7 @@ fn vm_sandbox_uses_the_runv_pool_daemon_when_it_answers() {
         .arg("--tmpfs-dir")
         .arg(&fx.shm)
         .arg("--vmm")
-        .arg(vmm_bin())
+        .arg(common::vmm())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -102,7 +102,9 @@ pub fn live_vms(except: &HashSet<u32>) -> HashSet<String> {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        if except.contains(&pid) || parent_of(pid).is_some_and(|pp| except.contains(&pp)) {
+        if except.contains(&pid)
+            || crate::shell::parent_of(pid).is_some_and(|pp| except.contains(&pp))
+        {
             continue;
         }
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -126,17 +128,6 @@ pub fn live_vms(except: &HashSet<u32>) -> HashSet<String> {
         }
     }
     out
-}
-
-/// The parent pid of `pid` (from `/proc/<pid>/stat`; the command name may hold spaces).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// TAPs some process holds open (`iff:` in the fdinfo of its `/dev/net/tun` files).

@@ -77,6 +77,18 @@ fn not_found(id: &str, exec_id: &str) -> ttrpc::Error {
     }
 }
 
+/// `req` on the agent connection `c`; an agent's error answer becomes a ttrpc error.
+fn call_on(c: &mut Client, what: &str, req: &Request) -> TtrpcResult<Response> {
+    match c.call(req) {
+        Ok(Response::Error(e)) => Err(agent_error(what, Response::Error(e))),
+        Ok(r) => Ok(r),
+        Err(e) => Err(err(
+            Code::UNAVAILABLE,
+            format!("{what}: agent connection: {e}"),
+        )),
+    }
+}
+
 /// An agent's error reply as a ttrpc status containerd maps to its error kinds.
 fn agent_error(what: &str, r: Response) -> ttrpc::Error {
     match r {
@@ -246,18 +258,7 @@ impl Service {
                 .map_err(|e| err(Code::INTERNAL, format!("task {id}: {verb}: {e}")))?,
             manage::Freezer::Agent => {
                 let mut c = agent.ok_or_else(|| err(Code::INTERNAL, "no agent client"))?;
-                match c.call(&manage::agent_request(id, pause)) {
-                    Ok(Response::Error(e)) => {
-                        return Err(agent_error(verb, Response::Error(e)));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Err(err(
-                            Code::UNAVAILABLE,
-                            format!("{verb}: agent connection: {e}"),
-                        ))
-                    }
-                }
+                call_on(&mut c, verb, &manage::agent_request(id, pause))?;
             }
         }
         t.paused = pause;
@@ -301,15 +302,7 @@ impl Service {
 
     /// One request on a fresh connection.
     fn call(&self, what: &str, req: &Request) -> TtrpcResult<Response> {
-        let mut c = self.client()?;
-        match c.call(req) {
-            Ok(Response::Error(e)) => Err(agent_error(what, Response::Error(e))),
-            Ok(r) => Ok(r),
-            Err(e) => Err(err(
-                Code::UNAVAILABLE,
-                format!("{what}: agent connection: {e}"),
-            )),
-        }
+        call_on(&mut self.client()?, what, req)
     }
 
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
