@@ -177,6 +177,21 @@ fn an_inherited_descriptor_that_is_no_listening_socket_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = std::fs::File::create(dir.path().join("plain")).unwrap();
     let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    // Not a descriptor number the agent may take over.
+    for bad in ["fd:2", "fd:x", "fd:"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_runv-agent"))
+            .args(["--listen", bad, "--state-dir"])
+            .arg(dir.path().join("state"))
+            .args(["--cgroup-group", &group()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("give a file descriptor number above 2"),
+            "{bad}: {stderr}"
+        );
+    }
     for fd in [file.as_raw_fd(), a.as_raw_fd()] {
         let out = agent_on_fd(fd, &dir.path().join("state"))
             .wait_with_output()

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use protocol::{Request, Response, StdioConfig};
 
 use crate::relay::{relay, HostIo};
-use crate::sandbox::{Kind, Sandbox};
+use crate::sandbox::{Kind, Sandbox, SandboxError};
 use crate::state::{ContainerDir, Record};
 
 /// What the monitor is told on its command line.
@@ -98,6 +98,11 @@ fn prepare(
                 terminal,
                 stdin: true,
             },
+        })
+        .map_err(|e| match sb.agent_log() {
+            // The host agent got its socket already bound, so a failed start shows up here.
+            Some(log) => anyhow::Error::new(SandboxError::AgentGone(log.to_path_buf(), e)),
+            None => anyhow::Error::new(e),
         })
         .context("creating the container")?;
     let (pid, streams) = match r {

@@ -142,3 +142,25 @@ fn damaged_state_is_reported_and_force_deleted() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(env.left().is_empty(), "{:?}", env.left());
 }
+
+#[test]
+fn an_agent_that_dies_at_start_is_a_clear_error_and_leaves_nothing() {
+    let Some(env) = Env::new("an_agent_that_dies_at_start_is_a_clear_error_and_leaves_nothing")
+    else {
+        return;
+    };
+    let id = env.id("dead");
+    let b = env.bundle("dead", &["true"], false);
+    // An "agent" that exits at once: the socket runv bound for it refuses the first request.
+    let mut c = env.cmd(&["create", "--bundle", b.to_str().unwrap(), &id]);
+    c.env("RUNV_AGENT", "/bin/false");
+    let o = common::run_bounded(&mut c);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the container's agent does not answer") && err.contains("agent.log"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(env.left().is_empty(), "left under --root: {:?}", env.left());
+}

@@ -123,6 +123,10 @@ impl Sandbox for HostSandbox {
         Client::connect(&self.socket).map_err(|e| SandboxError::AgentGone(self.log.clone(), e))
     }
 
+    fn agent_log(&self) -> Option<&Path> {
+        Some(&self.log)
+    }
+
     fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }

@@ -124,6 +124,11 @@ pub trait Sandbox {
         let _ = container;
         Ok(())
     }
+    /// Where its agent's own errors go, for a caller whose connection to it broke (the host
+    /// agent's stderr log; a VM's agent has none on the host).
+    fn agent_log(&self) -> Option<&std::path::Path> {
+        None
+    }
     /// Ends the sandbox and waits for it (idempotent).
     fn shutdown(&mut self);
 }
