@@ -309,6 +309,7 @@ fn serve_lines(
         let request = match line.and_then(|l| parse_request(&l)) {
             Ok(r) => r,
             Err(e) => {
+                c.drop_unclaimed_fds();
                 c.send(&encode_error(&e));
                 if e.kind == ApiErrorKind::TooLong {
                     c.close_after_output();
@@ -322,7 +323,11 @@ fn serve_lines(
         } else {
             None
         };
-        match handle(request, fd) {
+        let dispatch = handle(request, fd);
+        // Descriptors this line brought and did not claim are closed before it is answered: a
+        // client that has the reply knows the VMM holds no copy.
+        c.drop_unclaimed_fds();
+        match dispatch {
             Dispatch::Reply(line) => c.send(&line),
             Dispatch::Defer(request) => return Some(Deferred { token, request }),
         }
