@@ -13,14 +13,6 @@ use common::*;
 use pool_manager::network::{self, PoolNetwork};
 use pool_manager::{AcquireRequest, Pool, PoolTargets, TemplateSpec};
 
-/// Held by each test: the orphan sweep of one must not see another's build namespace in the
-/// moment between its creation and its VMM's start.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// What the watcher saw of the jailed build VMM proper.
 #[derive(Debug, Default)]
 struct Seen {
@@ -104,7 +96,6 @@ fn look(template: &str, seen: &mut Seen) {
 
 #[test]
 fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() {
-    let _serial = serial();
     let test = "a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing";
     if !kvm_available(test) {
         return;
@@ -232,7 +223,6 @@ fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() 
 
 #[test]
 fn a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns() {
-    let _serial = serial();
     let test = "a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns";
     if !kvm_available(test) {
         return;
@@ -298,7 +288,6 @@ fn a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns() {
 
 #[test]
 fn clean_orphans_removes_a_build_netns_no_live_vmm_claims_and_keeps_a_claimed_one() {
-    let _serial = serial();
     let test = "clean_orphans_removes_a_build_netns_no_live_vmm_claims_and_keeps_a_claimed_one";
     if let Some(why) = network::unavailable(true) {
         eprintln!("SKIPPED: {test}: {why}");
@@ -322,11 +311,23 @@ fn clean_orphans_removes_a_build_netns_no_live_vmm_claims_and_keeps_a_claimed_on
         .args(["-c", "sleep 30", "sh", "--jail-id", &claimed])
         .spawn()
         .unwrap();
+    // A build namespace and a clone's TAP whose VMMs do not run yet: the pool making them
+    // holds a claim on their VM names.
+    let making = format!("build-m{}", &hex[1..]);
+    let build_net =
+        network::BuildNet::create(&making, &format!("rvtm{}", &hex[1..]), 0, 0).unwrap();
+    let clone_tap =
+        network::SandboxNet::create_tap(&format!("vm-d{}", &hex[1..]), Default::default()).unwrap();
+    let tap_path = std::path::Path::new("/sys/class/net").join(clone_tap.tap());
     let dirs = Dirs::new();
     let pool = Pool::open(dirs.config()).unwrap();
     pool.clean_orphans();
     let exists = |id: &str| std::path::Path::new(&format!("/run/netns/runv-{id}")).exists();
     let (orphan_left, claimed_kept) = (exists(&orphan), exists(&claimed));
+    let (making_kept, tap_kept) = (exists(&making), tap_path.exists());
+    drop(build_net);
+    drop(clone_tap);
+    let (making_gone, tap_gone) = (!exists(&making), !tap_path.exists());
     let _ = holder.kill();
     let _ = holder.wait();
     let _ = Command::new("ip")
@@ -338,4 +339,20 @@ fn clean_orphans_removes_a_build_netns_no_live_vmm_claims_and_keeps_a_claimed_on
     drop(pool);
     assert!(!orphan_left, "runv-{orphan} was not removed");
     assert!(claimed_kept, "runv-{claimed} was removed while claimed");
+    assert!(
+        making_kept,
+        "runv-{making} was removed while its pool made it"
+    );
+    assert!(
+        tap_kept,
+        "{} was removed while its pool made it",
+        tap_path.display()
+    );
+    assert!(making_gone && tap_gone, "dropped, they are gone");
+    assert!(
+        !std::path::Path::new(network::CLAIM_DIR)
+            .join(&making)
+            .exists(),
+        "the claim file goes with the claim"
+    );
 }

@@ -695,7 +695,9 @@ impl Pool {
                 ended_vms.insert(vm.to_string_lossy().into_owned());
             }
         }
-        let live = crate::network::orphans::live_vms(&ended_pids);
+        let mut live = crate::network::orphans::live_vms(&ended_pids);
+        // VMs whose network a live pool is making: their VMMs do not run yet.
+        live.extend(crate::network::claimed());
         crate::network::orphans::remove(&nets, &live, &ended_vms);
         let mut stale = Vec::new();
         if let Ok(dir) = std::fs::read_dir(run) {

@@ -4,28 +4,33 @@
 //! creates the TAP inside it owned by the jail uid, and the jailed VMM joins it
 //! (`runv-vmm --jail-netns /run/netns/runv-build-<hex>`) instead of unsharing a new one.
 //! Dropping a [`BuildNet`] deletes the TAP and the namespace; a killed pool's are removed by
-//! [`super::orphans`] once no live VMM has that jail id.
+//! [`super::orphans`] once no live VMM has that jail id; until its VMM runs, the pool's
+//! [`Claim`] on the jail id keeps other pools' sweeps off it.
 
 use std::path::PathBuf;
 
-use super::{cmd, NetError, NETNS_PREFIX};
+use super::{cmd, Claim, NetError, NETNS_PREFIX};
 
 /// A build VM's network namespace and the TAP in it; both removed on drop.
 pub struct BuildNet {
     netns: String,
     tap: String,
+    /// Keeps other pools' orphan sweeps off the namespace until the VMM that joins it runs.
+    _claim: Claim,
 }
 
 impl BuildNet {
     /// Makes namespace `runv-<jail_id>` holding TAP `tap` (down, no address) owned by
     /// `uid`/`gid`. On failure nothing is left.
     pub fn create(jail_id: &str, tap: &str, uid: u32, gid: u32) -> Result<Self, NetError> {
+        let claim = Claim::take(jail_id)?;
         let netns = format!("{NETNS_PREFIX}{jail_id}");
         cmd::ip(&["netns", "add", &netns])?;
         // From here on, drop removes the namespace.
         let this = Self {
             netns,
             tap: tap.to_string(),
+            _claim: claim,
         };
         let (uid, gid) = (uid.to_string(), gid.to_string());
         cmd::ip(&[

@@ -14,6 +14,7 @@ impl SandboxNet {
         uid: u32,
         gid: u32,
     ) -> Result<Self, NetError> {
+        let claim = super::Claim::take(vm_name)?;
         let tap = format!("{TAP_PREFIX}{}", super::suffix(vm_name));
         let (uid, gid) = (uid.to_string(), gid.to_string());
         cmd::ip(&[
@@ -24,6 +25,7 @@ impl SandboxNet {
             reserved: None,
             attached: None,
             leases,
+            _claim: Some(claim),
         })
     }
 

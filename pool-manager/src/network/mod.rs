@@ -11,6 +11,7 @@
 //! it never left the host, the nftables rules and the address lease.
 
 mod build;
+mod claim;
 mod cmd;
 mod lease;
 mod lend;
@@ -18,6 +19,7 @@ pub mod orphans;
 pub mod pod;
 
 pub use build::BuildNet;
+pub use claim::{claimed, Claim, CLAIM_DIR};
 pub use cmd::{nft_rules, NetError};
 pub use lease::{parse_subnet, Block, Leases, PoolNetwork};
 
@@ -65,12 +67,16 @@ pub struct SandboxNet {
     reserved: Option<(Block, PoolNetwork)>,
     attached: Option<(SandboxNetInfo, Block)>,
     leases: Arc<Mutex<Leases>>,
+    /// Keeps other pools' orphan sweeps off the TAP until the VMM that opens it runs; released
+    /// after everything is torn down (fields drop after `Drop::drop`).
+    _claim: Option<Claim>,
 }
 
 impl SandboxNet {
     /// Creates TAP `rvt<hex>` in the host's namespace (down, no address), for a VM named
     /// `vm-<hex>` to open at its restore.
     pub fn create_tap(vm_name: &str, leases: Arc<Mutex<Leases>>) -> Result<Self, NetError> {
+        let claim = Claim::take(vm_name)?;
         let tap = format!("{TAP_PREFIX}{}", suffix(vm_name));
         cmd::ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
         Ok(Self {
@@ -78,6 +84,7 @@ impl SandboxNet {
             reserved: None,
             attached: None,
             leases,
+            _claim: Some(claim),
         })
     }
 
@@ -186,11 +193,18 @@ impl SandboxNet {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .mark(&block);
+        // Its VMM is live, which protects it from sweeps already; a claim only keeps that
+        // true should the VMM be restarted.
+        let claim = info
+            .netns
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|vm| Claim::take(vm).ok());
         Self {
             tap: info.tap.clone(),
             reserved: None,
             attached: Some((info, block)),
             leases,
+            _claim: claim,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! veth ends `rvh*` in the host's namespace, and rules in the `ip runv_pool` nftables table
 //! commented with a VM's name. Namespaces, links and rules are host-wide, and several pools (a
 //! daemon, runv's embedded ones) may share a host, so only what no live VMM anywhere claims is
-//! removed; a VM's name is `vm-<hex>` (the `--control .../vm-<hex>.sock` of its VMM), its
+//! removed (the caller adds the names live pools claim, [`super::claimed`], for objects made
+//! before their VMM runs); a VM's name is `vm-<hex>` (the `--control .../vm-<hex>.sock` of its VMM), its
 //! network objects carry that name or its first 12 hex digits.
 
 use std::collections::HashSet;
