@@ -5,7 +5,8 @@
 //! answered from inside the clone over vsock (`CONNECT 1024`). Each acquire starts from a full
 //! warm pool with the previous clone's VMM gone, so neither the refill nor the reaping of the
 //! previous one shares the two cores with it (the refill the acquire itself triggers does, as in
-//! production).
+//! production). On an idle 2-vCPU VM host most of the spread is the host's: waking a thread on
+//! an idle vCPU costs up to ~3 ms (docs/ARCHITECTURE.md has the phase split and the A/B).
 
 use std::path::PathBuf;
 use std::sync::Arc;
