@@ -566,3 +566,63 @@ fn pool_builds_a_uffd_template_whose_first_clone_records_the_working_set() {
     drop(pool);
     assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
 }
+
+#[test]
+fn pool_clean_orphans_spares_the_vms_the_pool_is_spawning() {
+    if !kvm_available("pool_clean_orphans_spares_the_vms_the_pool_is_spawning") {
+        return;
+    }
+    let dirs = Dirs::new();
+    let pool = std::sync::Arc::new(Pool::open(dirs.config()).unwrap());
+    // One disk slot: each restore copies the slot's placeholder into the VM's own directory,
+    // which fails if a sweep took that directory away.
+    let spec = pool_manager::TemplateSpec {
+        slots: 1,
+        ..counter_spec()
+    };
+    pool.build_template("counter", &spec).unwrap();
+    let targets = |shells| PoolTargets {
+        warm: 0,
+        shells,
+        max_sandboxes: 0,
+        ..Default::default()
+    };
+    // A sweep (as a restarted daemon's, or a second pool's start) running the whole time the
+    // pool spawns shells.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sweeper = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut sweeps = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(pool.clean_orphans(), 0, "a live VMM of this pool was ended");
+                sweeps += 1;
+            }
+            sweeps
+        })
+    };
+    for round in 0..8 {
+        pool.set_pool("counter", targets(3)).unwrap();
+        wait_until("3 shells", Duration::from_secs(20), || {
+            pool.pools()[0].shells == 3
+        });
+        // Every pooled shell still has its directory, and its restore works.
+        let ids: Vec<String> = (0..3).map(|i| format!("r{round}-{i}")).collect();
+        for id in &ids {
+            let s = acquire(&pool, "counter", id);
+            assert_eq!(s.tier, Tier::Shell, "{s:?}");
+        }
+        pool.set_pool("counter", targets(0)).unwrap();
+        for id in &ids {
+            pool.release(id).unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sweeps = sweeper.join().unwrap();
+    eprintln!("{sweeps} sweeps while 24 shells were spawned");
+    assert!(sweeps > 0);
+    drop(pool);
+    wait_until("every VMM gone", Duration::from_secs(10), || {
+        vmm_pids(&dirs).is_empty()
+    });
+}

@@ -95,6 +95,7 @@ impl Pool {
             counters: PoolCounters::default(),
             record: Mutex::new(None),
             leases: Default::default(),
+            making: Default::default(),
         });
         let mut threads = Vec::new();
         for _ in 0..shared.cfg.refill_workers.max(1) {
@@ -658,8 +659,20 @@ impl Pool {
     /// sandboxes; returns how many VMMs were ended.
     pub fn clean_orphans(&self) -> usize {
         let run = &self.shared.cfg.run_dir;
-        // Listed first: what appears later belongs to a VMM that is live by then.
+        // Listed first, then the VMs this pool is spawning, then the live VMMs: a file or
+        // network object made later belongs to a VM spawned later, whose VMM runs by the time
+        // the processes are read; one made earlier belongs to a VM in `making` or to a VMM that
+        // shows up in the process list (or to none: an orphan).
+        let entries: Vec<PathBuf> = std::fs::read_dir(run)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
         let nets = crate::network::orphans::find();
+        let making = self
+            .shared
+            .making
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let adopted: std::collections::HashSet<u32> = {
             let st = self.shared.lock();
             st.sandboxes
@@ -700,23 +713,24 @@ impl Pool {
         live.extend(crate::network::claimed());
         crate::network::orphans::remove(&nets, &live, &ended_vms);
         let mut stale = Vec::new();
-        if let Ok(dir) = std::fs::read_dir(run) {
-            for f in dir.flatten() {
-                let name = f.file_name().to_string_lossy().into_owned();
-                // A template build's jail directory or root (`build-<hex>[.root]`), unless
-                // this pool is building.
-                if name.starts_with("build-") {
-                    if self.shared.lock().building.is_empty() {
-                        stale.push(f.path());
-                    }
-                    continue;
+        for path in entries {
+            let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            // A template build's jail directory or root (`build-<hex>[.root]`), unless this
+            // pool is building.
+            if name.starts_with("build-") {
+                if self.shared.lock().building.is_empty() {
+                    stale.push(path);
                 }
-                let Some(vm) = name.strip_prefix("vm-").and_then(|n| n.split('.').next()) else {
-                    continue;
-                };
-                if !claimed.contains(&format!("vm-{vm}")) {
-                    stale.push(f.path());
-                }
+                continue;
+            }
+            let Some(vm) = name.strip_prefix("vm-").and_then(|n| n.split('.').next()) else {
+                continue;
+            };
+            let vm = format!("vm-{vm}");
+            if !claimed.contains(&vm) && !making.contains(&vm) {
+                stale.push(path);
             }
         }
         let _ = self.shared.reap.send(Reap::Files(stale));
@@ -793,5 +807,43 @@ fn warm_network(
 impl Drop for Pool {
     fn drop(&mut self) {
         self.shutdown(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_orphans_keeps_the_files_of_a_vm_being_spawned_and_removes_an_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(PoolConfig {
+            vmm: PathBuf::from("/nonexistent/runv-vmm"),
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            tmpfs_dir: dir.path().join("shm"),
+            refill_workers: 1,
+            jail: None,
+        })
+        .unwrap();
+        let run = dir.path().join("run");
+        // What a jailed shell has before its VMM runs (`ShellProcess::spawn` makes its
+        // directory first), and what a VM whose VMM is gone leaves.
+        let (making, orphan) = (run.join("vm-00000000000a"), run.join("vm-00000000000b"));
+        std::fs::create_dir_all(&making).unwrap();
+        std::fs::create_dir_all(&orphan).unwrap();
+        std::fs::write(run.join("vm-00000000000b.log"), b"").unwrap();
+        pool.shared
+            .making
+            .lock()
+            .unwrap()
+            .insert("vm-00000000000a".into());
+        assert_eq!(pool.clean_orphans(), 0);
+        pool.shutdown(false); // the reaper has removed what it was sent
+        assert!(
+            making.exists(),
+            "the directory of a VM being spawned was removed"
+        );
+        assert!(!orphan.exists() && !run.join("vm-00000000000b.log").exists());
     }
 }

@@ -79,6 +79,9 @@ pub(super) struct Shared {
     pub(super) record: Mutex<Option<PathBuf>>,
     /// Address blocks leased to sandbox networks (pooled and leased VMs).
     pub(super) leases: Arc<Mutex<Leases>>,
+    /// Names of the VMs being spawned: from before their directory exists until their VMM runs
+    /// as this process's child, where [`super::Pool::clean_orphans`] would not see them.
+    pub(super) making: Mutex<std::collections::HashSet<String>>,
 }
 
 pub(super) fn now_s() -> u64 {
@@ -275,7 +278,12 @@ impl Shared {
             run_dir: self.cfg.run_dir.clone(),
             jail,
         };
-        ShellProcess::spawn(&spec, &format!("vm-{}", random_hex()))
+        let name = format!("vm-{}", random_hex());
+        let making = || self.making.lock().unwrap_or_else(|p| p.into_inner());
+        making().insert(name.clone());
+        let spawned = ShellProcess::spawn(&spec, &name);
+        making().remove(&name);
+        spawned
     }
 
     /// Restores template `t` into shell `vm` as clone `id` (cow, debug log and vsock socket
