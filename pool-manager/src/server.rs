@@ -289,15 +289,24 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .with_state(d)
 }
 
-/// Binds `<run_dir>/pool.sock` (mode 0600), refusing if another daemon answers on it.
+/// Binds `<run_dir>/pool.sock` (mode 0600), refusing if another live daemon listens on it.
 fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another runv-pool daemon answers on {}: stop it first or use another --run-dir",
-                path.display()
-            );
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
+            // The listener may outlive a killed daemon in a process that inherited it (a child
+            // between its fork and exec): only a live listening process is another daemon.
+            match listener_pid(&s) {
+                Some(pid) if crate::manager::pid_alive(pid) => anyhow::bail!(
+                    "another runv-pool daemon (pid {pid}) answers on {}: stop it first or use another --run-dir",
+                    path.display()
+                ),
+                pid => tracing::warn!(
+                    "{} still accepts connections, but the process that listens on it ({}) is gone: taking it over",
+                    path.display(),
+                    pid.map_or("unknown".into(), |p| format!("pid {p}"))
+                ),
+            }
         }
         std::fs::remove_file(path)?;
     }
@@ -305,6 +314,28 @@ fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
+}
+
+/// The pid of the process that called `listen` on the socket `s` is connected to (`SO_PEERCRED`).
+fn listener_pid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(SO_PEERCRED) writes at most `len` bytes into `cred`, a live ucred.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
 
 /// Runs the daemon until SIGTERM/SIGINT: opens the pool, re-adopts the sandboxes recorded in

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -578,4 +579,50 @@ fn daemon_refuses_bad_input_with_json_errors() {
     let (ok, _, err) = d.cli(&["pool", "ls"]);
     assert!(!ok && err.contains("runv-pool serve"), "{err}");
     assert!(dirs.run_files().is_empty(), "left: {:?}", dirs.run_files());
+}
+
+#[test]
+fn a_listener_that_outlived_its_daemon_is_taken_over() {
+    let dirs = Dirs::new();
+    std::fs::create_dir_all(dirs.run()).unwrap();
+    let sock = dirs.run().join("pool.sock");
+    // A process listens on pool.sock, forks a child that inherits the listener, and exits:
+    // connections are still accepted into the backlog, but nobody serves them (what a killed
+    // daemon's child between fork and exec leaves for a moment).
+    let script = "import os, socket, sys, time\n\
+        s = socket.socket(socket.AF_UNIX)\n\
+        s.bind(sys.argv[1])\n\
+        s.listen(16)\n\
+        if os.fork() == 0:\n    print(os.getpid(), flush=True)\n    time.sleep(60)\n";
+    let mut parent = Command::new("python3")
+        .args(["-c", script])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(parent.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    /// SIGKILLs the listener's holder however the test ends.
+    struct Holder(i32);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the python child this test started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _holder = Holder(line.trim().parse().unwrap());
+    assert!(parent.wait().unwrap().success());
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+
+    let stale = std::fs::metadata(&sock).unwrap().ino();
+    let d = Daemon::start(&dirs);
+    wait_until("the daemon's own socket", Duration::from_secs(20), || {
+        std::fs::metadata(&sock).is_ok_and(|m| m.ino() != stale)
+    });
+    let (code, body) = http(&d.sock, "GET", "/healthz", b"");
+    assert_eq!(code, 200, "{body}");
 }

@@ -15,6 +15,7 @@ mod state;
 mod types;
 mod workers;
 
+pub(crate) use state::pid_alive;
 use state::*;
 pub use types::{AcquireRequest, ErrorClass, PoolConfig, PoolCounters, PoolError};
 use workers::*;

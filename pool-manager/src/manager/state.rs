@@ -116,7 +116,7 @@ pub(super) fn not_found_sandbox(id: &str) -> PoolError {
 
 /// Whether `pid` runs: it exists and is not a zombie (a VMM whose parent, an earlier daemon,
 /// is gone is reaped by init, which may take its time).
-pub(super) fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesized command name.
         Ok(stat) => {
