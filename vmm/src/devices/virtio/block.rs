@@ -6,10 +6,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{device_type, used_if, VirtioDevice};
+use super::{device_type, drain_queue, used_if, VirtioDevice};
 use crate::memory::GuestMemory;
 
 const SECTOR: u64 = 512;
@@ -429,43 +429,27 @@ impl VirtioDevice for Block {
 impl Block {
     /// Serves every available request of `queue`; returns whether any buffer was used.
     fn process(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        let mut used = false;
-        loop {
-            // With EVENT_IDX, re-check after re-enabling notifications to not miss a request.
-            if queue.disable_notification(mem).is_err() {
-                return used;
-            }
-            let mut popped = false;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                popped = true;
-                let head = chain.head_index();
-                let len = match Self::parse(chain, mem) {
-                    Some(req) => {
-                        let (status, len) = self.execute(&req, mem);
-                        if mem.write_obj(status, req.status).is_err() {
-                            self.malformed += 1;
-                        }
-                        len + 1
-                    }
-                    None => {
+        let (used, used_ring_broken) = drain_queue(queue, mem, |chain| {
+            let head = chain.head_index();
+            let len = match Self::parse(chain, mem) {
+                Some(req) => {
+                    let (status, len) = self.execute(&req, mem);
+                    if mem.write_obj(status, req.status).is_err() {
                         self.malformed += 1;
-                        0
                     }
-                };
-                if queue.add_used(mem, head, len).is_err() {
-                    self.malformed += 1;
-                    return used;
+                    len + 1
                 }
-                used = true;
-            }
-            match queue.enable_notification(mem) {
-                // More is available but nothing could be popped (a driver index beyond the
-                // queue size): stop, or a guest would spin the device loop forever (found by
-                // fuzz/virtio_blk).
-                Ok(true) if popped => continue,
-                _ => return used,
-            }
+                None => {
+                    self.malformed += 1;
+                    0
+                }
+            };
+            (head, len)
+        });
+        if used_ring_broken {
+            self.malformed += 1;
         }
+        used
     }
 }
 

@@ -91,6 +91,39 @@ pub fn used_if(
     queues.get_mut(index).is_some_and(f).then_some(index)
 }
 
+/// Serves every chain the driver made available on `queue`, one at a time with `serve`, which
+/// answers with the chain's head and the length it wrote. Re-checks after re-enabling notifications (EVENT_IDX) so no chain is
+/// missed, but stops when more is announced that cannot be popped (a driver index beyond the
+/// queue size): a guest must not spin the device loop (found by fuzz/virtio_blk and virtio_net).
+/// Returns whether the used ring changed, and whether it stopped because the used ring could
+/// not be written.
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    mut serve: impl FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> (u16, u32),
+) -> (bool, bool) {
+    use virtio_queue::QueueT;
+    let mut used = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            return (used, false);
+        }
+        let mut popped = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            popped = true;
+            let (head, len) = serve(chain);
+            if queue.add_used(mem, head, len).is_err() {
+                return (used, true);
+            }
+            used = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) if popped => continue,
+            _ => return (used, false),
+        }
+    }
+}
+
 /// Copies `src[offset..]` into `data`, zero-filling beyond the end.
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {

@@ -14,7 +14,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
-use super::{device_type, VirtioDevice};
+use super::{device_type, drain_queue, VirtioDevice};
 use crate::memory::GuestMemory;
 
 const RX: usize = 0;
@@ -295,38 +295,21 @@ impl Net {
 
     /// Sends every available transmit chain to the TAP.
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
-        let mut used = false;
-        loop {
-            if q.disable_notification(mem).is_err() {
-                return used;
+        drain_queue(q, mem, |chain| {
+            let head = chain.head_index();
+            match self.gather(chain, mem) {
+                Some(()) => match self.tap.write_frame(&self.tx_buf) {
+                    Ok(_) => self.stats.tx_frames += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.stats.tx_malformed += 1
+                    }
+                    Err(_) => self.stats.tx_dropped += 1,
+                },
+                None => self.stats.tx_malformed += 1,
             }
-            let mut popped = false;
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
-                popped = true;
-                let head = chain.head_index();
-                match self.gather(chain, mem) {
-                    Some(()) => match self.tap.write_frame(&self.tx_buf) {
-                        Ok(_) => self.stats.tx_frames += 1,
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                            self.stats.tx_malformed += 1
-                        }
-                        Err(_) => self.stats.tx_dropped += 1,
-                    },
-                    None => self.stats.tx_malformed += 1,
-                }
-                if q.add_used(mem, head, 0).is_err() {
-                    return used;
-                }
-                used = true;
-            }
-            match q.enable_notification(mem) {
-                // More is available but nothing could be popped (a driver index beyond the
-                // queue size): stop, or a guest would spin the device loop forever (found by
-                // fuzz/virtio_net, as the same bug was in the block device).
-                Ok(true) if popped => continue,
-                _ => return used,
-            }
-        }
+            (head, 0)
+        })
+        .0
     }
 
     /// Copies a transmit chain into `tx_buf` and checks its header against what was
