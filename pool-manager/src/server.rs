@@ -296,7 +296,7 @@ fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
             // The listener may outlive a killed daemon in a process that inherited it (a child
             // between its fork and exec): only a live listening process is another daemon.
-            match listener_pid(&s) {
+            match listener_pid(s) {
                 Some(pid) if crate::manager::pid_alive(pid) => anyhow::bail!(
                     "another runv-pool daemon (pid {pid}) answers on {}: stop it first or use another --run-dir",
                     path.display()
@@ -317,25 +317,11 @@ fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 }
 
 /// The pid of the process that called `listen` on the socket `s` is connected to (`SO_PEERCRED`).
-fn listener_pid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt(SO_PEERCRED) writes at most `len` bytes into `cred`, a live ucred.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+fn listener_pid(s: std::os::unix::net::UnixStream) -> Option<u32> {
+    s.set_nonblocking(true).ok()?;
+    let s = tokio::net::UnixStream::from_std(s).ok()?;
+    let pid = s.peer_cred().ok()?.pid()?;
+    u32::try_from(pid).ok().filter(|&p| p > 0)
 }
 
 /// Runs the daemon until SIGTERM/SIGINT: opens the pool, re-adopts the sandboxes recorded in
