@@ -50,11 +50,6 @@ impl BuildNet {
         Ok(this)
     }
 
-    /// The namespace's name (`ip netns`).
-    pub fn netns(&self) -> &str {
-        &self.netns
-    }
-
     /// The bind-mounted namespace file the jailed VMM joins.
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.netns)

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::NetError;
@@ -28,6 +29,17 @@ impl Claim {
     }
 
     fn take_in(dir: &Path, vm_name: &str) -> Result<Self, NetError> {
+        // A file name of its own in `dir`, nothing else (a name can come from a recorded
+        // sandbox's namespace).
+        if vm_name.is_empty()
+            || !vm_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(NetError::State(format!(
+                "cannot claim the network of {vm_name:?}: a VM name is letters, digits and '-'"
+            )));
+        }
         let failed = |what: &str, e: std::io::Error| {
             NetError::State(format!(
                 "claiming the network of {vm_name}: {what} in {}: {e}; check that {} is writable",
@@ -42,6 +54,7 @@ impl Claim {
                 .create(true)
                 .truncate(false)
                 .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|e| failed("opening the claim file", e))?;
             match file.try_lock() {
@@ -88,7 +101,11 @@ fn claimed_in(dir: &Path) -> HashSet<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
     };
-    for e in entries.flatten() {
+    // Only the regular files claims make (a FIFO would block the open, a link lead elsewhere).
+    for e in entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         // Opened for reading: a lock test needs no write access and creates nothing.
         let Ok(file) = File::open(e.path()) else {
@@ -128,6 +145,19 @@ mod tests {
         );
         let err = Claim::take_in(&d, "vm-aaaa").unwrap_err().to_string();
         assert!(err.contains("claimed by another process"), "{err}");
+        for bad in ["", "../vm-x", "vm/x"] {
+            let err = Claim::take_in(&d, bad).unwrap_err().to_string();
+            assert!(err.contains("letters, digits and '-'"), "{bad}: {err}");
+        }
+        // Neither a FIFO nor a link among the claims is opened or counted.
+        let ok = std::process::Command::new("mkfifo")
+            .arg(d.join("vm-fifo"))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        std::os::unix::fs::symlink("/etc/hostname", d.join("vm-link")).unwrap();
+        let err = Claim::take_in(&d, "vm-link").unwrap_err().to_string();
+        assert!(err.contains("opening the claim file"), "{err}");
         drop(a);
         assert!(!d.join("vm-aaaa").exists());
         assert_eq!(claimed_in(&d), HashSet::from(["build-bbbb".to_string()]));
