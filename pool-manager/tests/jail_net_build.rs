@@ -97,22 +97,15 @@ fn look(template: &str, seen: &mut Seen) {
 #[test]
 fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() {
     let test = "a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing";
-    if !kvm_available(test) {
-        return;
-    }
-    if let Some(why) = network::unavailable(true) {
-        eprintln!("SKIPPED: {test}: {why}");
+    if !net_available(test) {
         return;
     }
     let dirs = Dirs::new();
     let pool = Pool::open(dirs.config()).unwrap();
     let spec = TemplateSpec {
-        cmdline: "rt.net=10.99.0.2".into(),
-        mem_mib: 16,
-        net: true,
         // Time for the watcher to look at the running build VM.
         warmup_ms: 300,
-        ..counter_spec()
+        ..net_counter_spec()
     };
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
@@ -224,21 +217,14 @@ fn a_networked_template_build_runs_jailed_in_its_own_netns_and_leaves_nothing() 
 #[test]
 fn a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns() {
     let test = "a_networked_build_whose_vmm_is_killed_fails_and_leaves_no_netns";
-    if !kvm_available(test) {
-        return;
-    }
-    if let Some(why) = network::unavailable(true) {
-        eprintln!("SKIPPED: {test}: {why}");
+    if !net_available(test) {
         return;
     }
     let dirs = Dirs::new();
     let pool = Pool::open(dirs.config()).unwrap();
     let spec = TemplateSpec {
-        cmdline: "rt.net=10.99.0.2".into(),
-        mem_mib: 16,
-        net: true,
         warmup_ms: 2000,
-        ..counter_spec()
+        ..net_counter_spec()
     };
     // Kills the jailed build VMM proper as soon as it is seen in its build namespace.
     let watcher = std::thread::spawn(|| {

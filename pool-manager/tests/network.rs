@@ -9,30 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use pool_manager::network::{self, PoolNetwork};
-use pool_manager::{AcquireRequest, Pool, PoolError, PoolTargets, SandboxInfo, TemplateSpec, Tier};
-
-fn net_available(test: &str) -> bool {
-    if !kvm_available(test) {
-        return false;
-    }
-    match network::unavailable(true) {
-        Some(why) => {
-            eprintln!("SKIPPED: {test}: {why}");
-            false
-        }
-        None => true,
-    }
-}
-
-fn spec() -> TemplateSpec {
-    TemplateSpec {
-        // The template's own address: every clone must answer for its lease instead.
-        cmdline: "rt.net=10.99.0.2".into(),
-        mem_mib: 16,
-        net: true,
-        ..counter_spec()
-    }
-}
+use pool_manager::{AcquireRequest, Pool, PoolError, PoolTargets, SandboxInfo, Tier};
 
 /// Pings `addr` from namespace `ns` (up to 3 tries, 2 s each): whether a reply came.
 fn ping_from(ns: &str, addr: &str) -> bool {
@@ -94,7 +71,7 @@ fn fifty_networked_sandboxes_answer_for_their_own_address_and_leave_nothing() {
     let before = leftovers();
     let dirs = Dirs::new();
     let pool = Pool::open(dirs.config()).unwrap();
-    pool.build_template("net", &spec()).unwrap();
+    pool.build_template("net", &net_counter_spec()).unwrap();
     let net = PoolNetwork {
         subnet: network::parse_subnet("10.201.0.0/16").unwrap(),
         egress: true,
@@ -179,7 +156,7 @@ fn a_sandbox_without_network_has_none_and_asking_for_one_without_a_pool_network_
     }
     let dirs = Dirs::new();
     let pool = Pool::open(dirs.config()).unwrap();
-    pool.build_template("net", &spec()).unwrap();
+    pool.build_template("net", &net_counter_spec()).unwrap();
     // No network in the pool: asking for one is refused, saying what to do.
     let err = acquire(&pool, "want", Some(true)).unwrap_err();
     assert!(err.to_string().contains("has no network"), "{err}");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use pool_manager::network::{self, PoolNetwork};
-use pool_manager::{Pool, PoolTargets, TemplateSpec};
+use pool_manager::{Pool, PoolTargets};
 
 const BIN: &str = env!("CARGO_BIN_EXE_runv-pool");
 
@@ -119,11 +119,7 @@ fn network_of(vm: &str) -> Vec<String> {
 #[test]
 fn a_restarted_daemon_removes_the_networks_a_killed_one_left() {
     let test = "a_restarted_daemon_removes_the_networks_a_killed_one_left";
-    if !kvm_available(test) {
-        return;
-    }
-    if let Some(why) = network::unavailable(true) {
-        eprintln!("SKIPPED: {test}: {why}");
+    if !net_available(test) {
         return;
     }
     let dirs = Dirs::new();
@@ -131,13 +127,7 @@ fn a_restarted_daemon_removes_the_networks_a_killed_one_left() {
     {
         // The template and its pool's targets, saved for the daemon (pools.json).
         let pool = Pool::open(dirs.config()).unwrap();
-        let spec = TemplateSpec {
-            cmdline: "rt.net=10.99.0.2".into(),
-            mem_mib: 16,
-            net: true,
-            ..counter_spec()
-        };
-        pool.build_template("net", &spec).unwrap();
+        pool.build_template("net", &net_counter_spec()).unwrap();
         pool.set_pool(
             "net",
             PoolTargets {

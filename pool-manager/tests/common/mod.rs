@@ -132,6 +132,32 @@ pub fn counter_spec() -> TemplateSpec {
     }
 }
 
+/// Whether KVM and sandbox networking (root, `ip`, `nft`, forwarding) are here; prints a
+/// loud `SKIPPED:` line for `test` when networking is not.
+pub fn net_available(test: &str) -> bool {
+    if !kvm_available(test) {
+        return false;
+    }
+    match pool_manager::network::unavailable(true) {
+        Some(why) => {
+            eprintln!("SKIPPED: {test}: {why}");
+            false
+        }
+        None => true,
+    }
+}
+
+/// The counter guest with a network device, 16 MiB; the template's own address (clones must
+/// answer for their lease instead).
+pub fn net_counter_spec() -> TemplateSpec {
+    TemplateSpec {
+        cmdline: "rt.net=10.99.0.2".into(),
+        mem_mib: 16,
+        net: true,
+        ..counter_spec()
+    }
+}
+
 /// Waits (bounded by `timeout`) for `f` to hold.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
