@@ -552,8 +552,8 @@ impl Runtime {
                 ErrorCode::InvalidState,
                 format!(
                     "container {id} is {}, not {}: cannot {verb} it",
-                    status_name(status),
-                    status_name(from)
+                    status.name(),
+                    from.name()
                 ),
             ));
         }
@@ -599,15 +599,6 @@ impl Runtime {
             ));
         }
         Ok(())
-    }
-}
-
-fn status_name(s: ContainerStatus) -> &'static str {
-    match s {
-        ContainerStatus::Created => "created",
-        ContainerStatus::Running => "running",
-        ContainerStatus::Paused => "paused",
-        ContainerStatus::Stopped => "stopped",
     }
 }
 

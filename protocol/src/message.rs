@@ -370,6 +370,18 @@ pub enum ContainerStatus {
     Stopped,
 }
 
+impl ContainerStatus {
+    /// Its name on the wire (as serialized), for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ContainerStatus::Created => "created",
+            ContainerStatus::Running => "running",
+            ContainerStatus::Paused => "paused",
+            ContainerStatus::Stopped => "stopped",
+        }
+    }
+}
+
 /// State of a container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerState {
@@ -537,6 +549,21 @@ impl Event {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn container_status_names_are_the_wire_names() {
+        for st in [
+            ContainerStatus::Created,
+            ContainerStatus::Running,
+            ContainerStatus::Paused,
+            ContainerStatus::Stopped,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&st).unwrap(),
+                format!("\"{}\"", st.name())
+            );
+        }
+    }
     use super::*;
     use crate::frame::{FrameDecoder, FrameError};
 
