@@ -7,6 +7,13 @@
 //! previous one shares the two cores with it (the refill the acquire itself triggers does, as in
 //! production). On an idle 2-vCPU VM host most of the spread is the host's: waking a thread on
 //! an idle vCPU costs up to ~3 ms (docs/ARCHITECTURE.md has the phase split and the A/B).
+//!
+//! `vm_launch_rootfs_ms` / `vm_launch_rootfs_serial_ms`: what `runv create` and the shim do
+//! before the agent's `create`, through `shim::sandbox::vm::launch_with` and `Sandbox::rootfs`
+//! on a busybox rootfs (a cached image: tree hash + lookup): warm acquire, `ping`, the clone
+//! hooks, the image, `attach_disk`. The first with the image prepared while the clone is leased
+//! (as the product does), the second without (the image only once the sandbox is up),
+//! alternating in one run.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use benches::{criterion, release_bin, Recorder};
 use pool_manager::{Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
-use shim::sandbox::vm::{Source, VmConfig, VmSandbox, ROOTFS_SLOT};
+use shim::sandbox::vm::{launch_with, Source, VmConfig, VmSandbox, ROOTFS_SLOT};
+use shim::sandbox::{FirstRootfs, Sandbox};
+use shim::state::ContainerDir;
 
 const WARM: usize = 4;
 
@@ -116,6 +125,58 @@ fn main() {
     benches::top_up(300, &mut p50, &mut p99, one);
     p50.write();
     p99.write();
+
+    let busybox = dir.join("busybox-rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(busybox.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", busybox.join("bin/busybox"))
+        .expect("/bin/busybox (apt-get install busybox-static)");
+    std::fs::write(busybox.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+    let container = ContainerDir {
+        path: dir.join("container"),
+        id: "bench".into(),
+    };
+    std::fs::create_dir_all(&container.path).unwrap();
+    let mut cfg = cfg.clone();
+    cfg.image_cache = dir.join("images");
+    let launch_rootfs = |prepare: bool| {
+        wait("a full warm pool", Duration::from_secs(20), || {
+            pool.pools()[0].warm == WARM
+        });
+        let first = FirstRootfs {
+            container: "bench",
+            dir: &busybox,
+        };
+        let start = Instant::now();
+        let mut sb = launch_with(
+            &cfg,
+            Source::Embedded(pool.clone()),
+            &container,
+            None,
+            prepare.then_some(first),
+        )
+        .unwrap();
+        sb.rootfs("bench", &busybox).unwrap();
+        let d = start.elapsed();
+        let vmm = sb.info().pid;
+        sb.release().unwrap();
+        wait(
+            "the released clone's VMM to exit",
+            Duration::from_secs(10),
+            || !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+        );
+        d
+    };
+    launch_rootfs(false); // builds the image into the cache
+    let mut overlapped = Recorder::median("vm_launch_rootfs_ms", "ms");
+    let mut serial = Recorder::median("vm_launch_rootfs_serial_ms", "ms");
+    for _ in 0..150 {
+        overlapped.push_duration(launch_rootfs(true));
+        serial.push_duration(launch_rootfs(false));
+    }
+    overlapped.write();
+    serial.write();
     c.final_summary();
     drop(source);
     if let Ok(pool) = Arc::try_unwrap(pool) {

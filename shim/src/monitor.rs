@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use protocol::{Request, Response, StdioConfig};
 
 use crate::relay::{relay, HostIo};
-use crate::sandbox::{Kind, Sandbox, SandboxError};
+use crate::sandbox::{FirstRootfs, Kind, Sandbox, SandboxError};
 use crate::state::{ContainerDir, Record};
 
 /// What the monitor is told on its command line.
@@ -81,7 +81,11 @@ fn prepare(
         .and_then(|p| p.terminal())
         .unwrap_or(false);
     let io = host_io(terminal, args.console_socket.as_deref())?;
-    let sb = sandbox.insert(args.kind.launch(dir, Some(&spec))?);
+    let first = FirstRootfs {
+        container: &args.id,
+        dir: &record.rootfs,
+    };
+    let sb = sandbox.insert(args.kind.launch(dir, Some(&spec), Some(first))?);
     args.kind.guest_spec(&mut spec);
     dir.update(|r| {
         r.monitor_pid = std::process::id() as i32;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pool_manager::vmm_api::{ControlClient, VmState};
 use pool_manager::{Pool, PoolConfig, ReadyCheck, TemplateSpec};
 use protocol::{Request, Response, RootfsSource};
-use shim::sandbox::{manage, vm, Kind, Sandbox};
+use shim::sandbox::{manage, vm, FirstRootfs, Kind, Sandbox};
 use shim::state::ContainerDir;
 
 /// The `PASS agent_disk` reports in a clone's log so far; fails on a `REPORT FAIL`.
@@ -134,13 +134,34 @@ fn pod_containers_get_own_disk_slots_freed_on_delete_and_the_pod_pauses() {
     // The pod's sandbox, as the shim's first Create launches it.
     let dir = ContainerDir::new(&p.join("sandboxes"), "pod1");
     std::fs::create_dir_all(&dir.path).unwrap();
-    let mut sb = vm::launch(&dir, None).unwrap();
+    // The first container's image is built while the clone is leased: it is in the cache
+    // before `rootfs` asks for it.
+    let pause_tree = tree(p, "pause");
+    let first = FirstRootfs {
+        container: "pause",
+        dir: &pause_tree,
+    };
+    let mut sb = vm::launch(&dir, None, Some(first)).unwrap();
     let log = sb.info().debug_log.clone();
     let control = sb.info().control.clone();
+    let images = || {
+        std::fs::read_dir(p.join("images"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        images(),
+        1,
+        "launch did not prepare the first container's image"
+    );
 
     // The pause container, then the app container: a slot each; the guest saw the pause
     // container's image arrive in slot 0 and nothing else there afterwards.
-    let pause = sb.rootfs("pause", &tree(p, "pause")).unwrap();
+    let pause = sb.rootfs("pause", &pause_tree).unwrap();
     assert_eq!(serial(&pause), "runv-slot0");
     let r = wait_disk_report(&log, 1);
     assert_eq!(field(&r, "serial"), Some("runv-slot0"), "{r}");

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 
 use protocol::client::Client;
 
-use crate::sandbox::{Kind, Sandbox, SandboxError};
+use crate::sandbox::{FirstRootfs, Kind, Sandbox, SandboxError};
 use crate::state::ContainerDir;
 
 /// The system-wide runv config file.
@@ -131,18 +131,23 @@ pub struct Owner {
 
 impl Owner {
     /// Launches a `kind` sandbox with its state in `dir` for the first container's `spec` on a
-    /// new owner thread.
+    /// new owner thread; `first` is that container's id and root file system (the vm backend
+    /// builds its image meanwhile).
     pub fn launch(
         kind: Kind,
         dir: ContainerDir,
         spec: oci_spec::runtime::Spec,
+        first: Option<(String, std::path::PathBuf)>,
     ) -> Result<Self, SandboxError> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (tx, rx) = mpsc::channel::<Cmd>();
         std::thread::Builder::new()
             .name("sandbox".into())
             .spawn(move || {
-                let mut sb: Box<dyn Sandbox> = match kind.launch(&dir, Some(&spec)) {
+                let first = first
+                    .as_ref()
+                    .map(|(container, dir)| FirstRootfs { container, dir });
+                let mut sb: Box<dyn Sandbox> = match kind.launch(&dir, Some(&spec), first) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

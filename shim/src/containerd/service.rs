@@ -131,11 +131,13 @@ impl Service {
     }
 
     /// Starts the sandbox on the first Create (backend chosen as [`backend::choose`] says, its
-    /// network and hostname from the first container's `spec`); returns its kind.
+    /// network and hostname from the first container's `spec`, its root file system `first`);
+    /// returns its kind.
     fn ensure_sandbox(
         &self,
         options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
         spec: &oci_spec::runtime::Spec,
+        first: (&str, &Path),
     ) -> TtrpcResult<Kind> {
         let mut g = lock(&self.inner.sandbox);
         if let Some((_, kind)) = g.as_ref() {
@@ -174,8 +176,14 @@ impl Service {
                 format!("creating {}: {e}", self.inner.sandbox_dir.path.display()),
             )
         })?;
-        let owner = Owner::launch(choice.kind, self.inner.sandbox_dir.clone(), spec.clone())
-            .map_err(fail)?;
+        let first = Some((first.0.to_string(), first.1.to_path_buf()));
+        let owner = Owner::launch(
+            choice.kind,
+            self.inner.sandbox_dir.clone(),
+            spec.clone(),
+            first,
+        )
+        .map_err(fail)?;
         *g = Some((owner, choice.kind));
         Ok(choice.kind)
     }
@@ -324,9 +332,10 @@ impl Service {
             )
         })?;
         super::spec::adapt(&mut spec);
-        let kind = self.ensure_sandbox(req.options.as_ref(), &spec)?;
+        let rootfs_dir = rootfs::target(bundle);
+        let kind = self.ensure_sandbox(req.options.as_ref(), &spec, (&req.id, &rootfs_dir))?;
         kind.guest_spec(&mut spec);
-        let rootfs = self.rootfs_source(&req.id, &rootfs::target(bundle))?;
+        let rootfs = self.rootfs_source(&req.id, &rootfs_dir)?;
         let paths = Paths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

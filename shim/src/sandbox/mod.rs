@@ -79,15 +79,18 @@ impl Kind {
     }
 
     /// Starts a sandbox for the container in `dir` whose spec is `spec` (the vm backend takes
-    /// its hostname and network from it).
+    /// its hostname and network from it). `first` names the first container's root file system
+    /// when it is known already: the vm backend then builds its image while the clone is
+    /// leased, and [`Sandbox::rootfs`] for it only attaches it.
     pub fn launch(
         self,
         dir: &ContainerDir,
         spec: Option<&oci_spec::runtime::Spec>,
+        first: Option<FirstRootfs<'_>>,
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
         match self {
             Self::Host => Ok(Box::new(host::HostSandbox::launch(dir)?)),
-            Self::Vm => Ok(Box::new(vm::launch(dir, spec)?)),
+            Self::Vm => Ok(Box::new(vm::launch(dir, spec, first)?)),
         }
     }
 
@@ -98,6 +101,16 @@ impl Kind {
             vm::net::strip_pod_netns(spec);
         }
     }
+}
+
+/// The first container of a sandbox and its root file system (a host directory), as known
+/// when the sandbox is launched.
+#[derive(Debug, Clone, Copy)]
+pub struct FirstRootfs<'a> {
+    /// The container's id.
+    pub container: &'a str,
+    /// Its root file system on the host.
+    pub dir: &'a std::path::Path,
 }
 
 /// A running sandbox, owned by the container's monitor.

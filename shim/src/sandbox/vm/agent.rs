@@ -99,8 +99,9 @@ impl Hooks {
         })
     }
 
-    /// Runs them in order (reseed, set_clock, set_hostname, set_network); each must answer
-    /// `ok`.
+    /// Runs them (reseed, set_clock, set_hostname, set_network); each must answer `ok`, within
+    /// 5 s. They are independent, so all are sent before the first answer is read: one round
+    /// trip to the guest instead of one per hook. The first failure in that order is reported.
     pub fn run(&self, c: &mut Client) -> Result<(), VmError> {
         let mut reqs = vec![
             (
@@ -127,8 +128,14 @@ impl Hooks {
         if let Some(n) = &self.network {
             reqs.push(("set_network", n.request()));
         }
-        for (op, req) in reqs {
-            match c.call_timeout(&req, Duration::from_secs(5)) {
+        let mut sent = Vec::with_capacity(reqs.len());
+        for (op, req) in &reqs {
+            let id = c.send(req).map_err(|e| VmError::Hook(op, e.to_string()))?;
+            sent.push((*op, id));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (op, id) in sent {
+            match c.response(id, deadline.saturating_duration_since(Instant::now())) {
                 Ok(Response::Ok) => {}
                 Ok(Response::Error(e)) => return Err(VmError::Hook(op, e.message)),
                 Ok(other) => return Err(VmError::Hook(op, format!("unexpected answer {other:?}"))),

@@ -8,8 +8,9 @@
 //! spec, joined to the clone's TAP, or the pool's network; see [`net`]). [`VmSandbox::attach_rootfs_for`] puts a container's EROFS image in a
 //! disk slot of its own (the lowest free one of the template's `slots`, see [`slots`]; a CRI pod's
 //! containers share the VM) with `attach_disk`, [`VmSandbox::detach_rootfs`] frees it, and returns the `RootfsSource::Block` the agent mounts. Releasing (or
-//! dropping) the sandbox hands the clone back. This is a library API: `runv` (through the
-//! [`super::Sandbox`] trait) and the containerd shim use the same calls.
+//! dropping) the sandbox hands the clone back. [`launch_with`] builds the first container's
+//! image while the clone is leased and its agent answers. This is a library API: `runv`
+//! (through the [`super::Sandbox`] trait) and the containerd shim use the same calls.
 
 pub mod agent;
 pub mod config;
@@ -33,7 +34,7 @@ pub use net::NetPlan;
 pub use slots::{SlotError, SlotTable};
 pub use source::Source;
 
-use super::{Sandbox, SandboxError};
+use super::{FirstRootfs, Sandbox, SandboxError};
 use crate::state::ContainerDir;
 
 /// Disk slot the first container's root file system goes to.
@@ -130,6 +131,16 @@ pub struct VmSandbox {
     first: Mutex<Option<Client>>,
     /// Which container's root is in which disk slot (read from the template on first use).
     slots: Mutex<Option<SlotTable>>,
+    /// The first container's image, built while the clone was leased ([`launch_with`]).
+    prepared: Mutex<Option<PreparedRootfs>>,
+}
+
+/// An image built for a container's root file system before [`Sandbox::rootfs`] asked for it.
+#[derive(Debug)]
+struct PreparedRootfs {
+    container: String,
+    dir: PathBuf,
+    image: PathBuf,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -197,6 +208,7 @@ impl VmSandbox {
             pod: None,
             first: Mutex::new(None),
             slots: Mutex::new(None),
+            prepared: Mutex::new(None),
         })
     }
 
@@ -437,9 +449,21 @@ impl Sandbox for VmSandbox {
     }
 
     fn rootfs(&mut self, container: &str, rootfs: &Path) -> Result<RootfsSource, SandboxError> {
-        let cache = crate::image::ImageCache::new(&self.cfg.image_cache).map_err(VmError::from)?;
-        let image = cache.erofs_for(rootfs, None).map_err(VmError::from)?;
-        Ok(self.attach_rootfs_for(container, &image.path)?)
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|p| p.container == container && p.dir == rootfs);
+        let image = match prepared {
+            Some(p) => p.image,
+            None => {
+                let cache =
+                    crate::image::ImageCache::new(&self.cfg.image_cache).map_err(VmError::from)?;
+                cache.erofs_for(rootfs, None).map_err(VmError::from)?.path
+            }
+        };
+        Ok(self.attach_rootfs_for(container, &image)?)
     }
 
     fn release_rootfs(&mut self, container: &str) -> Result<(), SandboxError> {
@@ -477,23 +501,59 @@ pub fn preflight() -> Result<(), SandboxError> {
 }
 
 /// Starts the sandbox of the container in `dir` (for the `runv` monitor or the shim): the
-/// configuration from the environment and config file, a source of its own, `spec`'s hostname
-/// (else the container id) for the hook and its network ([`NetPlan::from_spec`]); records it in
-/// `dir`.
+/// configuration from the environment and config file, a source of its own, then
+/// [`launch_with`].
 pub fn launch(
     dir: &ContainerDir,
     spec: Option<&oci_spec::runtime::Spec>,
+    first: Option<FirstRootfs<'_>>,
 ) -> Result<VmSandbox, SandboxError> {
     let cfg = VmConfig::resolve(None)?;
     let source = Source::open(&cfg)?;
+    launch_with(&cfg, source, dir, spec, first)
+}
+
+/// Starts the sandbox of the container in `dir` from `source`: `spec`'s hostname (else the
+/// container id) for the hook and its network ([`NetPlan::from_spec`]); records it in `dir`.
+/// The `first` container's EROFS image is built (or found in the cache) on another thread
+/// while the clone is leased and its agent answers, so [`Sandbox::rootfs`] for it only attaches
+/// it; a build that fails there is retried, and reported, by [`Sandbox::rootfs`].
+pub fn launch_with(
+    cfg: &VmConfig,
+    source: Source,
+    dir: &ContainerDir,
+    spec: Option<&oci_spec::runtime::Spec>,
+    first: Option<FirstRootfs<'_>>,
+) -> Result<VmSandbox, SandboxError> {
     let hostname = spec
         .and_then(|s| s.hostname().clone())
         .unwrap_or_else(|| dir.id.chars().take(63).collect());
     let plan = spec.map(NetPlan::from_spec).unwrap_or_default();
     let hooks = Hooks::fresh(Some(hostname))?;
-    let (sb, client) = VmSandbox::start_with(&cfg, &source, &dir.id, &hooks, &plan)?;
+    let (started, prepared) = std::thread::scope(|s| {
+        let build = first.and_then(|f| {
+            let cache_dir = &cfg.image_cache;
+            std::thread::Builder::new()
+                .name("rootfs-image".into())
+                .spawn_scoped(s, move || {
+                    crate::image::ImageCache::new(cache_dir)
+                        .and_then(|c| c.erofs_for(f.dir, None))
+                        .ok()
+                        .map(|image| PreparedRootfs {
+                            container: f.container.into(),
+                            dir: f.dir.into(),
+                            image: image.path,
+                        })
+                })
+                .ok()
+        });
+        let started = VmSandbox::start_with(cfg, &source, &dir.id, &hooks, &plan);
+        (started, build.and_then(|b| b.join().ok().flatten()))
+    });
+    let (sb, client) = started?;
     drop(source); // the sandbox holds the only reference to an embedded pool
     *sb.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+    *sb.prepared.lock().unwrap_or_else(|p| p.into_inner()) = prepared;
     let path = dir.path.join(RECORD_FILE);
     let json = serde_json::to_vec_pretty(&sb.record())
         .map_err(|e| VmError::Record(path.clone(), e.to_string()))?;
