@@ -15,7 +15,7 @@ use pool_manager::network::{parse_subnet, PoolNetwork};
 use pool_manager::{AcquireRequest, Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
 use std::time::{Duration, Instant};
 
-use benches::{criterion, release_bin, Recorder};
+use benches::{criterion, vmm_bin, Recorder};
 use test_guests::netns::{unavailable, Netns};
 
 /// A `runv-vmm` process, killed and reaped on drop.
@@ -30,7 +30,7 @@ impl Drop for Vm {
 
 fn vmm(ns: &Netns, log: &Path, args: &[&str]) -> Vm {
     Vm(ns
-        .command(release_bin("runv-vmm"))
+        .command(vmm_bin())
         .args(["--serial", "none", "--debug-log"])
         .arg(log)
         .args(args)
@@ -96,7 +96,7 @@ fn ping_rtt(c: &mut criterion::Criterion, dir: &Path) {
 fn clone_net_ready(c: &mut criterion::Criterion, dir: &Path) {
     let shm = std::path::PathBuf::from(format!("/dev/shm/runv-bench-net-{}", std::process::id()));
     let pool = Pool::open(PoolConfig {
-        vmm: release_bin("runv-vmm"),
+        vmm: vmm_bin(),
         state_dir: dir.join("state"),
         run_dir: dir.join("run"),
         tmpfs_dir: shm.clone(),

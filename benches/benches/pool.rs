@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use benches::{criterion, release_bin, wait_report, Recorder};
+use benches::{criterion, vmm_bin, wait_report, Recorder};
 use pool_manager::{AcquireRequest, Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
 
 /// How often a waiter reads a clone's debug log: one waiter, or each of a burst's 50 (which
@@ -141,7 +141,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("runv-bench-pool-{pid}"));
     let shm = PathBuf::from(format!("/dev/shm/runv-bench-pool-{pid}"));
     let pool = Pool::open(PoolConfig {
-        vmm: release_bin("runv-vmm"),
+        vmm: vmm_bin(),
         state_dir: dir.join("state"),
         run_dir: dir.join("run"),
         tmpfs_dir: shm.clone(),

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benches::{criterion, release_bin, wait_report, Recorder};
+use benches::{criterion, release_bin, vmm_bin, wait_report, Recorder};
 use serde_json::{json, Value};
 
 /// One HTTP/1.1 request over the daemon's socket; returns the status and the JSON body.
@@ -80,7 +80,7 @@ impl Daemon {
             .arg("--tmpfs-dir")
             .arg(shm)
             .arg("--vmm")
-            .arg(release_bin("runv-vmm"))
+            .arg(vmm_bin())
             .args(
                 std::env::var("RUNV_BENCH_NO_JAIL")
                     .is_ok_and(|v| v == "1")

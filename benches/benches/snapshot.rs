@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benches::{criterion, release_bin, Recorder};
+use benches::{criterion, vmm_bin, Recorder};
 use pool_manager::vmm_api::{
     ControlClient, MemoryMode, RestoreOptions, SerialOutput, DEFAULT_RECORD_MS,
 };
@@ -27,7 +27,7 @@ impl Template {
     /// until it counts.
     fn boot(dir: &Path, name: &str, cmdline: &str, initrd: Option<&Path>) -> Self {
         let sock = dir.join(format!("{name}.sock"));
-        let mut cmd = Command::new(release_bin("runv-vmm"));
+        let mut cmd = Command::new(vmm_bin());
         cmd.arg("--kernel").arg(test_guests::guest_path());
         if let Some(i) = initrd {
             cmd.arg("--initrd").arg(i);
@@ -170,7 +170,7 @@ fn main() {
     let snap = shm.join("template");
     clone_template(&dir, &snap);
     let spec = ShellSpec {
-        vmm: release_bin("runv-vmm"),
+        vmm: vmm_bin(),
         mem_mib: 256,
         vcpus: 1,
         run_dir: dir.clone(),
@@ -250,7 +250,7 @@ fn main() {
             for _ in 0..iters {
                 id += 1;
                 let start = Instant::now();
-                let mut child = Command::new(release_bin("runv-vmm"))
+                let mut child = Command::new(vmm_bin())
                     .arg("--restore")
                     .arg(&snap)
                     .args(["--clone-id", &format!("f{id}")])

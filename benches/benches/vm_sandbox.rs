@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use benches::{criterion, release_bin, Recorder};
+use benches::{criterion, vmm_bin, Recorder};
 use pool_manager::{Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec, Tier};
 use shim::sandbox::vm::{launch_with, Source, VmConfig, VmSandbox, ROOTFS_SLOT};
 use shim::sandbox::{FirstRootfs, Sandbox};
@@ -42,7 +42,7 @@ fn main() {
     let shm = PathBuf::from(format!("/dev/shm/runv-bench-vmsb-{pid}"));
     let pool = Arc::new(
         Pool::open(PoolConfig {
-            vmm: release_bin("runv-vmm"),
+            vmm: vmm_bin(),
             state_dir: dir.join("state"),
             run_dir: dir.join("run"),
             tmpfs_dir: shm.clone(),

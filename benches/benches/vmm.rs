@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benches::{criterion, release_bin, rss_mib, Recorder};
+use benches::{criterion, rss_mib, vmm_bin, Recorder};
 
 /// A `runv-vmm` running the test guest with the debug log on stdout.
 struct Guest {
@@ -17,7 +17,7 @@ struct Guest {
 
 impl Guest {
     fn spawn(cmdline: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(release_bin("runv-vmm"))
+        let mut child = Command::new(vmm_bin())
             .arg("--kernel")
             .arg(test_guests::guest_path())
             .args(["--mem-mib", "128", "--serial", "none", "--debug-log", "-"])

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use benches::{release_bin, target_dir, wait_report};
+use benches::{target_dir, vmm_bin, wait_report};
 use pool_manager::{AcquireRequest, Pool, PoolConfig, PoolTargets, ReadyCheck, TemplateSpec};
 
 fn count_dir(path: &str) -> usize {
@@ -111,7 +111,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("runv-soak-{pid}"));
     let shm = PathBuf::from(format!("/dev/shm/runv-soak-{pid}"));
     let pool = Pool::open(PoolConfig {
-        vmm: release_bin("runv-vmm"),
+        vmm: vmm_bin(),
         state_dir: dir.join("state"),
         run_dir: dir.join("run"),
         tmpfs_dir: shm.clone(),

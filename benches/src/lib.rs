@@ -36,6 +36,18 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// The statically linked `runv-vmm` that `scripts/build-vmm.sh` builds (perf-ci/run does): the
+/// VMM as shipped.
+pub fn vmm_bin() -> PathBuf {
+    let path = target_dir().join("static-vmm/x86_64-unknown-linux-gnu/release/runv-vmm");
+    assert!(
+        path.exists(),
+        "{} not found: build it with `bash scripts/build-vmm.sh` (perf-ci/run does)",
+        path.display()
+    );
+    path
+}
+
 /// A binary of the workspace built by `perf-ci/run` (`cargo build --release`).
 pub fn release_bin(name: &str) -> PathBuf {
     let path = target_dir().join("release").join(name);
