@@ -128,12 +128,18 @@ fn kill_with_signal_names_and_numbers() {
         let (st, _, err) =
             env.runv_to_files(&["run", "-d", "--bundle", b.to_str().unwrap(), &id], name);
         assert!(st.success(), "{}", std::fs::read_to_string(err).unwrap());
-        // Signal once the sleep runs (before, only the signal-immune PID 1 would get it).
+        // Signal once the sleep runs (before, only the signal-immune PID 1 would get it, and
+        // before its trap is set, not even the trapped one). A second pid is not enough: it may
+        // be sh's child not yet exec'd, or sh not yet past its trap; a `sleep` is both.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let o = env.runv(&["ps", "--format", "json", &id]);
             let pids: Vec<i64> = serde_json::from_slice(&o.stdout).unwrap_or_default();
-            if pids.len() >= 2 {
+            let comm = |pid: &i64| std::fs::read_to_string(format!("/proc/{pid}/comm"));
+            if pids
+                .iter()
+                .any(|p| comm(p).is_ok_and(|c| c.trim() == "sleep"))
+            {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "no sleep in {id}");
