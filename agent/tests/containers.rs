@@ -19,6 +19,27 @@ fn echo_exit_code_and_signal_death() {
     assert_eq!((st.code, st.signal), (7, None));
 }
 
+/// A container starts with nothing blocked and no signal ignored, even when the agent was
+/// started with signals ignored (a shell could not trap them otherwise); its shell's trap runs.
+#[test]
+fn a_container_starts_with_default_signal_dispositions() {
+    let test = "a_container_starts_with_default_signal_dispositions";
+    let Some(root) = rootfs(test) else {
+        return;
+    };
+    let agent = Agent::start_ignoring_signals();
+    let mut c = agent.client();
+    let (out, _, st) = run(&mut c, "sigs", spec(&["cat", "/proc/self/status"]), &root);
+    assert_eq!(st.code, 0);
+    for field in ["SigBlk", "SigIgn"] {
+        let line = out.lines().find(|l| l.starts_with(field)).unwrap();
+        assert_eq!(line, format!("{field}:\t0000000000000000"), "{out}");
+    }
+    let script = "trap 'exit 130' INT; kill -INT $$; exit 1";
+    let (_, _, st) = run(&mut c, "trap", spec(&["sh", "-c", script]), &root);
+    assert_eq!(st.code, 130, "the shell's INT trap did not run");
+}
+
 #[test]
 fn kill_9_reports_137() {
     let Some((root, _agent, mut c)) = setup("kill_9_reports_137") else {

@@ -137,8 +137,11 @@ pub(super) fn child_main(plan: &Plan, stdio: &ChildStdio, fds: &ChildFds) -> isi
     exec(plan, fds)
 }
 
-/// The agent blocks SIGTERM/SIGINT (it reads them from a signalfd) and ignores SIGPIPE; both
-/// would survive execve, so the container gets a clean slate.
+/// The agent blocks SIGTERM/SIGINT (it reads them from a signalfd) and ignores SIGPIPE, and it
+/// may itself have been started with signals ignored (a background job of a shell ignores
+/// SIGINT and SIGQUIT, nohup SIGHUP); a blocked mask and ignored signals survive execve, and a
+/// shell cannot even trap a signal ignored at its start. So the container gets a clean slate:
+/// nothing blocked, every disposition the default (as in a fresh process).
 fn reset_signals() {
     // SAFETY: an all-zero sigset_t is the empty set.
     let empty: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -153,8 +156,23 @@ fn reset_signals() {
             8,
         );
     }
-    // SAFETY: restores a default disposition; no handler code is involved.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // The kernel's `struct sigaction` for SIG_DFL: handler 0 (SIG_DFL), no flags, no restorer,
+    // an empty mask (8 bytes).
+    let default = [0u64; 4];
+    for sig in 1..=64 {
+        // SAFETY: rt_sigaction with a local all-zero kernel sigaction (SIG_DFL) and no old
+        // action; raw, as glibc refuses its own real-time signals. SIGKILL and SIGSTOP fail
+        // with EINVAL, which is fine: they cannot be caught or ignored anyway.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                default.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8,
+            );
+        }
+    }
 }
 
 /// Exec into a running container: join its namespaces, then fork so the pid namespace

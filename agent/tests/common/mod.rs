@@ -69,10 +69,24 @@ impl Agent {
 
     /// An agent with extra command-line arguments.
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_from(Command::new(env!("CARGO_BIN_EXE_runv-agent")), extra)
+    }
+
+    /// An agent started the way a shell's background job or `nohup` starts one: SIGHUP,
+    /// SIGINT and SIGQUIT ignored (`trap ''`), dispositions that execve keeps.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn start_ignoring_signals() -> Self {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "trap '' HUP INT QUIT; exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_runv-agent"));
+        Self::start_from(sh, &[])
+    }
+
+    fn start_from(mut cmd: Command, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let group = format!("runv-test-{}-{}", std::process::id(), rand_suffix());
-        let child = Command::new(env!("CARGO_BIN_EXE_runv-agent"))
+        let child = cmd
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .arg("--state-dir")
