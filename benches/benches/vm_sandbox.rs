@@ -35,6 +35,25 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the pool holds `WARM` warm clones again.
+fn wait_full(pool: &Pool) {
+    wait("a full warm pool", Duration::from_secs(20), || {
+        pool.pools()[0].warm == WARM
+    });
+}
+
+/// Releases `sb` and waits for its VMM to exit: the reaper's shutdown of this clone must not
+/// overlap the next measurement.
+fn release_and_reap(mut sb: VmSandbox) {
+    let vmm = sb.info().pid;
+    sb.release().unwrap();
+    wait(
+        "the released clone's VMM to exit",
+        Duration::from_secs(10),
+        || !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+    );
+}
+
 fn main() {
     let mut c = criterion();
     let pid = std::process::id();
@@ -91,23 +110,14 @@ fn main() {
     let mut p50 = Recorder::median("vm_sandbox_ready_ms", "ms");
     let mut p99 = Recorder::p99("vm_sandbox_ready_p99_ms", "ms");
     let one = || {
-        wait("a full warm pool", Duration::from_secs(20), || {
-            pool.pools()[0].warm == WARM
-        });
+        wait_full(&pool);
         let start = Instant::now();
-        let mut sb = VmSandbox::acquire(&cfg, &source, "bench").unwrap();
+        let sb = VmSandbox::acquire(&cfg, &source, "bench").unwrap();
         sb.attach_disk(ROOTFS_SLOT, &image.path, true).unwrap();
         drop(sb.agent_ready().unwrap());
         let d = start.elapsed();
         assert_eq!(sb.info().tier, Tier::Warm);
-        let vmm = sb.info().pid;
-        sb.release().unwrap();
-        // The reaper's shutdown of this clone must not overlap the next measurement.
-        wait(
-            "the released clone's VMM to exit",
-            Duration::from_secs(10),
-            || !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
-        );
+        release_and_reap(sb);
         d
     };
     c.bench_function("vm_sandbox_ready", |b| {
@@ -141,9 +151,7 @@ fn main() {
     let mut cfg = cfg.clone();
     cfg.image_cache = dir.join("images");
     let launch_rootfs = |prepare: bool| {
-        wait("a full warm pool", Duration::from_secs(20), || {
-            pool.pools()[0].warm == WARM
-        });
+        wait_full(&pool);
         let first = FirstRootfs {
             container: "bench",
             dir: &busybox,
@@ -159,13 +167,7 @@ fn main() {
         .unwrap();
         sb.rootfs("bench", &busybox).unwrap();
         let d = start.elapsed();
-        let vmm = sb.info().pid;
-        sb.release().unwrap();
-        wait(
-            "the released clone's VMM to exit",
-            Duration::from_secs(10),
-            || !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
-        );
+        release_and_reap(sb);
         d
     };
     launch_rootfs(false); // builds the image into the cache

@@ -158,6 +158,19 @@ fn pod_containers_get_own_disk_slots_freed_on_delete_and_the_pod_pauses() {
         1,
         "launch did not prepare the first container's image"
     );
+    // A first root file system whose image cannot be built: the launch still succeeds, and
+    // `rootfs` reports the build's error for it.
+    let broken = ContainerDir::new(&p.join("sandboxes"), "broken");
+    std::fs::create_dir_all(&broken.path).unwrap();
+    let missing = p.join("no-such-rootfs");
+    let first = FirstRootfs {
+        container: "gone",
+        dir: &missing,
+    };
+    let mut other = vm::launch(&broken, None, Some(first)).unwrap();
+    let e = other.rootfs("gone", &missing).unwrap_err().to_string();
+    assert!(e.contains("checking the rootfs"), "{e}");
+    other.shutdown();
 
     // The pause container, then the app container: a slot each; the guest saw the pause
     // container's image arrive in slot 0 and nothing else there afterwards.
